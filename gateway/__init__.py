@@ -1,0 +1,38 @@
+"""gateway: rate limits and Idempotency-Key deduplication as pure ASGI middleware.
+
+    from gateway import GatewayMiddleware
+    app = GatewayMiddleware(app, config="gateway.toml")
+
+Each decision is one atomic Lua script in Redis (or, for one process, in the embedded
+``memory://`` store that runs the same scripts).
+"""
+
+from __future__ import annotations
+
+from gateway.config import Config, load_config
+from gateway.errors import (
+    ConfigError,
+    GatewayError,
+    StoreError,
+    StoreScriptError,
+    StoreTimeout,
+    StoreUnavailable,
+)
+from gateway.ratelimit import RateLimitMiddleware
+from gateway.requestid import RequestIdMiddleware
+from gateway.stack import GatewayMiddleware
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "GatewayError",
+    "GatewayMiddleware",
+    "RateLimitMiddleware",
+    "RequestIdMiddleware",
+    "StoreError",
+    "StoreScriptError",
+    "StoreTimeout",
+    "StoreUnavailable",
+    "load_config",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,310 @@
+"""Reading one config table: typed getters that record problems instead of raising.
+
+Every getter returns a usable value (the default when the given one is bad) and records what
+was wrong under the key's full name, so ``load_config`` can report every problem at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+_T = TypeVar("_T", bound=str)
+_MISSING: Any = object()
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 §5.6.2 token
+_POLICY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_KEY_PREFIX = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")  # no braces: they would hijack hash tags
+_PATH_PREFIX = re.compile(r"^/[^\s?#]*$")
+
+
+def show(value: object) -> str:
+    """A value as the user wrote it: strings quoted, the rest as Python prints it."""
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+class Reader:
+    """Collects the problems of one load."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(f"{key}: {message}")
+
+    def table(self, data: object, path: str) -> Table:
+        if not isinstance(data, Mapping):
+            self.problem(path or "config", f"expected a table, got {show(data)}")
+            data = {}
+        return Table(self, data, path)
+
+
+class Table:
+    """One table of the config; getters mark keys as read so ``finish`` can name the rest."""
+
+    def __init__(self, reader: Reader, data: Mapping[str, Any], path: str) -> None:
+        self._reader = reader
+        self._data = data
+        self._path = path
+        self._read: set[str] = set()
+
+    def _name(self, key: str) -> str:
+        return f"{self._path}.{key}" if self._path else key
+
+    def problem(self, key: str, message: str) -> None:
+        self._reader.problem(self._name(key), message)
+
+    def _get(self, key: str) -> Any:
+        self._read.add(key)
+        return self._data.get(key, _MISSING)
+
+    def finish(self) -> None:
+        """Report every key that no getter asked for: unknown keys are errors."""
+        for key in self._data:
+            if key not in self._read:
+                self.problem(str(key), "unknown key")
+
+    # ----------------------------------------------------------------- nested tables
+    def sub(self, key: str) -> Table:
+        value = self._get(key)
+        return self._reader.table({} if value is _MISSING else value, self._name(key))
+
+    def table_list(self, key: str) -> list[Table]:
+        value = self._get(key)
+        if value is _MISSING:
+            return []
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            self.problem(key, f"expected an array of tables ([[{key}]]), got {show(value)}")
+            return []
+        return [self._reader.table(v, f"{self._name(key)}[{i}]") for i, v in enumerate(value)]
+
+    # ----------------------------------------------------------------- scalars
+    def string(self, key: str, default: str) -> str:
+        value = self._get(key)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, str) or not value.strip():
+            self.problem(key, f"expected a non-empty string, got {show(value)}")
+            return default
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, bool):
+            self.problem(key, f"expected true or false, got {show(value)}")
+            return default
+        return value
+
+    def integer(self, key: str, default: int, *, low: int, high: int) -> int:
+        value = self._get(key)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.problem(key, f"expected a whole number, got {show(value)}")
+            return default
+        if not low <= value <= high:
+            self.problem(key, f"must be between {low} and {high}, got {value}")
+            return default
+        return value
+
+    def duration(self, key: str, default: float, *, low: float = 0.0, high: float = 1e9) -> float:
+        """Seconds, from ``"250ms"``/``"2s"``/``"5m"``/``"24h"``/``"7d"`` or a number of seconds."""
+        value = self._get(key)
+        if value is _MISSING:
+            return default
+        seconds: float | None = None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            seconds = float(value)
+        elif isinstance(value, str) and (m := _DURATION.match(value)):
+            seconds = float(m.group(1)) * _UNIT_S[m.group(2)]
+        if seconds is None or seconds != seconds:  # NaN is not a duration either
+            self.problem(key, f'expected a duration like "2s", got {show(value)}')
+            return default
+        if seconds <= 0 or seconds < low or seconds > high:
+            bound = f"at least {low:g}s" if low > 0 else "more than 0s"
+            self.problem(key, f"must be {bound} and at most {high:g}s, got {show(value)}")
+            return default
+        return seconds
+
+    def choice(self, key: str, default: _T, options: Iterable[_T]) -> _T:
+        value = self._get(key)
+        options = tuple(options)
+        if value is _MISSING:
+            return default
+        if value not in options:
+            allowed = " or ".join(show(o) for o in options)
+            self.problem(key, f"expected {allowed}, got {show(value)}")
+            return default
+        result: _T = value
+        return result
+
+    def url(
+        self, key: str, default: str, *, schemes: tuple[str, ...], override: tuple[str, str] | None
+    ) -> str:
+        name = key
+        value = self._get(key)
+        if override is not None:
+            value, name = override
+        if value is _MISSING:
+            return default
+        message = _url_problem(value, schemes)
+        if message:
+            if override is not None:
+                self._reader.problem(name, message)
+            else:
+                self.problem(key, message)
+            return default
+        result: str = value
+        return result
+
+    def key_prefix(self, key: str, default: str) -> str:
+        value = self._get(key)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, str) or not _KEY_PREFIX.match(value):
+            self.problem(key, f"expected 1-64 characters of A-Z a-z 0-9 . _ : -, got {show(value)}")
+            return default
+        return value
+
+    def policy_name(self, key: str, default: str) -> str:
+        value = self._get(key)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, str) or not _POLICY_NAME.match(value):
+            self.problem(key, "expected 1-64 characters of A-Z a-z 0-9 . _ - starting with a "
+                         f"letter or digit, got {show(value)}")
+            return default
+        return value
+
+    def header_name(self, key: str, default: str) -> str:
+        value = self._get(key)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, str) or not _TOKEN.match(value):
+            self.problem(key, f"expected an HTTP header name, got {show(value)}")
+            return default
+        return value
+
+    def policy_key(self, key: str, default: str) -> str:
+        value = self._get(key)
+        if value is _MISSING:
+            return default
+        if value in ("identity", "ip", "global"):
+            result: str = value
+            return result
+        header = _header_source(value)
+        if header is None:
+            self.problem(key, f'expected "identity", "ip", "global" or "header:NAME", got {show(value)}')
+            return default
+        return header
+
+    # ----------------------------------------------------------------- lists
+    def _list(self, key: str) -> list[Any] | None:
+        value = self._get(key)
+        if value is _MISSING:
+            return None
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            self.problem(key, f"expected a list, got {show(value)}")
+            return None
+        return list(value)
+
+    def identity_sources(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        items = self._list(key)
+        if items is None:
+            return default
+        if not items:
+            self.problem(key, 'expected at least one source ("ip" or "header:NAME")')
+            return default
+        sources: list[str] = []
+        for i, item in enumerate(items):
+            source = "ip" if item == "ip" else _header_source(item)
+            if source is None:
+                self.problem(f"{key}[{i}]", f'expected "ip" or "header:NAME", got {show(item)}')
+            elif source in sources:
+                self.problem(f"{key}[{i}]", f"duplicate source {show(item)}")
+            else:
+                sources.append(source)
+        return tuple(sources)
+
+    def networks(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        items = self._list(key)
+        if items is None:
+            return default
+        nets: list[str] = []
+        for i, item in enumerate(items):
+            try:
+                if not isinstance(item, str):
+                    raise TypeError  # noqa: TRY301 - one message for both cases below
+                nets.append(str(ipaddress.ip_network(item.strip(), strict=False)))
+            except (TypeError, ValueError):
+                self.problem(f"{key}[{i}]", f'expected an IP address or CIDR like "10.0.0.0/8", got {show(item)}')
+        return tuple(nets)
+
+    def paths(self, key: str, default: tuple[str, ...], *, empty_ok: bool) -> tuple[str, ...]:
+        items = self._list(key)
+        if items is None:
+            return default
+        if not items and not empty_ok:
+            self.problem(key, 'expected at least one path prefix, e.g. ["/"]')
+            return default
+        paths: list[str] = []
+        for i, item in enumerate(items):
+            if not isinstance(item, str) or not _PATH_PREFIX.match(item):
+                self.problem(f"{key}[{i}]", f'expected a path prefix starting with "/", got {show(item)}')
+                continue
+            prefix = item.rstrip("/") or "/"
+            if prefix not in paths:
+                paths.append(prefix)
+        return tuple(paths)
+
+    def methods(self, key: str, default: frozenset[str]) -> frozenset[str]:
+        items = self._list(key)
+        if items is None:
+            return default
+        methods: set[str] = set()
+        for i, item in enumerate(items):
+            if not isinstance(item, str) or not _TOKEN.match(item):
+                self.problem(f"{key}[{i}]", f'expected an HTTP method like "POST", got {show(item)}')
+            else:
+                methods.add(item.upper())
+        return frozenset(methods)
+
+
+def _header_source(value: object) -> str | None:
+    """``"header:NAME"`` normalised to a lowercase name, or None when it is not one."""
+    if not isinstance(value, str) or not value.startswith("header:"):
+        return None
+    name = value[len("header:"):].strip()
+    return f"header:{name.lower()}" if _TOKEN.match(name) else None
+
+
+def _url_problem(value: object, schemes: tuple[str, ...]) -> str | None:
+    wanted = " or ".join(f"{s}://" for s in schemes)
+    if not isinstance(value, str):
+        return f"expected a URL ({wanted}), got {show(value)}"
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        return f"expected a URL ({wanted}), got {show(value)}"
+    if parts.scheme not in schemes:
+        return f"expected a URL ({wanted}), got {show(value)}"
+    if parts.scheme == "memory":
+        return None if value == "memory://" else f'expected exactly "memory://", got {show(value)}'
+    if parts.scheme == "unix":
+        return None if parts.path else f"expected unix:///path/to/redis.sock, got {show(value)}"
+    if not parts.hostname:
+        return f"expected a host in the URL, got {show(value)}"
+    if port == 0:
+        return f"expected a port between 1 and 65535, got {show(value)}"
+    if parts.scheme in ("redis", "rediss") and parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        return f"expected a database number as the path (redis://host:6379/0), got {show(value)}"
+    return None

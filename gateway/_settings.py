@@ -1,0 +1,58 @@
+"""Turning a single middleware's keyword settings into config sections and a store.
+
+``RateLimitMiddleware(app, rate_limit=[{...}], identity={...}, store="redis://...")`` takes the
+same settings as the TOML sections, as dicts or as the typed objects, and reports problems with
+the same ``ConfigError`` lines as ``load_config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from gateway.config import Config, IdentityConfig, RateLimitPolicy, StoreConfig, load_config
+from gateway.store import Store, store_from_config
+
+__all__ = ["StoreSetting", "resolve"]
+
+StoreSetting = str | Mapping[str, Any] | StoreConfig | Store | None
+
+
+def resolve(
+    *,
+    rate_limit: Sequence[Mapping[str, Any] | RateLimitPolicy] | None = None,
+    identity: Mapping[str, Any] | IdentityConfig | None = None,
+    store: StoreSetting = None,
+) -> tuple[Config, Store, bool]:
+    """The config these settings describe, the store to use, and whether the caller owns it.
+
+    A ``Store`` instance is shared (its owner opens and closes it); anything else builds a new
+    store that the middleware owns.
+    """
+    data: dict[str, Any] = {}
+    typed: dict[str, Any] = {}
+    if rate_limit is not None:
+        if isinstance(rate_limit, Mapping | str):
+            data["rate_limit"] = rate_limit  # load_config names the problem
+        elif all(isinstance(p, RateLimitPolicy) for p in rate_limit):
+            typed["rate_limits"] = tuple(rate_limit)
+        else:
+            data["rate_limit"] = list(rate_limit)
+    if isinstance(identity, IdentityConfig):
+        typed["identity"] = identity
+    elif identity is not None:
+        data["identity"] = identity
+    shared: Store | None = None
+    if isinstance(store, StoreConfig):
+        typed["store"] = store
+    elif isinstance(store, str):
+        data["store"] = {"url": store}
+    elif isinstance(store, Mapping):
+        data["store"] = store
+    elif store is not None:
+        shared = store
+    config = dataclasses.replace(load_config(data), **typed)
+    if shared is not None:
+        return config, shared, False
+    return config, store_from_config(config.store), True

@@ -1,0 +1,287 @@
+"""The gateway's configuration: frozen, typed sections and ``load_config``.
+
+``load_config`` takes a TOML path, a dict of the same shape, or a ``Config``, applies the
+environment overrides (``GATEWAY_STORE_URL``, ``GATEWAY_UPSTREAM_URL``) and returns a ``Config``,
+or raises one ``ConfigError`` listing every problem, each naming its key
+(``rate_limit[1].period: expected a duration like "2s", got "fast"``; list indexes count from 0).
+Reading a section is ``gateway/_config_read.py``'s job; this module owns the shapes and defaults.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from gateway._config_read import Reader, Table
+from gateway.errors import ConfigError
+
+__all__ = [
+    "ENV_OVERRIDES",
+    "Config",
+    "IdempotencyConfig",
+    "IdentityConfig",
+    "RateLimitPolicy",
+    "ServerConfig",
+    "StoreConfig",
+    "UpstreamConfig",
+    "load_config",
+]
+
+OnStoreError = Literal["allow", "deny"]
+OnLostClaim = Literal["unknown", "retry"]
+_ON_STORE_ERROR: tuple[OnStoreError, ...] = ("allow", "deny")
+_ON_LOST_CLAIM: tuple[OnLostClaim, ...] = ("unknown", "retry")
+
+#: Environment variables that override one key each, as container deploys expect.
+ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
+    "GATEWAY_STORE_URL": ("store", "url"),
+    "GATEWAY_UPSTREAM_URL": ("upstream", "url"),
+}
+
+# Token counts in ratelimit_take.lua are integers in units of 1/unit token; Lua numbers are
+# doubles, exact below 2^53. Keeping burst * unit under 2^50 leaves room for the refill sums.
+_EXACT_LIMIT = 2**50
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    """``[server]``: where ``gateway serve`` listens."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpstreamConfig:
+    """``[upstream]``: where ``gateway serve`` forwards requests."""
+
+    url: str = "http://127.0.0.1:9000"
+    connect_timeout_s: float = 2.0
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreConfig:
+    """``[store]``: the Redis (or embedded ``memory://``) that holds buckets and records."""
+
+    url: str = "memory://"
+    cluster: bool = False
+    timeout_s: float = 0.1
+    key_prefix: str = "gw"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IdentityConfig:
+    """``[identity]``: how a client is recognised; the first source with a value wins."""
+
+    sources: tuple[str, ...] = ("header:x-api-key", "ip")
+    trusted_proxies: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimitPolicy:
+    """One ``[[rate_limit]]``: a token bucket of ``burst`` tokens refilled at limit/period."""
+
+    name: str = "per-client"
+    limit: int = 100
+    period_ms: int = 60_000
+    burst: int = 100
+    cost: int = 1
+    key: str = "identity"
+    paths: tuple[str, ...] = ("/",)
+    methods: frozenset[str] = frozenset()
+    on_store_error: OnStoreError = "allow"
+
+    @property
+    def window_s(self) -> int:
+        """The period in whole seconds, rounded up: the ``w`` of ``RateLimit-Policy``."""
+        return max(1, math.ceil(self.period_ms / 1000))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IdempotencyConfig:
+    """``[idempotency]``: Idempotency-Key deduplication."""
+
+    header: str = "Idempotency-Key"
+    methods: frozenset[str] = frozenset({"POST", "PATCH"})
+    ttl_s: float = 86_400.0
+    lock_ttl_s: float = 60.0
+    on_lost_claim: OnLostClaim = "unknown"
+    required_paths: tuple[str, ...] = ()
+    max_body_bytes: int = 1_048_576
+    on_store_error: OnStoreError = "deny"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """The whole configuration; every section has defaults."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    rate_limits: tuple[RateLimitPolicy, ...] = ()
+    idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
+
+
+def load_config(
+    source: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Build a ``Config`` from a TOML path, a dict of the same shape, or a ``Config``.
+
+    Args:
+        source: a path to a TOML file, a mapping shaped like the TOML, a ``Config`` (returned
+            unchanged), or None for the defaults.
+        env: where the environment overrides are read; ``os.environ`` when None.
+
+    Raises:
+        ConfigError: with one line per problem, each naming its key.
+    """
+    if isinstance(source, Config):
+        return source
+    if source is None:
+        data: Mapping[str, Any] = {}
+    elif isinstance(source, Mapping):
+        data = source
+    else:
+        data = _read_toml(os.fspath(source))
+    return _parse(data, os.environ if env is None else env)
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
+
+
+def _parse(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
+    reader = Reader()
+    root = reader.table(data, "")
+    overrides: dict[str, dict[str, tuple[str, str]]] = {s: {} for s, _ in ENV_OVERRIDES.values()}
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if env.get(var):
+            overrides[section][key] = (env[var], f"{section}.{key} (from {var})")
+
+    server = _server(root.sub("server"))
+    upstream = _upstream(root.sub("upstream"), overrides["upstream"])
+    store = _store(root.sub("store"), overrides["store"])
+    identity = _identity(root.sub("identity"))
+    rate_limits = tuple(_policy(t) for t in root.table_list("rate_limit"))
+    idempotency = _idempotency(root.sub("idempotency"))
+    names = [p.name for p in rate_limits]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            reader.problem(f"rate_limit[{i}].name", f'duplicate policy name "{name}"')
+    root.finish()
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    return Config(
+        server=server,
+        upstream=upstream,
+        store=store,
+        identity=identity,
+        rate_limits=rate_limits,
+        idempotency=idempotency,
+    )
+
+
+def _server(t: Table) -> ServerConfig:
+    d = ServerConfig()
+    cfg = ServerConfig(
+        host=t.string("host", d.host),
+        port=t.integer("port", d.port, low=0, high=65535),
+        workers=t.integer("workers", d.workers, low=1, high=512),
+    )
+    t.finish()
+    return cfg
+
+
+def _upstream(t: Table, overrides: dict[str, tuple[str, str]]) -> UpstreamConfig:
+    d = UpstreamConfig()
+    cfg = UpstreamConfig(
+        url=t.url("url", d.url, schemes=("http", "https"), override=overrides.get("url")),
+        connect_timeout_s=t.duration("connect_timeout", d.connect_timeout_s),
+        timeout_s=t.duration("timeout", d.timeout_s),
+    )
+    t.finish()
+    return cfg
+
+
+def _store(t: Table, overrides: dict[str, tuple[str, str]]) -> StoreConfig:
+    d = StoreConfig()
+    cfg = StoreConfig(
+        url=t.url(
+            "url", d.url, schemes=("memory", "redis", "rediss", "unix"), override=overrides.get("url")
+        ),
+        cluster=t.boolean("cluster", d.cluster),
+        timeout_s=t.duration("timeout", d.timeout_s, high=60.0),
+        key_prefix=t.key_prefix("key_prefix", d.key_prefix),
+    )
+    if cfg.cluster and cfg.url.split(":", 1)[0] in ("memory", "unix"):
+        t.problem("cluster", f"a cluster needs a redis:// or rediss:// url, got {cfg.url!r}")
+    t.finish()
+    return cfg
+
+
+def _identity(t: Table) -> IdentityConfig:
+    d = IdentityConfig()
+    cfg = IdentityConfig(
+        sources=t.identity_sources("sources", d.sources),
+        trusted_proxies=t.networks("trusted_proxies", d.trusted_proxies),
+    )
+    t.finish()
+    return cfg
+
+
+def _policy(t: Table) -> RateLimitPolicy:
+    d = RateLimitPolicy()
+    limit = t.integer("limit", d.limit, low=1, high=_EXACT_LIMIT)
+    period_s = t.duration("period", d.period_ms / 1000, low=0.001, high=366 * 86_400.0)
+    period_ms = max(1, round(period_s * 1000))
+    burst = t.integer("burst", limit, low=1, high=_EXACT_LIMIT)
+    cost = t.integer("cost", d.cost, low=1, high=_EXACT_LIMIT)
+    if cost > burst:
+        t.problem("cost", f"must not exceed burst ({burst}), or no request could ever pass; got {cost}")
+    if burst * (period_ms // math.gcd(limit, period_ms)) >= _EXACT_LIMIT:
+        t.problem("burst", "too large for this limit and period: burst × period / gcd(limit, "
+                  "period in ms) must stay below 2^50 for exact token arithmetic")
+    policy = RateLimitPolicy(
+        name=t.policy_name("name", d.name),
+        limit=limit,
+        period_ms=period_ms,
+        burst=burst,
+        cost=cost,
+        key=t.policy_key("key", d.key),
+        paths=t.paths("paths", d.paths, empty_ok=False),
+        methods=t.methods("methods", d.methods),
+        on_store_error=t.choice("on_store_error", d.on_store_error, _ON_STORE_ERROR),
+    )
+    t.finish()
+    return policy
+
+
+def _idempotency(t: Table) -> IdempotencyConfig:
+    d = IdempotencyConfig()
+    cfg = IdempotencyConfig(
+        header=t.header_name("header", d.header),
+        methods=t.methods("methods", d.methods),
+        ttl_s=t.duration("ttl", d.ttl_s),
+        lock_ttl_s=t.duration("lock_ttl", d.lock_ttl_s),
+        on_lost_claim=t.choice("on_lost_claim", d.on_lost_claim, _ON_LOST_CLAIM),
+        required_paths=t.paths("required_paths", d.required_paths, empty_ok=True),
+        max_body_bytes=t.integer("max_body_bytes", d.max_body_bytes, low=0, high=2**31),
+        on_store_error=t.choice("on_store_error", d.on_store_error, _ON_STORE_ERROR),
+    )
+    t.finish()
+    return cfg

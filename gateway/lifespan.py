@@ -1,0 +1,42 @@
+"""Opening and closing a store with the ASGI lifespan of the app it serves.
+
+Startup checks the store answers and loads the scripts, but never fails startup: a Redis that
+is down at boot is a store failure like any other (policies follow ``on_store_error``) and the
+connection is retried on the next request. Shutdown closes the store after the app's own
+shutdown has completed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
+from gateway.errors import StoreError
+from gateway.store import Store
+
+__all__ = ["run_lifespan"]
+
+_log = logging.getLogger("gateway.lifespan")
+
+
+async def run_lifespan(app: ASGIApp, scope: Scope, receive: Receive, send: Send, store: Store) -> None:
+    """Run ``app``'s lifespan, opening ``store`` at startup and closing it at shutdown."""
+
+    async def receive_opening() -> Message:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            try:
+                await store.open()
+            except StoreError as exc:
+                _log.warning(
+                    "store not answering at startup; requests follow on_store_error until it does",
+                    extra={"event": "store.unavailable", "error": str(exc)},
+                )
+        return message
+
+    async def send_closing(message: Message) -> None:
+        if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            await store.close()
+        await send(message)
+
+    await app(scope, receive_opening, send_closing)

@@ -1,0 +1,49 @@
+"""One JSON object per line for the gateway's log records; installed by the CLI only.
+
+The library logs through ``logging.getLogger("gateway.<module>")`` with structured ``extra``
+fields (``event``, ``request_id``, ...) and never configures logging itself (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+__all__ = ["JsonFormatter", "install_json_logging"]
+
+# attributes every LogRecord has; anything else on a record came from `extra=`
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """``{"ts": ..., "level": ..., "logger": ..., "message": ..., <extra fields>}``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info and record.exc_info[0] is not None:
+            out["error_type"] = record.exc_info[0].__name__
+        return json.dumps(out, default=str, separators=(",", ":"))
+
+
+def install_json_logging(level: int = logging.INFO) -> None:
+    """Send the ``gateway`` loggers to stderr as JSON lines (idempotent)."""
+    logger = logging.getLogger("gateway")
+    if any(isinstance(h.formatter, JsonFormatter) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False

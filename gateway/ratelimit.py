@@ -1,0 +1,210 @@
+"""RateLimitMiddleware: token buckets in front of an ASGI app, one store call per request.
+
+Policies are compiled once: path prefixes (by segment) and methods pick the policies a request
+matches, and every distinct set of matched policies gets its script arguments and its
+``RateLimit-Policy`` field built the first time it is seen. Per request there is one pass over
+the headers (identity), one ``ratelimit_take`` for all matched policies (all charged or none),
+and on the response the IETF fields (draft-ietf-httpapi-ratelimit-headers):
+
+    RateLimit-Policy: "per-client";q=100;w=60
+    RateLimit: "per-client";r=42;t=35
+
+A denial is a 429 problem+json with ``Retry-After`` and ``violated-policies``; the app never
+sees it. When the store fails, each policy's ``on_store_error`` decides: any ``deny`` among the
+matched policies answers 503, otherwise the request passes and the failure is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from gateway._asgi import ASGIApp, Headers, Message, Receive, Scope, Send
+from gateway._settings import StoreSetting, resolve
+from gateway.config import IdentityConfig, RateLimitPolicy
+from gateway.errors import StoreError
+from gateway.identity import IdentityResolver
+from gateway.lifespan import run_lifespan
+from gateway.problem import QUOTA_EXCEEDED, STORE_UNAVAILABLE, send_problem
+from gateway.requestid import current_request_id
+from gateway.store import BucketSpec, RateDecision, Store, TakePlan
+
+__all__ = ["RateLimitMiddleware"]
+
+_log = logging.getLogger("gateway.ratelimit")
+_POLICY_HEADER = b"ratelimit-policy"
+_LIMIT_HEADER = b"ratelimit"
+_STORE_RETRY_AFTER = b"1"
+
+
+class _Policy:
+    """One policy, compiled for matching and rendering."""
+
+    __slots__ = ("any_path", "item", "methods", "policy", "prefixes", "spec")
+
+    def __init__(self, policy: RateLimitPolicy) -> None:
+        self.policy = policy
+        self.spec = BucketSpec.from_policy(policy)
+        self.methods = policy.methods
+        self.any_path = "/" in policy.paths
+        # "/api" matches /api and /api/..., never /apiary
+        self.prefixes = tuple((p, p + "/") for p in policy.paths)
+        self.item = f'"{policy.name}";'
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.methods and method not in self.methods:
+            return False
+        if self.any_path:
+            return True
+        return any(path == p or path.startswith(ps) for p, ps in self.prefixes)
+
+
+class _Plan:
+    """Everything a given set of matched policies needs, built once per distinct set."""
+
+    __slots__ = ("deny_on_error", "items", "keys", "names", "policy_field", "take")
+
+    def __init__(self, policies: Sequence[_Policy]) -> None:
+        self.take = TakePlan.of([p.spec for p in policies])
+        self.keys = tuple(p.policy.key for p in policies)
+        self.names = tuple(p.policy.name for p in policies)
+        self.items = tuple(p.item for p in policies)
+        self.policy_field = ", ".join(
+            f"{p.item}q={p.policy.limit};w={p.policy.window_s}" for p in policies
+        ).encode()
+        self.deny_on_error = any(p.policy.on_store_error == "deny" for p in policies)
+
+    def ratelimit_field(self, decision: RateDecision) -> bytes:
+        """``RateLimit``: whole tokens left and seconds (rounded up) until full, per policy;
+        a denying policy shows r=0 and the seconds until the request's cost is there."""
+        parts = []
+        for item, b in zip(self.items, decision.buckets, strict=True):
+            if decision.allowed or not b.wait_ms:
+                parts.append(f"{item}r={b.remaining};t={-(-b.full_ms // 1000)}")
+            else:
+                parts.append(f"{item}r=0;t={-(-b.wait_ms // 1000)}")
+        return ", ".join(parts).encode()
+
+
+class RateLimitMiddleware:
+    """Pure ASGI rate limiting: token buckets decided atomically in the store.
+
+    Args:
+        app: the ASGI app to protect.
+        rate_limit: the ``[[rate_limit]]`` policies, as dicts shaped like the TOML or as
+            ``RateLimitPolicy`` objects.
+        identity: the ``[identity]`` section (dict or ``IdentityConfig``).
+        store: a store URL, a ``[store]`` dict or ``StoreConfig`` (the middleware then owns the
+            store and opens/closes it with the lifespan), or a ``Store`` shared with others.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        rate_limit: Sequence[Mapping[str, Any] | RateLimitPolicy],
+        identity: Mapping[str, Any] | IdentityConfig | None = None,
+        store: StoreSetting = None,
+    ) -> None:
+        config, self._store, self._owns_store = resolve(
+            rate_limit=rate_limit, identity=identity, store=store
+        )
+        self.app = app
+        self._policies = tuple(_Policy(p) for p in config.rate_limits)
+        self._resolver = IdentityResolver(config.identity, (p.key for p in config.rate_limits))
+        self._plans: dict[tuple[int, ...], _Plan] = {}
+        self._everywhere = all(p.any_path and not p.methods for p in self._policies)
+        self._all = self._plan(tuple(range(len(self._policies)))) if self._policies else None
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    def _plan(self, matched: tuple[int, ...]) -> _Plan:
+        plan = self._plans.get(matched)
+        if plan is None:
+            # bounded: one entry per distinct subset of the configured policies that occurs
+            plan = self._plans[matched] = _Plan([self._policies[i] for i in matched])
+        return plan
+
+    def _match(self, method: str, path: str) -> _Plan | None:
+        if self._everywhere:
+            return self._all
+        matched = tuple(i for i, p in enumerate(self._policies) if p.matches(method, path))
+        return self._plan(matched) if matched else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan" and self._owns_store:
+                await run_lifespan(self.app, scope, receive, send, self._store)
+            else:
+                await self.app(scope, receive, send)
+            return
+        plan = self._match(scope["method"], scope["path"])
+        if plan is None:
+            await self.app(scope, receive, send)
+            return
+        tags = self._resolver.tags(scope)
+        try:
+            decision = await self._store.ratelimit_take(plan.take, [tags[k] for k in plan.keys])
+        except StoreError as exc:
+            await self._store_failed(plan, exc, scope, receive, send)
+            return
+        fields: Headers = [(_POLICY_HEADER, plan.policy_field), (_LIMIT_HEADER, plan.ratelimit_field(decision))]
+        if not decision.allowed:
+            await self._deny(plan, decision, fields, send)
+            return
+
+        async def send_with_fields(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *fields]
+            await send(message)
+
+        await self.app(scope, receive, send_with_fields)
+
+    async def _deny(self, plan: _Plan, decision: RateDecision, fields: Headers, send: Send) -> None:
+        violated = [n for n, b in zip(plan.names, decision.buckets, strict=True) if b.wait_ms]
+        retry_after = max(-(-b.wait_ms // 1000) for b in decision.buckets)
+        _log.info(
+            "rate limit denied",
+            extra={"event": "ratelimit.denied", "request_id": current_request_id(),
+                   "policies": violated, "retry_after_s": retry_after},
+        )
+        await send_problem(
+            send,
+            status=429,
+            type_=QUOTA_EXCEEDED,
+            title="Request cannot be satisfied as assigned quota has been exceeded",
+            detail=f"Rate limit exceeded ({', '.join(violated)}); retry in {retry_after}s.",
+            headers=[(b"retry-after", str(retry_after).encode()), *fields],
+            extensions={"violated-policies": violated},
+        )
+
+    async def _store_failed(
+        self, plan: _Plan, exc: StoreError, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        action = "deny" if plan.deny_on_error else "allow"
+        _log.warning(
+            "rate limit store failed; %s per on_store_error", action,
+            extra={"event": "ratelimit.store_error", "request_id": current_request_id(),
+                   "policies": list(plan.names), "action": action, "error": str(exc)},
+        )
+        if plan.deny_on_error:
+            await send_problem(
+                send,
+                status=503,
+                type_=STORE_UNAVAILABLE,
+                title="Rate limit store unavailable",
+                detail="The rate limit could not be checked and this route does not run unchecked.",
+                headers=[(b"retry-after", _STORE_RETRY_AFTER), (_POLICY_HEADER, plan.policy_field)],
+            )
+            return
+        # fail open: the policy is still true, the remaining count is unknown and not made up
+
+        async def send_with_policy(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (_POLICY_HEADER, plan.policy_field)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_policy)

@@ -1,0 +1,72 @@
+"""X-Request-Id: take a well-formed one from the request or make one; echo it on every response.
+
+The id is sent downstream (the app or the upstream sees it in the request headers) and kept in
+a ContextVar for the log lines the gateway writes. A malformed id (over 128 characters, or a
+character outside ``A-Z a-z 0-9 . _ ~ : / + = @ -``) is replaced, which keeps log lines clean.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+
+from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["RequestIdMiddleware", "current_request_id", "new_request_id", "valid_request_id"]
+
+HEADER = b"x-request-id"
+_MAX_LEN = 128
+_ALLOWED = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~:/+=@-"
+_request_id: ContextVar[str | None] = ContextVar("gateway_request_id", default=None)
+
+
+def current_request_id() -> str | None:
+    """The id of the request being handled, when ``RequestIdMiddleware`` is in the stack."""
+    return _request_id.get()
+
+
+def new_request_id() -> str:
+    """128 random bits, hex: unique without coordination between processes."""
+    return os.urandom(16).hex()
+
+
+def valid_request_id(value: bytes) -> bool:
+    """1-128 characters of the contract's safe set (a C-speed check, no regex)."""
+    return 0 < len(value) <= _MAX_LEN and not value.translate(None, _ALLOWED)
+
+
+class RequestIdMiddleware:
+    """Pure ASGI: every HTTP response carries ``X-Request-Id``, the same one sent downstream."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = None
+        for name, value in scope["headers"]:
+            if name == HEADER:
+                given = value
+                break
+        if given is not None and valid_request_id(given):
+            rid = given
+        else:
+            rid = new_request_id().encode()
+            headers = [h for h in scope["headers"] if h[0] != HEADER]
+            headers.append((HEADER, rid))
+            scope = {**scope, "headers": headers}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", ()) if h[0].lower() != HEADER]
+                headers.append((HEADER, rid))
+                message["headers"] = headers
+            await send(message)
+
+        token = _request_id.set(rid.decode())
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            _request_id.reset(token)

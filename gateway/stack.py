@@ -1,0 +1,60 @@
+"""GatewayMiddleware: the whole stack built from one config, sharing one store.
+
+Order of a request (DESIGN.md "One request, in order"): request id, then rate limit, then
+(from the idempotency issue on) the Idempotency-Key gate, then the app. Lifespan opens the
+store at startup and closes it at shutdown; other non-HTTP scopes pass through untouched.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from gateway._asgi import ASGIApp, Receive, Scope, Send
+from gateway.config import Config, load_config
+from gateway.lifespan import run_lifespan
+from gateway.ratelimit import RateLimitMiddleware
+from gateway.requestid import RequestIdMiddleware
+from gateway.store import Store, store_from_config
+
+__all__ = ["GatewayMiddleware"]
+
+
+class GatewayMiddleware:
+    """The gateway in front of an ASGI app.
+
+    Args:
+        app: the ASGI app to protect.
+        config: a TOML path, a dict of the same shape, a ``Config``, or None for the defaults
+            (the embedded ``memory://`` store, no rate limit).
+        store: a store to use instead of the one ``[store]`` describes; its owner opens and
+            closes it.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        config: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None,
+        *,
+        store: Store | None = None,
+    ) -> None:
+        self.config = load_config(config)
+        self._owns_store = store is None
+        self.store: Store = store_from_config(self.config.store) if store is None else store
+        inner = app
+        if self.config.rate_limits:
+            inner = RateLimitMiddleware(
+                inner,
+                rate_limit=self.config.rate_limits,
+                identity=self.config.identity,
+                store=self.store,
+            )
+        self.app = app
+        self._chain: ASGIApp = RequestIdMiddleware(inner)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan" and self._owns_store:
+            await run_lifespan(self._chain, scope, receive, send, self.store)
+            return
+        await self._chain(scope, receive, send)
