@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -125,7 +126,7 @@ class Table:
             seconds = float(value)
         elif isinstance(value, str) and (m := _DURATION.match(value)):
             seconds = float(m.group(1)) * _UNIT_S[m.group(2)]
-        if seconds is None or seconds != seconds:  # NaN is not a duration either
+        if seconds is None or math.isnan(seconds):
             self.problem(key, f'expected a duration like "2s", got {show(value)}')
             return default
         if seconds <= 0 or seconds < low or seconds > high:
@@ -245,7 +246,8 @@ class Table:
                     raise TypeError  # noqa: TRY301 - one message for both cases below
                 nets.append(str(ipaddress.ip_network(item.strip(), strict=False)))
             except (TypeError, ValueError):
-                self.problem(f"{key}[{i}]", f'expected an IP address or CIDR like "10.0.0.0/8", got {show(item)}')
+                expected = 'expected an IP address or CIDR like "10.0.0.0/8"'
+                self.problem(f"{key}[{i}]", f"{expected}, got {show(item)}")
         return tuple(nets)
 
     def paths(self, key: str, default: tuple[str, ...], *, empty_ok: bool) -> tuple[str, ...]:
@@ -305,6 +307,7 @@ def _url_problem(value: object, schemes: tuple[str, ...]) -> str | None:
         return f"expected a host in the URL, got {show(value)}"
     if port == 0:
         return f"expected a port between 1 and 65535, got {show(value)}"
-    if parts.scheme in ("redis", "rediss") and parts.path.strip("/") and not parts.path.strip("/").isdigit():
+    db = parts.path.strip("/")
+    if parts.scheme in ("redis", "rediss") and db and not db.isdigit():
         return f"expected a database number as the path (redis://host:6379/0), got {show(value)}"
     return None

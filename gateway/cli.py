@@ -89,7 +89,8 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise _UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        msg = f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+        raise _UsageError(msg) from None
     sock.listen(2048)
     return sock
 

@@ -254,7 +254,7 @@ def _policy(t: Table) -> RateLimitPolicy:
     if cost > burst:
         t.problem("cost", f"must not exceed burst ({burst}), or no request could ever pass; got {cost}")
     if burst * (period_ms // math.gcd(limit, period_ms)) >= _EXACT_LIMIT:
-        t.problem("burst", "too large for this limit and period: burst × period / gcd(limit, "
+        t.problem("burst", "too large for this limit and period: burst x period / gcd(limit, "
                   "period in ms) must stay below 2^50 for exact token arithmetic")
     policy = RateLimitPolicy(
         name=t.policy_name("name", d.name),

@@ -46,16 +46,14 @@ class IdentityResolver:
 
     def __init__(self, config: IdentityConfig, keys: Iterable[str]) -> None:
         self._keys = tuple(dict.fromkeys(keys))
-        self._sources = tuple(
-            (s, s[len("header:"):].encode("latin-1")) if s.startswith("header:") else (s, b"")
-            for s in config.sources
-        )
+        # per source, the header name it reads (ASGI names are lowercase); b"" stands for "ip"
+        self._sources = tuple(_header_name(s) if s.startswith("header:") else b"" for s in config.sources)
         needs_identity = "identity" in self._keys
         self._ip_needed = "ip" in self._keys or (needs_identity and "ip" in config.sources)
         self._trusted = _TrustedProxies(config.trusted_proxies)
-        wanted = {k[len("header:"):].encode("latin-1") for k in self._keys if k.startswith("header:")}
+        wanted = {_header_name(k) for k in self._keys if k.startswith("header:")}
         if needs_identity:
-            wanted |= {name for _, name in self._sources if name}
+            wanted |= {name for name in self._sources if name}
         if self._ip_needed and self._trusted:
             wanted.add(_XFF)
         self._headers = frozenset(wanted)
@@ -81,13 +79,13 @@ class IdentityResolver:
             elif key == "identity":
                 out[key] = tag(self._identity_material(found, ip))
             else:
-                name = key[len("header:"):].encode("latin-1")
+                name = _header_name(key)
                 # requests without the header share one bucket (CONTRACT "Rate limits")
                 out[key] = tag(b"h:" + name + b":" + found.get(name, b""))
         return out
 
     def _identity_material(self, found: Mapping[bytes, bytes], ip: str | None) -> bytes:
-        for source, name in self._sources:
+        for name in self._sources:
             if name:
                 value = found.get(name)
                 if value:
@@ -100,6 +98,8 @@ class IdentityResolver:
     def _client_ip(self, scope: Mapping[str, Any], xff: bytes | None) -> str | None:
         client = scope.get("client")
         peer = client[0] if client else None
+        if peer is not None and peer.startswith("::ffff:"):
+            peer = _normalise(peer)  # an IPv4 client on a dual-stack socket is that IPv4 client
         if peer is None or xff is None or not self._trusted or peer not in self._trusted:
             return peer
         hops = [h.strip() for h in xff.decode("latin-1").split(",")]
@@ -117,7 +117,7 @@ class _TrustedProxies:
     __slots__ = ("_contains", "_networks")
 
     def __init__(self, cidrs: Iterable[str]) -> None:
-        self._networks: tuple[_Network, ...] = tuple(ipaddress.ip_network(c) for c in cidrs)
+        self._networks: tuple[_Network, ...] = tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
         self._contains = lru_cache(maxsize=4096)(self._lookup)
 
     def __bool__(self) -> bool:
@@ -132,21 +132,30 @@ class _TrustedProxies:
 
 
 def _parse_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """An address from a hop, tolerating a port (``1.2.3.4:80``, ``[::1]:80``)."""
-    candidates = [host]
+    """An address from a hop: bare, or exactly ``1.2.3.4:80`` / ``[::1]`` / ``[::1]:80``.
+
+    Anything else is not an address, so it can never pass for a trusted hop."""
     if host.startswith("["):
-        candidates.append(host[1:].split("]", 1)[0])
+        inner, sep, port = host[1:].partition("]")
+        if not sep or (port and not (port[0] == ":" and port[1:].isdigit())):
+            return None
+        host = inner
     elif host.count(":") == 1:
-        candidates.append(host.split(":", 1)[0])
-    for candidate in candidates:
-        try:
-            addr = ipaddress.ip_address(candidate)
-        except ValueError:
-            continue
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            return addr.ipv4_mapped
-        return addr
-    return None
+        host, _, port = host.partition(":")
+        if not port.isdigit():
+            return None
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def _header_name(source: str) -> bytes:
+    """``header:X-Api-Key`` as the lowercase bytes an ASGI scope carries."""
+    return source[len("header:"):].strip().lower().encode("latin-1")
 
 
 def _normalise(hop: str) -> str:

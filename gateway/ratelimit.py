@@ -151,7 +151,10 @@ class RateLimitMiddleware:
         except StoreError as exc:
             await self._store_failed(plan, exc, scope, receive, send)
             return
-        fields: Headers = [(_POLICY_HEADER, plan.policy_field), (_LIMIT_HEADER, plan.ratelimit_field(decision))]
+        fields: Headers = [
+            (_POLICY_HEADER, plan.policy_field),
+            (_LIMIT_HEADER, plan.ratelimit_field(decision)),
+        ]
         if not decision.allowed:
             await self._deny(plan, decision, fields, send)
             return

@@ -46,14 +46,17 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         given = None
+        lines = 0
         for name, value in scope["headers"]:
             if name == HEADER:
-                given = value
-                break
-        if given is not None and valid_request_id(given):
+                lines += 1
+                if given is None:
+                    given = value
+        if given is not None and lines == 1 and valid_request_id(given):
             rid = given
         else:
-            rid = new_request_id().encode()
+            # the first line decides; downstream sees exactly one, well-formed line
+            rid = given if given is not None and valid_request_id(given) else new_request_id().encode()
             headers = [h for h in scope["headers"] if h[0] != HEADER]
             headers.append((HEADER, rid))
             scope = {**scope, "headers": headers}

@@ -28,14 +28,32 @@ from gateway.errors import StoreScriptError, StoreTimeout, StoreUnavailable
 from gateway.store.base import BucketState, RateDecision, TakePlan
 from gateway.store.scripts import read_script
 
-__all__ = ["DATA_VERSION", "RedisStore"]
+__all__ = ["DATA_VERSION", "MAX_CONNECTIONS", "BoundedPool", "RedisStore", "pool_options"]
+
+#: The pool class every store uses (memory.py hands it to fakeredis; only this module imports redis).
+BoundedPool = BlockingConnectionPool
 
 DATA_VERSION = "v1"
+#: Connections per store. Past it a call waits (up to the timeout) for a free one: redis-py's
+#: default asyncio pool raises MaxConnectionsError at 100 instead.
+MAX_CONNECTIONS = 64
 _T = TypeVar("_T")
 
 # One immediate reconnect when a pooled connection turns out dead (a restarted Redis);
 # asyncio.timeout below bounds the whole call, retries included.
 _RETRY = Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,))
+
+
+def pool_options(timeout_s: float) -> dict[str, object]:
+    """Keyword arguments for a bounded, waiting pool: waiting for a free connection,
+    connecting and reading are each bounded by ``timeout_s``."""
+    return {
+        "max_connections": MAX_CONNECTIONS,
+        "timeout": timeout_s,
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "retry": _RETRY,
+    }
 
 
 class RedisStore:
@@ -49,20 +67,19 @@ class RedisStore:
         self._scripts = (self._take,)
 
     @classmethod
-    def from_url(
-        cls, url: str, *, key_prefix: str, timeout_s: float, max_connections: int = 64
-    ) -> RedisStore:
-        """A store on its own bounded pool: waiting for a free connection, connecting and
-        reading are each bounded by ``timeout_s``."""
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=_RETRY,
-        )
+    def from_url(cls, url: str, *, key_prefix: str, timeout_s: float) -> RedisStore:
+        """A store on its own bounded pool (see ``pool_options``)."""
+        pool = BlockingConnectionPool.from_url(url, **pool_options(timeout_s))
         return cls(Redis.from_pool(pool), key_prefix=key_prefix, timeout_s=timeout_s)
+
+    @property
+    def client(self) -> Redis:
+        """The underlying client, for diagnostics and tests; decisions go through the methods."""
+        return self._client
+
+    def key(self, tag: str, policy: str) -> str:
+        """The store key of one policy's bucket for one tag."""
+        return f"{self._rl_prefix}{{{tag}}}:{policy}"
 
     async def open(self) -> None:
         await self.ping()

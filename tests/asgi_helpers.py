@@ -1,0 +1,72 @@
+"""Small ASGI doubles for the middleware tests: a counting app, a client, a lifespan driver."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
+
+
+class CountingApp:
+    """An ASGI app that answers 200 ``ok`` (plus ``extra_headers``) and counts its calls."""
+
+    def __init__(self, extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        self.calls = 0
+        self.scopes: list[Scope] = []
+        self.lifespan_events: list[str] = []
+        self.extra_headers = extra_headers or []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scopes.append(scope)
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                self.lifespan_events.append(message["type"])
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        self.calls += 1
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain"), *self.extra_headers]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+def client_for(app: ASGIApp, client_ip: str = "203.0.113.7") -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, client=(client_ip, 4321))
+    return httpx.AsyncClient(transport=transport, base_url="http://gateway.test")
+
+
+async def run_lifespan(app: ASGIApp, between: Callable[[], Any] | None = None) -> list[str]:
+    """Drive startup then shutdown through ``app``; return what it sent back, in order."""
+    inbox: asyncio.Queue[Message] = asyncio.Queue()
+    sent: list[str] = []
+    started = asyncio.Event()
+
+    async def receive() -> Message:
+        return await inbox.get()
+
+    async def send(message: Message) -> None:
+        sent.append(message["type"])
+        if message["type"].startswith("lifespan.startup."):
+            started.set()
+
+    inbox.put_nowait({"type": "lifespan.startup"})
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    task = asyncio.ensure_future(app(scope, receive, send))
+    async with asyncio.timeout(10):
+        await started.wait()
+        if between is not None:
+            result = between()
+            if asyncio.iscoroutine(result):
+                await result
+        inbox.put_nowait({"type": "lifespan.shutdown"})
+        await task
+    return sent

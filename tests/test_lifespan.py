@@ -1,0 +1,100 @@
+"""Lifespan and non-HTTP scopes: the store opens and closes with the app; nothing else is touched."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+import gateway.stack
+from gateway import GatewayMiddleware, RateLimitMiddleware
+from gateway.store.memory import memory_store
+from gateway.store.redis import RedisStore
+from tests.asgi_helpers import CountingApp, run_lifespan
+from tests.redis_process import free_port
+
+POLICY = {"name": "p", "limit": 5, "period": "1m"}
+
+
+class SpyStore(RedisStore):
+    """A memory store that records open() and close()."""
+
+    def __init__(self) -> None:
+        inner = memory_store(key_prefix="spy", timeout_s=1.0)
+        super().__init__(inner.client, key_prefix="spy", timeout_s=1.0)
+        self.events: list[str] = []
+
+    async def open(self) -> None:
+        self.events.append("open")
+        await super().open()
+
+    async def close(self) -> None:
+        self.events.append("close")
+        await super().close()
+
+
+async def test_owned_store_opens_at_startup_and_closes_after_shutdown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """GatewayMiddleware opens its own store before the app starts and closes it after it stops."""
+    spy = SpyStore()
+    monkeypatch.setattr(gateway.stack, "store_from_config", lambda config: spy)
+    app = CountingApp()
+    gw = GatewayMiddleware(app, {"rate_limit": [POLICY]})
+    sent = await run_lifespan(gw, between=lambda: spy.events.append("serving"))
+    assert spy.events == ["open", "serving", "close"]
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert app.lifespan_events == ["lifespan.startup", "lifespan.shutdown"]
+
+
+async def test_shared_store_is_left_to_its_owner() -> None:
+    """A store passed in is not opened or closed by the middleware's lifespan."""
+    spy = SpyStore()
+    app = CountingApp()
+    sent = await run_lifespan(GatewayMiddleware(app, {"rate_limit": [POLICY]}, store=spy))
+    assert spy.events == []
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    await spy.close()
+
+
+async def test_lone_middleware_owns_the_store_it_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RateLimitMiddleware given a URL opens and closes that store with the lifespan."""
+    spy = SpyStore()
+    monkeypatch.setattr("gateway._settings.store_from_config", lambda config: spy)
+    sent = await run_lifespan(RateLimitMiddleware(CountingApp(), rate_limit=[POLICY], store="memory://"))
+    assert spy.events == ["open", "close"]
+    assert sent[-1] == "lifespan.shutdown.complete"
+
+
+async def test_unreachable_store_does_not_fail_startup(caplog: pytest.LogCaptureFixture) -> None:
+    """A Redis that is down at boot is logged, and the app still starts (on_store_error applies)."""
+    app = CountingApp()
+    gw = GatewayMiddleware(app, {"store": {"url": f"redis://127.0.0.1:{free_port()}/0", "timeout": "200ms"},
+                                 "rate_limit": [POLICY]})
+    with caplog.at_level(logging.WARNING, logger="gateway"):
+        sent = await run_lifespan(gw)
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert any(getattr(r, "event", "") == "store.unavailable" for r in caplog.records)
+
+
+@pytest.mark.parametrize("scope_type", ["websocket", "lifespan-shared"])
+async def test_non_http_scopes_pass_through_untouched(scope_type: str) -> None:
+    """A websocket scope (and lifespan with a shared store) reaches the app as the same object."""
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append((scope, receive, send))
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: Any) -> None:
+        return None
+
+    store = memory_store(key_prefix="p", timeout_s=1.0)
+    gw = GatewayMiddleware(app, {"rate_limit": [POLICY]}, store=store)
+    scope = {"type": scope_type.split("-", maxsplit=1)[0], "path": "/", "headers": []}
+    await gw(scope, receive, send)
+    assert seen == [(scope, receive, send)]
+    await store.close()
