@@ -15,14 +15,15 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 _T = TypeVar("_T", bound=str)
+# patterns are used with fullmatch: "$" would also accept a trailing newline
 _MISSING: Any = object()
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 §5.6.2 token
-_POLICY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_KEY_PREFIX = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")  # no braces: they would hijack hash tags
-_PATH_PREFIX = re.compile(r"^/[^\s?#]*$")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2 token
+_POLICY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_KEY_PREFIX = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # no braces: they would hijack hash tags
+_PATH_PREFIX = re.compile(r"/[^\s?#]*")
 
 
 def show(value: object) -> str:
@@ -37,7 +38,9 @@ class Reader:
         self.problems: list[str] = []
 
     def problem(self, key: str, message: str) -> None:
-        self.problems.append(f"{key}: {message}")
+        # a key the user made up is quoted, so one problem is always one line
+        shown = key if key.isprintable() else show(key)
+        self.problems.append(f"{shown}: {message}")
 
     def table(self, data: object, path: str) -> Table:
         if not isinstance(data, Mapping):
@@ -60,6 +63,9 @@ class Table:
 
     def problem(self, key: str, message: str) -> None:
         self._reader.problem(self._name(key), message)
+
+    def problem_count(self) -> int:
+        return len(self._reader.problems)
 
     def _get(self, key: str) -> Any:
         self._read.add(key)
@@ -123,8 +129,8 @@ class Table:
             return default
         seconds: float | None = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            seconds = float(value)
-        elif isinstance(value, str) and (m := _DURATION.match(value)):
+            seconds = float(value) if abs(value) < 1e18 else math.inf  # huge ints: out of range, not a crash
+        elif isinstance(value, str) and (m := _DURATION.fullmatch(value)):
             seconds = float(m.group(1)) * _UNIT_S[m.group(2)]
         if seconds is None or math.isnan(seconds):
             self.problem(key, f'expected a duration like "2s", got {show(value)}')
@@ -170,7 +176,7 @@ class Table:
         value = self._get(key)
         if value is _MISSING:
             return default
-        if not isinstance(value, str) or not _KEY_PREFIX.match(value):
+        if not isinstance(value, str) or not _KEY_PREFIX.fullmatch(value):
             self.problem(key, f"expected 1-64 characters of A-Z a-z 0-9 . _ : -, got {show(value)}")
             return default
         return value
@@ -179,7 +185,7 @@ class Table:
         value = self._get(key)
         if value is _MISSING:
             return default
-        if not isinstance(value, str) or not _POLICY_NAME.match(value):
+        if not isinstance(value, str) or not _POLICY_NAME.fullmatch(value):
             self.problem(key, "expected 1-64 characters of A-Z a-z 0-9 . _ - starting with a "
                          f"letter or digit, got {show(value)}")
             return default
@@ -189,7 +195,7 @@ class Table:
         value = self._get(key)
         if value is _MISSING:
             return default
-        if not isinstance(value, str) or not _TOKEN.match(value):
+        if not isinstance(value, str) or not _TOKEN.fullmatch(value):
             self.problem(key, f"expected an HTTP header name, got {show(value)}")
             return default
         return value
@@ -259,7 +265,7 @@ class Table:
             return default
         paths: list[str] = []
         for i, item in enumerate(items):
-            if not isinstance(item, str) or not _PATH_PREFIX.match(item):
+            if not isinstance(item, str) or not _PATH_PREFIX.fullmatch(item):
                 self.problem(f"{key}[{i}]", f'expected a path prefix starting with "/", got {show(item)}')
                 continue
             prefix = item.rstrip("/") or "/"
@@ -273,7 +279,7 @@ class Table:
             return default
         methods: set[str] = set()
         for i, item in enumerate(items):
-            if not isinstance(item, str) or not _TOKEN.match(item):
+            if not isinstance(item, str) or not _TOKEN.fullmatch(item):
                 self.problem(f"{key}[{i}]", f'expected an HTTP method like "POST", got {show(item)}')
             else:
                 methods.add(item.upper())
@@ -285,12 +291,13 @@ def _header_source(value: object) -> str | None:
     if not isinstance(value, str) or not value.startswith("header:"):
         return None
     name = value[len("header:"):].strip()
-    return f"header:{name.lower()}" if _TOKEN.match(name) else None
+    return f"header:{name.lower()}" if _TOKEN.fullmatch(name) else None
 
 
 def _url_problem(value: object, schemes: tuple[str, ...]) -> str | None:
     wanted = " or ".join(f"{s}://" for s in schemes)
-    if not isinstance(value, str):
+    # urlsplit silently drops tabs and newlines; the string itself is what gets used
+    if not isinstance(value, str) or any(c <= " " or c == "\x7f" for c in value):
         return f"expected a URL ({wanted}), got {show(value)}"
     try:
         parts = urlsplit(value)

@@ -163,6 +163,10 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: invalid TOML: not UTF-8 ({exc.reason} at byte {exc.start})"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: invalid TOML: nested too deeply"]) from None
 
 
 def _parse(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
@@ -220,16 +224,19 @@ def _upstream(t: Table, overrides: dict[str, tuple[str, str]]) -> UpstreamConfig
 
 def _store(t: Table, overrides: dict[str, tuple[str, str]]) -> StoreConfig:
     d = StoreConfig()
+    problems_before = t.problem_count()
+    schemes = ("memory", "redis", "rediss", "unix")
+    url = t.url("url", d.url, schemes=schemes, override=overrides.get("url"))
+    url_ok = t.problem_count() == problems_before
     cfg = StoreConfig(
-        url=t.url(
-            "url", d.url, schemes=("memory", "redis", "rediss", "unix"), override=overrides.get("url")
-        ),
+        url=url,
         cluster=t.boolean("cluster", d.cluster),
         timeout_s=t.duration("timeout", d.timeout_s, high=60.0),
         key_prefix=t.key_prefix("key_prefix", d.key_prefix),
     )
-    if cfg.cluster and cfg.url.split(":", 1)[0] in ("memory", "unix"):
-        t.problem("cluster", f"a cluster needs a redis:// or rediss:// url, got {cfg.url!r}")
+    # a rejected URL has its own problem line; the default standing in for it is not the user's
+    if url_ok and cfg.cluster and url.split(":", 1)[0] in ("memory", "unix"):
+        t.problem("cluster", f"a cluster needs a redis:// or rediss:// url, got {url!r}")
     t.finish()
     return cfg
 

@@ -1,0 +1,36 @@
+"""The gateway as an extra app of ``../shared/peer-bench`` (``run.sh --extra``).
+
+It wraps peer-bench's own endpoint (``apps.endpoint_app``, importable when run.py starts the
+app) in the gateway, exactly as a user would configure it, on the Redis run.py started
+(``BENCH_REDIS_URL``). Built lazily on attribute access, so importing connects to nothing.
+
+    bash ../shared/peer-bench/run.sh --extra \
+      'gw_rl=peer_bench_app:rl_app,path=loadtests,workload=get,python=.venv/bin/python'
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# high enough that no request of a 10 s run is denied: only the cost of deciding shows
+HUGE_PER_MINUTE = 1_000_000
+
+
+def build_rl_app() -> Any:
+    """GET /hello behind GatewayMiddleware: request id + one per-client token bucket."""
+    from apps import endpoint_app  # peer-bench's shared endpoint
+
+    from gateway import GatewayMiddleware
+
+    config = {
+        "store": {"url": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")},
+        "rate_limit": [{"name": "per-client", "limit": HUGE_PER_MINUTE, "period": "1m"}],
+    }
+    return GatewayMiddleware(endpoint_app(), config)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "rl_app":
+        return build_rl_app()
+    raise AttributeError(name)
