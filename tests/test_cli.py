@@ -449,9 +449,8 @@ class TestKnownGaps:
 
     @pytest.mark.xfail(
         strict=True,
-        reason="issue 3 builds it. CONTRACT §2: `gateway demo` prints curl lines that show a 429 and an idempotent "
-        "replay; gateway/demo.py curl_lines has no Idempotency-Key line (and the demo stack has "
-        "no idempotency layer yet)",
+        reason="issue 3 builds it. CONTRACT §2: `gateway demo` prints curl lines that show a 429 "
+        "and an idempotent replay; the demo stack has no idempotency layer yet",
     )
     def test_demo_prints_an_idempotent_replay(self) -> None:
         """The demo's curl lines include a request carrying an Idempotency-Key."""

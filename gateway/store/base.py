@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.config import RateLimitPolicy
+from gateway.store.resp import bulks
 
 __all__ = ["BucketSpec", "BucketState", "RateDecision", "Store", "TakePlan"]
 
@@ -48,12 +49,19 @@ class TakePlan:
     """The buckets one request takes from, with the script arguments built once."""
 
     specs: tuple[BucketSpec, ...]
-    argv: tuple[int, ...]
+    argv: tuple[int, ...]  # per bucket: unit, refill, burst, cost
+    names: tuple[bytes, ...]  # per bucket, the policy name as it appears in keys
+    argv_resp: bytes  # argv framed as RESP bulk strings, once
 
     @classmethod
     def of(cls, specs: Sequence[BucketSpec]) -> TakePlan:
         argv = tuple(v for s in specs for v in (s.unit, s.refill, s.burst, s.cost))
-        return cls(specs=tuple(specs), argv=argv)
+        return cls(
+            specs=tuple(specs),
+            argv=argv,
+            names=tuple(s.name.encode() for s in specs),
+            argv_resp=bulks(argv),
+        )
 
 
 @dataclass(frozen=True, slots=True)

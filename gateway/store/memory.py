@@ -10,7 +10,7 @@ from __future__ import annotations
 import fakeredis
 from fakeredis import aioredis
 
-from gateway.store.redis import MAX_CONNECTIONS, BoundedPool, RedisStore
+from gateway.store.redis import RedisStore
 
 __all__ = ["memory_store"]
 
@@ -18,7 +18,5 @@ __all__ = ["memory_store"]
 def memory_store(*, key_prefix: str, timeout_s: float) -> RedisStore:
     """A store on a private in-process fakeredis server."""
     server = fakeredis.FakeServer(version=(7,))
-    client = aioredis.FakeRedis(
-        server=server, connection_pool_class=BoundedPool, max_connections=MAX_CONNECTIONS
-    )
+    client = aioredis.FakeRedis(server=server)
     return RedisStore(client, key_prefix=key_prefix, timeout_s=timeout_s)

@@ -1,10 +1,16 @@
-"""RedisStore: each decision is one EVALSHA of a ``lua/`` script on ``redis.asyncio``.
+"""RedisStore: each decision is one EVALSHA of a ``lua/`` script, on Redis or on fakeredis.
 
 The only module that imports ``redis``. Every foreign exception (redis-py's, OSError, a
-timeout) becomes a ``gateway.errors.StoreError`` here, and every call is bounded by
-``store.timeout``. Scripts are registered once per store (the SHA1 is computed locally) and
-called with EVALSHA; after NOSCRIPT (a restarted Redis, ``SCRIPT FLUSH``, a failover) redis-py
-loads the script again and retries once.
+timeout) becomes a ``gateway.errors.StoreError`` here, and every call, from waiting for a
+connection to the reply (a reconnect and a script reload included), is bounded by
+``store.timeout``.
+
+Decisions skip redis-py's generic client path (its pool takes a lock, probes the socket and
+records metrics on every command) and go through ``_Lane``: redis-py ``Connection`` objects
+(URL parsing, AUTH/SELECT/TLS, the hiredis parser) reused LIFO, at most ``MAX_CONNECTIONS`` at
+once, with the command framed once per plan (``resp.py``). Scripts are named by their SHA1,
+computed locally; after NOSCRIPT (a restarted Redis, ``SCRIPT FLUSH``, a failover) the script is
+loaded on that connection and the call sent once more.
 
 Key layout, ``{key_prefix}:v1:rl:{TAG}:{policy}``: ``v1`` is the data version (bump it when a
 script reads or writes fields differently); ``{TAG}`` is a Redis Cluster hash tag, the hashed
@@ -14,46 +20,102 @@ key value, so all buckets of one client share a slot.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import StoreScriptError, StoreTimeout, StoreUnavailable
 from gateway.store.base import BucketState, RateDecision, TakePlan
+from gateway.store.resp import ScriptCall, bulk
 from gateway.store.scripts import read_script
 
-__all__ = ["DATA_VERSION", "MAX_CONNECTIONS", "BoundedPool", "RedisStore", "pool_options"]
-
-#: The pool class every store uses (memory.py hands it to fakeredis; only this module imports redis).
-BoundedPool = BlockingConnectionPool
+__all__ = ["DATA_VERSION", "MAX_CONNECTIONS", "RedisStore", "connection_options"]
 
 DATA_VERSION = "v1"
-#: Connections per store. Past it a call waits (up to the timeout) for a free one: redis-py's
-#: default asyncio pool raises MaxConnectionsError at 100 instead.
+#: Connections a store uses at once; past it a call waits (within its timeout) for one.
 MAX_CONNECTIONS = 64
-_T = TypeVar("_T")
-
-# One immediate reconnect when a pooled connection turns out dead (a restarted Redis);
-# asyncio.timeout below bounds the whole call, retries included.
-_RETRY = Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,))
+_NO_OFFSET = bulk(b"0")
 
 
-def pool_options(timeout_s: float) -> dict[str, object]:
-    """Keyword arguments for a bounded, waiting pool: waiting for a free connection,
-    connecting and reading are each bounded by ``timeout_s``."""
+def connection_options(timeout_s: float) -> dict[str, Any]:
+    """redis-py connection settings: connecting is bounded by the store timeout; reads carry
+    no timeout of their own (the call's single bound covers them); no retries inside
+    redis-py (``_Lane`` decides what is safe to retry)."""
     return {
-        "max_connections": MAX_CONNECTIONS,
-        "timeout": timeout_s,
-        "socket_timeout": timeout_s,
+        "socket_timeout": None,
         "socket_connect_timeout": timeout_s,
-        "retry": _RETRY,
+        "retry": Retry(NoBackoff(), retries=0),
+        "max_connections": MAX_CONNECTIONS,
     }
+
+
+class _Lane:
+    """Up to ``size`` connections, each carrying one command/reply at a time, reused LIFO."""
+
+    __slots__ = ("_idle", "_live", "_make", "_slots")
+
+    def __init__(self, make: Callable[[], AbstractConnection], size: int) -> None:
+        self._make = make
+        self._idle: list[AbstractConnection] = []
+        self._live: set[AbstractConnection] = set()
+        self._slots = asyncio.Semaphore(size)
+
+    async def call(self, packed: bytes) -> Any:
+        """Send one framed command and return its reply (an error reply is raised)."""
+        await self._slots.acquire()
+        try:
+            if not self._idle:
+                return await self._exchange(self._open(), packed)
+            try:
+                return await self._exchange(self._idle.pop(), packed)
+            except (RedisConnectionError, OSError):
+                # a reused connection was dead (Redis restarted or closed it while idle): the
+                # other idle ones died with it; once more on a new connection
+                await self._drop_idle()
+            return await self._exchange(self._open(), packed)
+        finally:
+            self._slots.release()
+
+    async def _exchange(self, conn: AbstractConnection, packed: bytes) -> Any:
+        try:
+            await conn.send_packed_command(packed, check_health=False)
+            reply = await conn.read_response()
+        except ResponseError:
+            self._idle.append(conn)  # an error reply leaves the connection in step
+            raise
+        except BaseException:
+            # broken, timed out or cancelled mid-exchange: the connection is out of step
+            await self._drop(conn)
+            raise
+        self._idle.append(conn)
+        return reply
+
+    def _open(self) -> AbstractConnection:
+        conn = self._make()  # connects on first send
+        self._live.add(conn)
+        return conn
+
+    async def _drop(self, conn: AbstractConnection) -> None:
+        self._live.discard(conn)
+        await conn.disconnect(nowait=True)
+
+    async def _drop_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await self._drop(conn)
+
+    async def close(self) -> None:
+        self._idle.clear()
+        live, self._live = self._live, set()
+        for conn in live:
+            await conn.disconnect(nowait=True)
 
 
 class RedisStore:
@@ -62,50 +124,64 @@ class RedisStore:
     def __init__(self, client: Redis, *, key_prefix: str, timeout_s: float) -> None:
         self._client = client
         self._timeout_s = timeout_s
-        self._rl_prefix = f"{key_prefix}:{DATA_VERSION}:rl:"
-        self._take = client.register_script(read_script("ratelimit_take"))
+        self._rl_prefix = f"{key_prefix}:{DATA_VERSION}:rl:".encode()
+        pool: ConnectionPool = client.connection_pool
+        self._lane = _Lane(pool.make_connection, MAX_CONNECTIONS)
+        self._take = ScriptCall("ratelimit_take", read_script("ratelimit_take"))
         self._scripts = (self._take,)
 
     @classmethod
     def from_url(cls, url: str, *, key_prefix: str, timeout_s: float) -> RedisStore:
-        """A store on its own bounded pool (see ``pool_options``)."""
-        pool = BlockingConnectionPool.from_url(url, **pool_options(timeout_s))
+        pool = ConnectionPool.from_url(url, **connection_options(timeout_s))
         return cls(Redis.from_pool(pool), key_prefix=key_prefix, timeout_s=timeout_s)
 
     @property
     def client(self) -> Redis:
-        """The underlying client, for diagnostics and tests; decisions go through the methods."""
+        """A plain redis-py client on the same server, for diagnostics and tests."""
         return self._client
 
     def key(self, tag: str, policy: str) -> str:
         """The store key of one policy's bucket for one tag."""
-        return f"{self._rl_prefix}{{{tag}}}:{policy}"
+        return f"{self._rl_prefix.decode()}{{{tag}}}:{policy}"
 
     async def open(self) -> None:
-        await self.ping()
         for script in self._scripts:
-            await self._call(self._client.script_load(script.script))
+            await self._call(script.load)
 
     async def close(self) -> None:
+        await self._lane.close()
         await self._client.aclose()
 
     async def ping(self) -> None:
-        await self._call(self._client.ping())
+        await self._call(b"*1\r\n$4\r\nPING\r\n")
 
     async def ratelimit_take(
         self, plan: TakePlan, tags: Sequence[str], *, clock_offset_ms: int = 0
     ) -> RateDecision:
         prefix = self._rl_prefix
-        keys = [f"{prefix}{{{tag}}}:{spec.name}" for tag, spec in zip(tags, plan.specs, strict=True)]
-        raw: list[int] = await self._call(self._take(keys, (clock_offset_ms, *plan.argv)))
-        buckets = tuple(BucketState(*raw[i : i + 3]) for i in range(2, len(raw), 3))
-        return RateDecision(raw[0] == 1, raw[1], buckets)
+        keys = [b"%b{%b}:%b" % (prefix, t.encode(), n) for t, n in zip(tags, plan.names, strict=True)]
+        offset = bulk(b"%d" % clock_offset_ms) if clock_offset_ms else _NO_OFFSET
+        raw: list[int] = await self._eval(self._take, keys, offset + plan.argv_resp, 1 + len(plan.argv))
+        buckets = []
+        for i in range(2, len(raw), 3):
+            buckets.append(BucketState(raw[i], raw[i + 1], raw[i + 2]))
+        return RateDecision(raw[0] == 1, raw[1], tuple(buckets))
 
-    async def _call(self, call: Awaitable[_T]) -> _T:
-        """Await one store call within the timeout, translating every failure."""
+    async def _eval(self, script: ScriptCall, keys: Sequence[bytes], args: bytes, nargs: int) -> Any:
+        packed = script.evalsha(keys, args, nargs)
+        return await self._call(packed, script)
+
+    async def _call(self, packed: bytes, script: ScriptCall | None = None) -> Any:
+        """One command within the timeout, every failure translated; NOSCRIPT reloads once."""
         try:
             async with asyncio.timeout(self._timeout_s):
-                return await call
+                try:
+                    return await self._lane.call(packed)
+                except NoScriptError:
+                    if script is None:
+                        raise
+                    await self._lane.call(script.load)
+                    return await self._lane.call(packed)
         except (RedisTimeoutError, TimeoutError) as exc:
             msg = f"the store did not answer within {self._timeout_s:g}s"
             raise StoreTimeout(msg) from exc
