@@ -42,7 +42,7 @@ class IdentityResolver:
             ``header:NAME``); only what they need is computed per request.
     """
 
-    __slots__ = ("_headers", "_ip_needed", "_keys", "_sources", "_trusted")
+    __slots__ = ("_headers", "_ip_needed", "_key_headers", "_keys", "_sources", "_trusted")
 
     def __init__(self, config: IdentityConfig, keys: Iterable[str]) -> None:
         self._keys = tuple(dict.fromkeys(keys))
@@ -51,15 +51,16 @@ class IdentityResolver:
         needs_identity = "identity" in self._keys
         self._ip_needed = "ip" in self._keys or (needs_identity and "ip" in config.sources)
         self._trusted = _TrustedProxies(config.trusted_proxies)
-        wanted = {_header_name(k) for k in self._keys if k.startswith("header:")}
+        self._key_headers = {k: _header_name(k) for k in self._keys if k.startswith("header:")}
+        wanted = set(self._key_headers.values())
         if needs_identity:
             wanted |= {name for name in self._sources if name}
         if self._ip_needed and self._trusted:
             wanted.add(_XFF)
         self._headers = frozenset(wanted)
 
-    def tags(self, scope: Mapping[str, Any]) -> dict[str, str]:
-        """Map each policy key in use to its tag for this request."""
+    def tags(self, scope: Mapping[str, Any], keys: Iterable[str] | None = None) -> dict[str, str]:
+        """Map each policy key (all in use, or those of ``keys``) to its tag for this request."""
         found: dict[bytes, bytes] = {}
         if self._headers:
             wanted = self._headers
@@ -71,7 +72,7 @@ class IdentityResolver:
                         found[name] = value
         ip = self._client_ip(scope, found.get(_XFF)) if self._ip_needed else None
         out: dict[str, str] = {}
-        for key in self._keys:
+        for key in self._keys if keys is None else keys:
             if key == "global":
                 out[key] = GLOBAL_TAG
             elif key == "ip":
@@ -79,7 +80,7 @@ class IdentityResolver:
             elif key == "identity":
                 out[key] = tag(self._identity_material(found, ip))
             else:
-                name = _header_name(key)
+                name = self._key_headers[key]
                 # requests without the header share one bucket (CONTRACT "Rate limits")
                 out[key] = tag(b"h:" + name + b":" + found.get(name, b""))
         return out

@@ -36,7 +36,11 @@ async def run_lifespan(app: ASGIApp, scope: Scope, receive: Receive, send: Send,
 
     async def send_closing(message: Message) -> None:
         if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-            await store.close()
+            try:
+                await store.close()
+            except Exception as exc:  # whatever went wrong, a failed close must not hang shutdown
+                _log.warning("store did not close cleanly", extra={"event": "store.close_failed",
+                                                                    "error": str(exc)})
         await send(message)
 
     await app(scope, receive_opening, send_closing)

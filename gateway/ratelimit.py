@@ -63,11 +63,12 @@ class _Policy:
 class _Plan:
     """Everything a given set of matched policies needs, built once per distinct set."""
 
-    __slots__ = ("deny_on_error", "items", "keys", "names", "policy_field", "take")
+    __slots__ = ("deny_on_error", "distinct_keys", "items", "keys", "names", "policy_field", "take")
 
     def __init__(self, policies: Sequence[_Policy]) -> None:
         self.take = TakePlan.of([p.spec for p in policies])
         self.keys = tuple(p.policy.key for p in policies)
+        self.distinct_keys = tuple(dict.fromkeys(self.keys))
         self.names = tuple(p.policy.name for p in policies)
         self.items = tuple(p.item for p in policies)
         self.policy_field = ", ".join(
@@ -145,7 +146,7 @@ class RateLimitMiddleware:
         if plan is None:
             await self.app(scope, receive, send)
             return
-        tags = self._resolver.tags(scope)
+        tags = self._resolver.tags(scope, plan.distinct_keys)
         try:
             decision = await self._store.ratelimit_take(plan.take, [tags[k] for k in plan.keys])
         except StoreError as exc:

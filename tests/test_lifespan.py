@@ -98,3 +98,18 @@ async def test_non_http_scopes_pass_through_untouched(scope_type: str) -> None:
     await gw(scope, receive, send)
     assert seen == [(scope, receive, send)]
     await store.close()
+
+
+async def test_failing_close_does_not_hang_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that fails to close is logged and shutdown still completes."""
+
+    class FailingClose(SpyStore):
+        async def close(self) -> None:
+            await super().close()
+            raise OSError("connection reset while closing")
+
+    spy = FailingClose()
+    monkeypatch.setattr(gateway.stack, "store_from_config", lambda config: spy)
+    sent = await run_lifespan(GatewayMiddleware(CountingApp(), {"rate_limit": [POLICY]}))
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert spy.events == ["open", "close"]

@@ -99,3 +99,14 @@ async def test_ping_answers_and_fails_as_store_errors(store: RedisStore) -> None
             await down.ping()
     finally:
         await down.close()
+
+
+async def test_decisions_use_the_hiredis_parser(redis_server: RedisProcess) -> None:
+    """The connections that carry decisions parse replies with hiredis (the C parser)."""
+    store = RedisStore.from_url(redis_server.url, key_prefix=unique_prefix(), timeout_s=2.0)
+    try:
+        await store.ratelimit_take(PLAN, ["a"])
+        (conn,) = store._lane._idle  # type: ignore[attr-defined]
+        assert "Hiredis" in type(conn._parser).__name__  # _AsyncHiredisParser, not the Python one
+    finally:
+        await store.close()
