@@ -172,33 +172,24 @@ class Table:
         result: str = value
         return result
 
-    def key_prefix(self, key: str, default: str) -> str:
+    def _matching(self, key: str, default: str, pattern: re.Pattern[str], expected: str) -> str:
         value = self._get(key)
         if value is _MISSING:
             return default
-        if not isinstance(value, str) or not _KEY_PREFIX.fullmatch(value):
-            self.problem(key, f"expected 1-64 characters of A-Z a-z 0-9 . _ : -, got {show(value)}")
+        if not isinstance(value, str) or not pattern.fullmatch(value):
+            self.problem(key, f"expected {expected}, got {show(value)}")
             return default
         return value
+
+    def key_prefix(self, key: str, default: str) -> str:
+        return self._matching(key, default, _KEY_PREFIX, "1-64 characters of A-Z a-z 0-9 . _ : -")
 
     def policy_name(self, key: str, default: str) -> str:
-        value = self._get(key)
-        if value is _MISSING:
-            return default
-        if not isinstance(value, str) or not _POLICY_NAME.fullmatch(value):
-            self.problem(key, "expected 1-64 characters of A-Z a-z 0-9 . _ - starting with a "
-                         f"letter or digit, got {show(value)}")
-            return default
-        return value
+        return self._matching(key, default, _POLICY_NAME,
+                              "1-64 characters of A-Z a-z 0-9 . _ - starting with a letter or digit")
 
     def header_name(self, key: str, default: str) -> str:
-        value = self._get(key)
-        if value is _MISSING:
-            return default
-        if not isinstance(value, str) or not _TOKEN.fullmatch(value):
-            self.problem(key, f"expected an HTTP header name, got {show(value)}")
-            return default
-        return value
+        return self._matching(key, default, _TOKEN, "an HTTP header name")
 
     def policy_key(self, key: str, default: str) -> str:
         value = self._get(key)

@@ -43,26 +43,26 @@ def require_redis_server() -> None:
         pytest.skip(message)
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisProcess]:
-    """One real redis-server for the session, on a free loopback port."""
+def running_redis() -> Iterator[RedisProcess]:
+    """A started redis-server on a free loopback port, stopped (by PID) afterwards."""
     require_redis_server()
     server = RedisProcess().start()
     try:
         yield server
     finally:
         server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisProcess]:
+    """One real redis-server for the session."""
+    yield from running_redis()
 
 
 @pytest.fixture
 def dedicated_redis() -> Iterator[RedisProcess]:
     """A redis-server of this test's own, for tests that kill or restart it."""
-    require_redis_server()
-    server = RedisProcess().start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
+    yield from running_redis()
 
 
 def unique_prefix() -> str:
