@@ -52,11 +52,9 @@ class RequestIdMiddleware:
                 lines += 1
                 if given is None:
                     given = value
-        if given is not None and lines == 1 and valid_request_id(given):
-            rid = given
-        else:
-            # the first line decides; downstream sees exactly one, well-formed line
-            rid = given if given is not None and valid_request_id(given) else new_request_id().encode()
+        # the first line decides; downstream sees exactly one, well-formed line
+        rid = given if given is not None and valid_request_id(given) else new_request_id().encode()
+        if rid is not given or lines > 1:
             headers = [h for h in scope["headers"] if h[0] != HEADER]
             headers.append((HEADER, rid))
             scope = {**scope, "headers": headers}

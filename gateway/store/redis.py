@@ -33,7 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import StoreScriptError, StoreTimeout, StoreUnavailable
 from gateway.store.base import BucketState, RateDecision, TakePlan
-from gateway.store.resp import ScriptCall, bulk
+from gateway.store.resp import ScriptCall, bulk, command
 from gateway.store.scripts import read_script
 
 __all__ = ["DATA_VERSION", "MAX_CONNECTIONS", "RedisStore", "connection_options"]
@@ -42,6 +42,8 @@ DATA_VERSION = "v1"
 #: Connections a store uses at once; past it a call waits (within its timeout) for one.
 MAX_CONNECTIONS = 64
 _NO_OFFSET = bulk(b"0")
+_PING = command("PING")
+_BUCKET_KEY = b"%b{%b}:%b"  # prefix, {tag} (the cluster hash tag), policy name
 
 
 def connection_options(timeout_s: float) -> dict[str, Any]:
@@ -142,7 +144,7 @@ class RedisStore:
 
     def key(self, tag: str, policy: str) -> str:
         """The store key of one policy's bucket for one tag."""
-        return f"{self._rl_prefix.decode()}{{{tag}}}:{policy}"
+        return (_BUCKET_KEY % (self._rl_prefix, tag.encode(), policy.encode())).decode()
 
     async def open(self) -> None:
         for script in self._scripts:
@@ -153,23 +155,20 @@ class RedisStore:
         await self._client.aclose()
 
     async def ping(self) -> None:
-        await self._call(b"*1\r\n$4\r\nPING\r\n")
+        await self._call(_PING)
 
     async def ratelimit_take(
         self, plan: TakePlan, tags: Sequence[str], *, clock_offset_ms: int = 0
     ) -> RateDecision:
         prefix = self._rl_prefix
-        keys = [b"%b{%b}:%b" % (prefix, t.encode(), n) for t, n in zip(tags, plan.names, strict=True)]
+        keys = [_BUCKET_KEY % (prefix, t.encode(), n) for t, n in zip(tags, plan.names, strict=True)]
         offset = bulk(b"%d" % clock_offset_ms) if clock_offset_ms else _NO_OFFSET
-        raw: list[int] = await self._eval(self._take, keys, offset + plan.argv_resp, 1 + len(plan.argv))
+        packed = self._take.evalsha(keys, offset + plan.argv_resp, 1 + len(plan.argv))
+        raw: list[int] = await self._call(packed, self._take)
         buckets = []
         for i in range(2, len(raw), 3):
             buckets.append(BucketState(raw[i], raw[i + 1], raw[i + 2]))
         return RateDecision(raw[0] == 1, raw[1], tuple(buckets))
-
-    async def _eval(self, script: ScriptCall, keys: Sequence[bytes], args: bytes, nargs: int) -> Any:
-        packed = script.evalsha(keys, args, nargs)
-        return await self._call(packed, script)
 
     async def _call(self, packed: bytes, script: ScriptCall | None = None) -> Any:
         """One command within the timeout, every failure translated; NOSCRIPT reloads once."""
