@@ -18,6 +18,7 @@ from gateway.errors import (
     StoreTimeout,
     StoreUnavailable,
 )
+from gateway.idempotency import IdempotencyMiddleware, mark_not_sent
 from gateway.ratelimit import RateLimitMiddleware
 from gateway.requestid import RequestIdMiddleware
 from gateway.stack import GatewayMiddleware
@@ -27,6 +28,7 @@ __all__ = [
     "ConfigError",
     "GatewayError",
     "GatewayMiddleware",
+    "IdempotencyMiddleware",
     "RateLimitMiddleware",
     "RequestIdMiddleware",
     "StoreError",
@@ -34,5 +36,6 @@ __all__ = [
     "StoreTimeout",
     "StoreUnavailable",
     "load_config",
+    "mark_not_sent",
 ]
 __version__ = "0.1.0"

@@ -1,8 +1,9 @@
 """Turning a single middleware's keyword settings into config sections and a store.
 
-``RateLimitMiddleware(app, rate_limit=[{...}], identity={...}, store="redis://...")`` takes the
-same settings as the TOML sections, as dicts or as the typed objects, and reports problems with
-the same ``ConfigError`` lines as ``load_config``.
+``RateLimitMiddleware(app, rate_limit=[{...}], identity={...}, store="redis://...")`` and
+``IdempotencyMiddleware(app, idempotency={...}, identity={...}, store=...)`` take the same
+settings as the TOML sections, as dicts or as the typed objects, and report problems with the
+same ``ConfigError`` lines as ``load_config``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from gateway.config import Config, IdentityConfig, RateLimitPolicy, StoreConfig, load_config
+from gateway.config import (
+    Config,
+    IdempotencyConfig,
+    IdentityConfig,
+    RateLimitPolicy,
+    StoreConfig,
+    load_config,
+)
 from gateway.store import Store, store_from_config
 
 __all__ = ["StoreSetting", "resolve"]
@@ -23,6 +31,7 @@ def resolve(
     *,
     rate_limit: Sequence[Mapping[str, Any] | RateLimitPolicy] | None = None,
     identity: Mapping[str, Any] | IdentityConfig | None = None,
+    idempotency: Mapping[str, Any] | IdempotencyConfig | None = None,
     store: StoreSetting = None,
 ) -> tuple[Config, Store, bool]:
     """The config these settings describe, the store to use, and whether the caller owns it.
@@ -43,6 +52,10 @@ def resolve(
         typed["identity"] = identity
     elif identity is not None:
         data["identity"] = identity
+    if isinstance(idempotency, IdempotencyConfig):
+        typed["idempotency"] = idempotency
+    elif idempotency is not None:
+        data["idempotency"] = idempotency
     shared: Store | None = None
     if isinstance(store, StoreConfig):
         typed["store"] = store

@@ -17,7 +17,14 @@ from gateway._asgi import Send
 from gateway.requestid import HEADER as REQUEST_ID_HEADER
 from gateway.requestid import current_request_id, new_request_id
 
-__all__ = ["QUOTA_EXCEEDED", "STORE_UNAVAILABLE", "problem_type", "send_problem"]
+__all__ = [
+    "PROBLEM_HEADERS",
+    "QUOTA_EXCEEDED",
+    "STORE_UNAVAILABLE",
+    "problem_body",
+    "problem_type",
+    "send_problem",
+]
 
 
 def problem_type(name: str) -> str:
@@ -29,10 +36,21 @@ def problem_type(name: str) -> str:
 QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 STORE_UNAVAILABLE = problem_type("store-unavailable")
 
-_BASE_HEADERS = (
+#: The headers every problem response carries (besides Content-Length and X-Request-Id).
+PROBLEM_HEADERS = (
     (b"content-type", b"application/problem+json"),
     (b"cache-control", b"no-store"),
 )
+
+
+def problem_body(
+    *, status: int, type_: str, title: str, detail: str, extensions: Mapping[str, Any] | None = None
+) -> bytes:
+    """The RFC 9457 JSON document, for a response sent now or stored for replay."""
+    body: dict[str, Any] = {"type": type_, "title": title, "status": status, "detail": detail}
+    if extensions:
+        body.update(extensions)
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 async def send_problem(
@@ -54,11 +72,8 @@ async def send_problem(
         headers: extra response headers (``Retry-After``, ``RateLimit``...).
         extensions: extra members, e.g. ``violated-policies``.
     """
-    body: dict[str, Any] = {"type": type_, "title": title, "status": status, "detail": detail}
-    if extensions:
-        body.update(extensions)
-    payload = json.dumps(body, separators=(",", ":")).encode()
-    out = [*_BASE_HEADERS, (b"content-length", str(len(payload)).encode()), *headers]
+    payload = problem_body(status=status, type_=type_, title=title, detail=detail, extensions=extensions)
+    out = [*PROBLEM_HEADERS, (b"content-length", str(len(payload)).encode()), *headers]
     if current_request_id() is None:
         # no RequestIdMiddleware outside us to add it: a lone middleware still names the reply
         out.append((REQUEST_ID_HEADER, new_request_id().encode()))

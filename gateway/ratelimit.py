@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gateway._asgi import ASGIApp, Headers, Message, Receive, Scope, Send
+from gateway._paths import PathPrefixes
 from gateway._settings import StoreSetting, resolve
 from gateway.config import IdentityConfig, RateLimitPolicy
 from gateway.errors import StoreError
@@ -41,23 +42,19 @@ _STORE_RETRY_AFTER = b"1"
 class _Policy:
     """One policy, compiled for matching and rendering."""
 
-    __slots__ = ("any_path", "item", "methods", "policy", "prefixes", "spec")
+    __slots__ = ("item", "methods", "paths", "policy", "spec")
 
     def __init__(self, policy: RateLimitPolicy) -> None:
         self.policy = policy
         self.spec = BucketSpec.from_policy(policy)
         self.methods = policy.methods
-        self.any_path = "/" in policy.paths
-        # "/api" matches /api and /api/..., never /apiary
-        self.prefixes = tuple((p, p + "/") for p in policy.paths)
+        self.paths = PathPrefixes(policy.paths)
         self.item = f'"{policy.name}";'
 
     def matches(self, method: str, path: str) -> bool:
         if self.methods and method not in self.methods:
             return False
-        if self.any_path:
-            return True
-        return any(path == p or path.startswith(ps) for p, ps in self.prefixes)
+        return self.paths.matches(path)
 
 
 class _Plan:
@@ -115,7 +112,7 @@ class RateLimitMiddleware:
         self._policies = tuple(_Policy(p) for p in config.rate_limits)
         self._resolver = IdentityResolver(config.identity, (p.key for p in config.rate_limits))
         self._plans: dict[tuple[int, ...], _Plan] = {}
-        self._everywhere = all(p.any_path and not p.methods for p in self._policies)
+        self._everywhere = all(p.paths.everything and not p.methods for p in self._policies)
         self._all = self._plan(tuple(range(len(self._policies)))) if self._policies else None
 
     @property

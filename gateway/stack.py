@@ -1,7 +1,8 @@
 """GatewayMiddleware: the whole stack built from one config, sharing one store.
 
-Order of a request (DESIGN.md "One request, in order"): request id, then rate limit, then
-(from the idempotency issue on) the Idempotency-Key gate, then the app. Lifespan opens the
+Order of a request (DESIGN.md "One request, in order"): request id, then rate limit, then the
+Idempotency-Key gate, then the app: a denied request is never claimed, and a replay still
+counts against the client's rate limit and carries its current RateLimit fields. Lifespan opens the
 store at startup and closes it at shutdown; other non-HTTP scopes pass through untouched.
 """
 
@@ -13,6 +14,7 @@ from typing import Any
 
 from gateway._asgi import ASGIApp, Receive, Scope, Send
 from gateway.config import Config, load_config
+from gateway.idempotency import IdempotencyMiddleware
 from gateway.lifespan import run_lifespan
 from gateway.ratelimit import RateLimitMiddleware
 from gateway.requestid import RequestIdMiddleware
@@ -27,7 +29,7 @@ class GatewayMiddleware:
     Args:
         app: the ASGI app to protect.
         config: a TOML path, a dict of the same shape, a ``Config``, or None for the defaults
-            (the embedded ``memory://`` store, no rate limit).
+            (the embedded ``memory://`` store, no rate limit, idempotency on its defaults).
         store: a store to use instead of the one ``[store]`` describes; its owner opens and
             closes it.
     """
@@ -42,7 +44,12 @@ class GatewayMiddleware:
         self.config = load_config(config)
         self._owns_store = store is None
         self.store: Store = store_from_config(self.config.store) if store is None else store
-        inner = app
+        inner: ASGIApp = IdempotencyMiddleware(
+            app,
+            idempotency=self.config.idempotency,
+            identity=self.config.identity,
+            store=self.store,
+        )
         if self.config.rate_limits:
             inner = RateLimitMiddleware(
                 inner,

@@ -4,9 +4,30 @@ from __future__ import annotations
 
 from gateway.config import StoreConfig
 from gateway.errors import ConfigError
-from gateway.store.base import BucketSpec, BucketState, RateDecision, Store, TakePlan
+from gateway.store.base import (
+    BucketSpec,
+    BucketState,
+    Claim,
+    ClaimOutcome,
+    LeaseTerms,
+    RateDecision,
+    Store,
+    StoredResponse,
+    TakePlan,
+)
 
-__all__ = ["BucketSpec", "BucketState", "RateDecision", "Store", "TakePlan", "store_from_config"]
+__all__ = [
+    "BucketSpec",
+    "BucketState",
+    "Claim",
+    "ClaimOutcome",
+    "LeaseTerms",
+    "RateDecision",
+    "Store",
+    "StoredResponse",
+    "TakePlan",
+    "store_from_config",
+]
 
 
 def store_from_config(config: StoreConfig) -> Store:

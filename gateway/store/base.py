@@ -10,12 +10,24 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
-from gateway.config import RateLimitPolicy
+from gateway.config import IdempotencyConfig, RateLimitPolicy
 from gateway.store.resp import bulks
 
-__all__ = ["BucketSpec", "BucketState", "RateDecision", "Store", "TakePlan"]
+__all__ = [
+    "BucketSpec",
+    "BucketState",
+    "Claim",
+    "ClaimOutcome",
+    "LeaseTerms",
+    "RateDecision",
+    "Store",
+    "StoredResponse",
+    "TakePlan",
+]
+
+ClaimOutcome = Literal["new", "mismatch", "in_flight", "done", "unknown"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +94,54 @@ class RateDecision:
     buckets: tuple[BucketState, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class LeaseTerms:
+    """How Idempotency-Key records live, from ``[idempotency]``, with script arguments framed once.
+
+    A claim's lease is ``lock_ttl``; a lost claim is remembered ``linger`` after its lease ends
+    (``ttl`` when it becomes an outcome-unknown record, 0 when the key is simply free again).
+    """
+
+    lock_ttl_ms: int
+    ttl_ms: int
+    on_lost_claim: Literal["unknown", "retry"]
+    claim_argv: bytes  # lock_ttl, linger, on_lost_claim
+    renew_argv: bytes  # lock_ttl, linger
+    ttl_argv: bytes  # ttl
+
+    @classmethod
+    def from_config(cls, config: IdempotencyConfig) -> LeaseTerms:
+        lock_ms = max(1, round(config.lock_ttl_s * 1000))
+        ttl_ms = max(1, round(config.ttl_s * 1000))
+        linger_ms = ttl_ms if config.on_lost_claim == "unknown" else 0
+        return cls(
+            lock_ttl_ms=lock_ms,
+            ttl_ms=ttl_ms,
+            on_lost_claim=config.on_lost_claim,
+            claim_argv=bulks((lock_ms, linger_ms, config.on_lost_claim)),
+            renew_argv=bulks((lock_ms, linger_ms)),
+            ttl_argv=bulks((ttl_ms,)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A response as an idempotency record keeps it; ``headers`` are encoded by the caller."""
+
+    status: int
+    headers: bytes
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The outcome of ``idempotency_claim`` (see ``lua/idempotency_claim.lua``)."""
+
+    outcome: ClaimOutcome
+    lease_left_ms: int = 0  # in_flight: until the holder's lease ends unless it renews
+    response: StoredResponse | None = None  # done: what to replay
+
+
 class Store(Protocol):
     """A backend that makes the gateway's atomic decisions.
 
@@ -109,4 +169,34 @@ class Store(Protocol):
             clock_offset_ms: added to the store's clock; tests move time with it, production
                 never passes it.
         """
+        ...
+
+    async def idempotency_claim(
+        self, record: str, fingerprint: bytes, owner: bytes, terms: LeaseTerms
+    ) -> Claim:
+        """Claim the record for ``owner``, or report it in flight, mismatched, done or unknown.
+
+        Args:
+            record: the record's name: a hash of the client identity and the key.
+            fingerprint: the request's fingerprint (method, path, query, body digest).
+            owner: this attempt's random token; complete, release and renew need it.
+            terms: lease and retention, from ``LeaseTerms.from_config``.
+        """
+        ...
+
+    async def idempotency_complete(
+        self, record: str, owner: bytes, response: StoredResponse, terms: LeaseTerms
+    ) -> bool:
+        """Store ``response`` as the record's outcome for ``terms.ttl``; False when ``owner``
+        no longer holds the claim (nothing is written)."""
+        ...
+
+    async def idempotency_release(self, record: str, owner: bytes) -> bool:
+        """Delete ``owner``'s claim (the request never reached the upstream); False when it
+        is not ``owner``'s live claim."""
+        ...
+
+    async def idempotency_renew(self, record: str, owner: bytes, terms: LeaseTerms) -> bool:
+        """Extend ``owner``'s lease by ``terms.lock_ttl``; False when the claim is not
+        ``owner``'s any more."""
         ...

@@ -12,9 +12,11 @@ once, with the command framed once per plan (``resp.py``). Scripts are named by 
 computed locally; after NOSCRIPT (a restarted Redis, ``SCRIPT FLUSH``, a failover) the script is
 loaded on that connection and the call sent once more.
 
-Key layout, ``{key_prefix}:v1:rl:{TAG}:{policy}``: ``v1`` is the data version (bump it when a
-script reads or writes fields differently); ``{TAG}`` is a Redis Cluster hash tag, the hashed
-key value, so all buckets of one client share a slot.
+Key layout: buckets are ``{key_prefix}:v1:rl:{TAG}:{policy}``, idempotency records
+``{key_prefix}:v1:idem:{RECORD}``. ``v1`` is the data version (bump it when a script reads or
+writes fields differently); ``{TAG}`` is a Redis Cluster hash tag, the hashed key value, so all
+buckets of one client share a slot; ``{RECORD}`` (a hash of identity and key) spreads records
+over the slots.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import StoreScriptError, StoreTimeout, StoreUnavailable
-from gateway.store.base import BucketState, RateDecision, TakePlan
+from gateway.store.base import BucketState, Claim, LeaseTerms, RateDecision, StoredResponse, TakePlan
 from gateway.store.resp import ScriptCall, bulk, command
 from gateway.store.scripts import read_script
 
@@ -44,6 +46,12 @@ MAX_CONNECTIONS = 64
 _NO_OFFSET = bulk(b"0")
 _PING = command("PING")
 _BUCKET_KEY = b"%b{%b}:%b"  # prefix, {tag} (the cluster hash tag), policy name
+_RECORD_KEY = b"%b{%b}"  # prefix, {record} (the cluster hash tag)
+
+
+_NEW = Claim("new")
+_MISMATCH = Claim("mismatch")
+_UNKNOWN = Claim("unknown")
 
 
 def connection_options(timeout_s: float) -> dict[str, Any]:
@@ -127,10 +135,15 @@ class RedisStore:
         self._client = client
         self._timeout_s = timeout_s
         self._rl_prefix = f"{key_prefix}:{DATA_VERSION}:rl:".encode()
+        self._idem_prefix = f"{key_prefix}:{DATA_VERSION}:idem:".encode()
         pool: ConnectionPool = client.connection_pool
         self._lane = _Lane(pool.make_connection, MAX_CONNECTIONS)
         self._take = ScriptCall("ratelimit_take", read_script("ratelimit_take"))
-        self._scripts = (self._take,)
+        self._claim = ScriptCall("idempotency_claim", read_script("idempotency_claim"))
+        self._complete = ScriptCall("idempotency_complete", read_script("idempotency_complete"))
+        self._release = ScriptCall("idempotency_release", read_script("idempotency_release"))
+        self._renew = ScriptCall("idempotency_renew", read_script("idempotency_renew"))
+        self._scripts = (self._take, self._claim, self._complete, self._release, self._renew)
 
     @classmethod
     def from_url(cls, url: str, *, key_prefix: str, timeout_s: float) -> RedisStore:
@@ -145,6 +158,10 @@ class RedisStore:
     def key(self, tag: str, policy: str) -> str:
         """The store key of one policy's bucket for one tag."""
         return (_BUCKET_KEY % (self._rl_prefix, tag.encode(), policy.encode())).decode()
+
+    def record_key(self, record: str) -> str:
+        """The store key of one idempotency record."""
+        return (_RECORD_KEY % (self._idem_prefix, record.encode())).decode()
 
     async def open(self) -> None:
         for script in self._scripts:
@@ -169,6 +186,43 @@ class RedisStore:
         for i in range(2, len(raw), 3):
             buckets.append(BucketState(raw[i], raw[i + 1], raw[i + 2]))
         return RateDecision(raw[0] == 1, raw[1], tuple(buckets))
+
+    async def idempotency_claim(
+        self, record: str, fingerprint: bytes, owner: bytes, terms: LeaseTerms
+    ) -> Claim:
+        key = _RECORD_KEY % (self._idem_prefix, record.encode())
+        packed = self._claim.evalsha([key], bulk(fingerprint) + bulk(owner) + terms.claim_argv, 5)
+        raw: list[Any] = await self._call(packed, self._claim)
+        outcome = raw[0]
+        if outcome == b"new":
+            return _NEW
+        if outcome == b"done":
+            return Claim("done", response=StoredResponse(raw[1], raw[2], raw[3]))
+        if outcome == b"in_flight":
+            return Claim("in_flight", lease_left_ms=raw[1])
+        if outcome == b"mismatch":
+            return _MISMATCH
+        if outcome == b"unknown":
+            return _UNKNOWN
+        msg = f"idempotency_claim returned {outcome!r}"
+        raise StoreScriptError(msg)
+
+    async def idempotency_complete(
+        self, record: str, owner: bytes, response: StoredResponse, terms: LeaseTerms
+    ) -> bool:
+        key = _RECORD_KEY % (self._idem_prefix, record.encode())
+        args = b"".join((bulk(owner), bulk(b"%d" % response.status), bulk(response.headers),
+                         bulk(response.body), terms.ttl_argv))
+        return bool(await self._call(self._complete.evalsha([key], args, 5), self._complete))
+
+    async def idempotency_release(self, record: str, owner: bytes) -> bool:
+        key = _RECORD_KEY % (self._idem_prefix, record.encode())
+        return bool(await self._call(self._release.evalsha([key], bulk(owner), 1), self._release))
+
+    async def idempotency_renew(self, record: str, owner: bytes, terms: LeaseTerms) -> bool:
+        key = _RECORD_KEY % (self._idem_prefix, record.encode())
+        packed = self._renew.evalsha([key], bulk(owner) + terms.renew_argv, 3)
+        return bool(await self._call(packed, self._renew))
 
     async def _call(self, packed: bytes, script: ScriptCall | None = None) -> Any:
         """One command within the timeout, every failure translated; NOSCRIPT reloads once."""

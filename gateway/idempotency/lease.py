@@ -1,0 +1,124 @@
+"""A claim's life after ``new``: renewed while its request runs, then settled exactly once.
+
+Renewal: every ``lock_ttl / 3`` the holder extends its lease, so a request may run however long
+it takes; a holder that dies stops renewing and its claim is lost ``lock_ttl`` later. The timer
+costs nothing for requests shorter than a third of ``lock_ttl`` (it is only armed).
+
+Settling: ``complete`` stores the outcome, ``release`` frees the key (the request never reached
+the upstream). A store error is retried with backoff for as long as the claim is surely still
+held (the local clock's view of the lease, minus a margin) and at most ``_MAX_ATTEMPTS`` times;
+if every attempt fails, the claim is left to lapse, which is safe: by default a lapsed claim
+becomes an outcome-unknown record and never runs twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from gateway.errors import StoreError
+from gateway.requestid import current_request_id
+from gateway.store import LeaseTerms, Store, StoredResponse
+
+__all__ = ["Lease"]
+
+_log = logging.getLogger("gateway.idempotency")
+_MAX_ATTEMPTS = 8
+_FIRST_BACKOFF_S = 0.05
+_MAX_BACKOFF_S = 1.0
+
+
+class Lease:
+    """The claim ``owner`` holds on ``record``, from the moment the store granted it."""
+
+    __slots__ = ("_interval_s", "_loop", "_owner", "_record", "_renewing", "_store", "_terms",
+                 "_timer", "held_until", "lost", "settled")
+
+    def __init__(self, store: Store, record: str, owner: bytes, terms: LeaseTerms, granted_at: float) -> None:
+        self._store = store
+        self._record = record
+        self._owner = owner
+        self._terms = terms
+        self._loop = asyncio.get_running_loop()
+        self._interval_s = terms.lock_ttl_ms / 3000
+        # the local clock's view of the lease end: it started no earlier than the claim was sent
+        self.held_until = granted_at + terms.lock_ttl_ms / 1000
+        self._renewing: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(self._interval_s, self._due)
+        self.lost = False
+        self.settled = False
+
+    def _due(self) -> None:
+        self._timer = None
+        self._renewing = self._loop.create_task(self._renew())
+
+    async def _renew(self) -> None:
+        sent_at = self._loop.time()
+        try:
+            held = await self._store.idempotency_renew(self._record, self._owner, self._terms)
+        except StoreError as exc:
+            _log.warning("idempotency claim not renewed; trying again", extra={
+                "event": "idempotency.renew_failed", "error": str(exc), "request_id": current_request_id()})
+            held = True  # unknown: keep trying while the lease may still run
+        else:
+            if held:
+                self.held_until = sent_at + self._terms.lock_ttl_ms / 1000
+        self._renewing = None
+        if not held:
+            if not self.settled:
+                self._lost()
+            return
+        if not self.settled:
+            self._timer = self._loop.call_later(self._interval_s, self._due)
+
+    def _lost(self) -> None:
+        self.lost = True
+        _log.warning("idempotency claim lost while its request ran", extra={
+            "event": "idempotency.claim_lost", "request_id": current_request_id()})
+
+    def stop(self) -> None:
+        """Stop renewing (the request is settled, or it is abandoned to lapse)."""
+        self.settled = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._renewing is not None:
+            self._renewing.cancel()
+            self._renewing = None
+
+    async def complete(self, response: StoredResponse) -> bool:
+        """Store ``response`` as the outcome; True when it is stored."""
+        return await self._settle("complete", response)
+
+    async def release(self) -> bool:
+        """Free the key (the request never reached the upstream); True when freed."""
+        return await self._settle("release", None)
+
+    async def _settle(self, action: str, response: StoredResponse | None) -> bool:
+        backoff = _FIRST_BACKOFF_S
+        margin = self._terms.lock_ttl_ms / 10_000  # a tenth of the lease: clock rate and transit
+        for attempt in range(1, _MAX_ATTEMPTS + 1):
+            try:
+                if response is not None:
+                    done = await self._store.idempotency_complete(
+                        self._record, self._owner, response, self._terms)
+                else:
+                    done = await self._store.idempotency_release(self._record, self._owner)
+            except StoreError as exc:
+                last_chance = (attempt == _MAX_ATTEMPTS
+                               or self._loop.time() + backoff + margin >= self.held_until)
+                then = "giving up" if last_chance else "retrying"
+                _log.warning("idempotency %s failed; %s", action, then,
+                             extra={"event": f"idempotency.{action}_failed", "attempt": attempt,
+                                    "error": str(exc), "request_id": current_request_id()})
+                if last_chance:
+                    self.stop()
+                    return False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+                continue
+            self.stop()
+            if not done:
+                self._lost()
+            return done
+        return False  # unreachable: the last attempt returns

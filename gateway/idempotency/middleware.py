@@ -1,0 +1,242 @@
+"""IdempotencyMiddleware: a keyed request runs at most once; its retries get its response.
+
+Per keyed request (configured method, key header present): check the key (400), buffer the
+body (413 past ``max_body_bytes``), fingerprint it, and claim the record in one store call:
+
+* ``new``: run the app with the body replayed through ``receive`` (then the real ``receive``,
+  so disconnects still arrive) while ``Capture`` streams the response out and keeps it; the
+  lease is renewed while the app runs; the outcome is stored before the last byte goes out.
+* ``in_flight`` → 409 with ``Retry-After``; ``mismatch`` → 422; ``done`` → the stored response,
+  replayed without calling the app; ``unknown`` (a lost claim) → 502 outcome unknown.
+
+Whatever happens after a claim, a retry never runs the request a second time: an exception
+from the app or a response that broke off is stored as outcome unknown (502); a response too
+large to keep is stored as its status plus a ``response-not-stored`` problem; a store failure
+while completing is retried while the claim is held, and past that the claim lapses into
+outcome unknown. Only an app that says the upstream was certainly never reached
+(``mark_not_sent``) frees the key for a retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from gateway._asgi import ASGIApp, Receive, Scope, Send
+from gateway._paths import PathPrefixes
+from gateway._settings import StoreSetting, resolve
+from gateway.config import IdempotencyConfig, IdentityConfig
+from gateway.errors import StoreError
+from gateway.idempotency import problems
+from gateway.idempotency.capture import Capture, send_replay
+from gateway.idempotency.lease import Lease
+from gateway.idempotency.request import (
+    BodyTooLarge,
+    ClientGone,
+    fingerprint,
+    parse_key,
+    read_body,
+    record_name,
+    replaying,
+)
+from gateway.identity import IdentityResolver
+from gateway.lifespan import run_lifespan
+from gateway.requestid import current_request_id
+from gateway.store import LeaseTerms, Store
+
+__all__ = ["ATTEMPT_SCOPE_KEY", "IdempotencyMiddleware", "mark_not_sent"]
+
+_log = logging.getLogger("gateway.idempotency")
+#: Where a keyed request's scope carries its attempt, for ``mark_not_sent``.
+ATTEMPT_SCOPE_KEY = "gateway.idempotency"
+# extensions that send a response without body messages, which Capture could not keep
+_BODYLESS_EXTENSIONS = ("http.response.pathsend", "http.response.zerocopysend")
+
+
+class _Attempt:
+    """What the app below tells the idempotency layer about a claimed request."""
+
+    __slots__ = ("not_sent",)
+
+    def __init__(self) -> None:
+        self.not_sent = False
+
+
+def mark_not_sent(scope: Scope) -> None:
+    """Say that this request certainly never reached the upstream (e.g. connection refused).
+
+    The claim is then released instead of completed, and a retry runs the request. Call it
+    before sending the response; it does nothing outside a keyed request.
+    """
+    attempt = scope.get(ATTEMPT_SCOPE_KEY)
+    if isinstance(attempt, _Attempt):
+        attempt.not_sent = True
+
+
+class IdempotencyMiddleware:
+    """Pure ASGI Idempotency-Key deduplication, decided atomically in the store.
+
+    Args:
+        app: the ASGI app to protect.
+        idempotency: the ``[idempotency]`` section (dict or ``IdempotencyConfig``).
+        identity: the ``[identity]`` section: keys are scoped to the client it names.
+        store: a store URL, a ``[store]`` dict or ``StoreConfig`` (the middleware then owns the
+            store and opens/closes it with the lifespan), or a ``Store`` shared with others.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        idempotency: Mapping[str, Any] | IdempotencyConfig | None = None,
+        identity: Mapping[str, Any] | IdentityConfig | None = None,
+        store: StoreSetting = None,
+    ) -> None:
+        config, self._store, self._owns_store = resolve(
+            idempotency=idempotency, identity=identity, store=store
+        )
+        self.app = app
+        settings = config.idempotency
+        self._header_display = settings.header
+        self._header = settings.header.lower().encode("latin-1")
+        self._methods = settings.methods
+        self._required = PathPrefixes(settings.required_paths)
+        self._limit = settings.max_body_bytes
+        self._deny_on_error = settings.on_store_error == "deny"
+        self._terms = LeaseTerms.from_config(settings)
+        self._resolver = IdentityResolver(config.identity, ("identity",))
+        self._settling: set[asyncio.Task[Any]] = set()  # shielded settles of interrupted requests
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in self._methods:
+            if scope["type"] == "lifespan" and self._owns_store:
+                await run_lifespan(self.app, scope, receive, send, self._store)
+            else:
+                await self.app(scope, receive, send)
+            return
+        raw_key = None
+        lines = 0
+        length = b""
+        wanted = self._header
+        for name, value in scope["headers"]:
+            if name == wanted:
+                raw_key = value
+                lines += 1
+            elif name == b"content-length":
+                length = value
+        if raw_key is None:
+            if self._required and self._required.matches(scope["path"]):
+                await problems.send_missing_key(send, self._header_display)
+            else:
+                await self.app(scope, receive, send)
+            return
+        key = parse_key(raw_key) if lines == 1 else None
+        if key is None:
+            await problems.send_bad_key(send, self._header_display)
+            return
+        if length.isdigit() and int(length) > self._limit:
+            await problems.send_body_too_large(send, self._limit)
+            return
+        await self._keyed(scope, receive, send, key)
+
+    async def _keyed(self, scope: Scope, receive: Receive, send: Send, key: bytes) -> None:
+        """Buffer, fingerprint and claim a request with a valid key, then act on the claim."""
+        try:
+            body = await read_body(receive, self._limit)
+        except BodyTooLarge:
+            await problems.send_body_too_large(send, self._limit)
+            return
+        except ClientGone:
+            return  # nothing was claimed and nothing ran
+        record = record_name(self._resolver.tags(scope)["identity"], key)
+        owner = os.urandom(16).hex().encode()
+        sent_at = asyncio.get_running_loop().time()
+        try:
+            claim = await self._store.idempotency_claim(record, fingerprint(scope, body), owner, self._terms)
+        except StoreError as exc:
+            await self._store_failed(exc, scope, replaying(body, receive), send)
+            return
+        outcome = claim.outcome
+        if outcome == "new":
+            lease = Lease(self._store, record, owner, self._terms, sent_at)
+            await self._run(scope, replaying(body, receive), send, lease)
+        elif outcome == "done":
+            assert claim.response is not None
+            _event("idempotency.replayed", "replaying the stored response", status=claim.response.status)
+            await send_replay(send, claim.response)
+        elif outcome == "in_flight":
+            _event("idempotency.in_flight", "the key's first request is still running")
+            await problems.send_in_flight(send)
+        elif outcome == "mismatch":
+            _event("idempotency.mismatch", "the key was used with another request")
+            await problems.send_mismatch(send)
+        else:
+            _event("idempotency.replayed", "outcome unknown: the key's claim was lost", status=502)
+            await problems.send_outcome_unknown(send, replayed=True)
+
+    async def _run(self, scope: Scope, receive: Receive, send: Send, lease: Lease) -> None:
+        """Run the claimed request and settle its record exactly once."""
+        attempt = _Attempt()
+        scope = {**scope, ATTEMPT_SCOPE_KEY: attempt}
+        extensions = scope.get("extensions")
+        if extensions and any(e in extensions for e in _BODYLESS_EXTENSIONS):
+            scope["extensions"] = {k: v for k, v in extensions.items() if k not in _BODYLESS_EXTENSIONS}
+        limit = self._limit
+
+        async def settle(capture: Capture) -> None:
+            if attempt.not_sent:
+                await lease.release()
+                return
+            stored = capture.stored()
+            if stored is None:
+                stored = problems.not_stored_record(capture.status, capture.headers, limit)
+            await lease.complete(stored)
+
+        capture = Capture(send, limit, settle)
+        try:
+            await self.app(scope, receive, capture.send)
+        except BaseException:
+            if not capture.ended:
+                await self._interrupted(capture, send, lease)
+            raise
+        finally:
+            lease.stop()
+        if not capture.ended:
+            # the app returned without finishing a response: whether it acted is unknown
+            await self._interrupted(capture, send, lease)
+
+    async def _interrupted(self, capture: Capture, send: Send, lease: Lease) -> None:
+        """Settle a request that ended without a whole response: outcome unknown, for good.
+
+        The store call runs in its own task, shielded, so a cancelled request still settles."""
+        task = asyncio.ensure_future(lease.complete(problems.outcome_unknown_record()))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        _event("idempotency.outcome_unknown", "the request ended without a whole response",
+               level=logging.WARNING)
+        try:
+            await asyncio.shield(task)
+            if not capture.started and not capture.client_gone:
+                await problems.send_outcome_unknown(send, replayed=False)
+        except (asyncio.CancelledError, OSError):
+            pass  # the settle runs on; the client is gone or the request was cancelled
+
+    async def _store_failed(self, exc: StoreError, scope: Scope, receive: Receive, send: Send) -> None:
+        action = "deny" if self._deny_on_error else "allow"
+        _event("idempotency.store_error", f"idempotency store failed; {action} per on_store_error",
+               level=logging.WARNING, action=action, error=str(exc))
+        if self._deny_on_error:
+            await problems.send_store_unavailable(send)
+        else:
+            await self.app(scope, receive, send)  # unguarded, as configured
+
+
+def _event(event: str, message: str, *, level: int = logging.INFO, **fields: Any) -> None:
+    _log.log(level, message, extra={"event": event, "request_id": current_request_id(), **fields})

@@ -1,0 +1,31 @@
+--[[
+idempotency_complete: store the response of a claimed request, for its owner only (fencing).
+
+KEYS[1]    the record hash (fields: see idempotency_claim.lua)
+ARGV[1]    owner token of the attempt that claimed it
+ARGV[2]    status code
+ARGV[3]    storable headers, encoded by the caller
+ARGV[4]    body
+ARGV[5]    ttl, ms: how long the completed record is replayed
+
+Returns    1 stored (or already stored by this owner: a resent completion is the same one)
+           0 refused: the record is not this owner's claim any more (a lost claim settled
+             by a retry, or gone); nothing is written
+
+TTL        the completed record: ttl, from now.
+]]
+
+local rec = redis.call('HMGET', KEYS[1], 'st', 'o')
+if rec[2] ~= ARGV[1] then
+  return 0
+end
+if rec[1] == 'd' then
+  return 1
+end
+if rec[1] ~= 'p' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'st', 'd', 's', ARGV[2], 'h', ARGV[3], 'b', ARGV[4])
+redis.call('HDEL', KEYS[1], 'lx')
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
