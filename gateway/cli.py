@@ -110,7 +110,8 @@ def _demo(args: argparse.Namespace) -> int:
     base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     install_json_logging()
     print(f"gateway demo on {base} - a small API behind the gateway, embedded memory:// store")
-    print("policy per-client: 5 requests per minute per client (burst 5) on /hello\n")
+    print("policy per-client: 5 requests per minute per client (burst 5) on /hello")
+    print("POST /charges needs an Idempotency-Key: a retry is replayed, never charged twice\n")
     for line in curl_lines(base):
         print(f"  {line}")
     print("\nCtrl-C stops it.", flush=True)

@@ -4,8 +4,9 @@ It wraps peer-bench's own endpoint (``apps.endpoint_app``, importable when run.p
 app) in the gateway, exactly as a user would configure it, on the Redis run.py started
 (``BENCH_REDIS_URL``). Built lazily on attribute access, so importing connects to nothing.
 
-    bash ../shared/peer-bench/run.sh --extra \
-      'gw_rl=peer_bench_app:rl_app,path=loadtests,workload=get,python=.venv/bin/python'
+    bash ../shared/peer-bench/run.sh \
+      --extra 'gw_rl=peer_bench_app:rl_app,path=loadtests,workload=get,python=.venv/bin/python' \
+      --extra 'gw_idem=peer_bench_app:idem_app,path=loadtests,workload=post,python=.venv/bin/python'
 """
 
 from __future__ import annotations
@@ -30,7 +31,33 @@ def build_rl_app() -> Any:
     return GatewayMiddleware(endpoint_app(), config)
 
 
+def build_idem_app() -> Any:
+    """POST /charge behind GatewayMiddleware: request id + Idempotency-Key (claim, complete)."""
+    from apps import endpoint_app
+
+    from gateway import GatewayMiddleware
+
+    config = {"store": {"url": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")}}
+    return GatewayMiddleware(endpoint_app(), config)
+
+
+def build_full_app() -> Any:
+    """POST /charge behind the whole stack: request id, a token bucket, Idempotency-Key."""
+    from apps import endpoint_app
+
+    from gateway import GatewayMiddleware
+
+    config = {
+        "store": {"url": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")},
+        "rate_limit": [{"name": "per-client", "limit": HUGE_PER_MINUTE, "period": "1m"}],
+    }
+    return GatewayMiddleware(endpoint_app(), config)
+
+
+_BUILDERS = {"rl_app": build_rl_app, "idem_app": build_idem_app, "full_app": build_full_app}
+
+
 def __getattr__(name: str) -> Any:
-    if name == "rl_app":
-        return build_rl_app()
+    if name in _BUILDERS:
+        return _BUILDERS[name]()
     raise AttributeError(name)

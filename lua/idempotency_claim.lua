@@ -28,8 +28,8 @@ Returns    {"new"}                        claimed by ARGV[2]; also when ARGV[2] 
            "unknown" turns it into state u; "retry" hands it to ARGV[2] ({"new"}).
 
 TTL        a claim: lock_ttl + linger (renewed by idempotency_renew; lasts past the lease so a
-           lost claim can be recognised); a record turned `u`: linger. Completed records are
-           written by idempotency_complete.
+           lost claim can be recognised); a record turned `u`: what is left of linger after its
+           lease end. Completed records are written by idempotency_complete.
 ]]
 
 local t = redis.call('TIME')
@@ -65,7 +65,8 @@ if st == 'p' then
   end
   redis.call('HSET', KEYS[1], 'st', 'u')
   redis.call('HDEL', KEYS[1], 'lx')
-  redis.call('PEXPIRE', KEYS[1], math.max(1, linger_ms))
+  -- remembered `linger` after the lease ended, as it would have been unsettled
+  redis.call('PEXPIRE', KEYS[1], math.max(1, linger_ms + left))
   return {'unknown'}
 end
 if st == 'u' then

@@ -1,7 +1,8 @@
 --[[
 idempotency_renew: extend the lease of a claim whose request is still running, for its owner
-only. A holder renews for as long as its request runs; one that stops (it died) loses the
-claim lock_ttl after its last renewal.
+only. A holder renews for as long as its request runs; one that stops (it died) can lose the
+claim from lock_ttl after its last renewal: the first other claim to see it settles it. Until
+then the lapsed claim is still the holder's to renew or complete, since nobody else ran it.
 
 KEYS[1]    the record hash (fields: see idempotency_claim.lua)
 ARGV[1]    owner token of the attempt that claimed it

@@ -405,8 +405,44 @@ class TestDemoServes:
         curl_lines = [line for line in stdout.splitlines() if "curl " in line]
         assert len(curl_lines) >= 2
         for line in curl_lines:
-            assert f"http://127.0.0.1:{port}/hello" in line
+            assert f"http://127.0.0.1:{port}/" in line
         assert f"curl -i http://127.0.0.1:{port}/hello" in stdout
+        assert "Traceback" not in err_path.read_text()
+
+    def test_printed_charge_lines_show_replay_422_400_and_409(self, tmp_path: Path) -> None:
+        """The demo's printed charge lines, run by curl, give 201, its replay, 422, 400 and a 409."""
+        port = free_port()
+        out_path, err_path = tmp_path / "demo.out", tmp_path / "demo.err"
+        with out_path.open("wb") as out, err_path.open("wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "demo", "--port", str(port)],
+                stdout=out, stderr=err, cwd=tmp_path, env=child_env(),
+            )
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10.0, trust_env=False) as client:
+                wait_until_serving(client, proc, err_path)
+            printed = [line.strip() for line in out_path.read_text().splitlines()]
+            charge_lines = [line for line in printed if line.startswith("curl") and "/charges" in line]
+            outputs = [
+                subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=30,
+                               check=True).stdout
+                for line in charge_lines
+            ]
+        finally:
+            stop(proc)
+
+        first, again, other_body, no_key, together = outputs
+        assert first.startswith("HTTP/1.1 201"), first
+        assert "idempotent-replayed" not in first.lower()
+        assert again.startswith("HTTP/1.1 201"), again
+        assert "idempotent-replayed: true" in again.lower()
+        charge_id = re.search(r'"id":"(ch_\d+)"', first)
+        assert charge_id is not None, first
+        assert charge_id.group(0) in again  # the same charge, not a second one
+        assert other_body.startswith("HTTP/1.1 422"), other_body
+        assert no_key.startswith("HTTP/1.1 400"), no_key
+        assert '"status":409' in together, together
+        assert together.count('"id":"ch_') == 1  # the concurrent pair charged once
         assert "Traceback" not in err_path.read_text()
 
 
@@ -447,11 +483,6 @@ class TestKnownGaps:
         assert main(["check", str(path)]) == 2
         assert len(capsys.readouterr().err.splitlines()) == 1
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="issue 3 builds it. CONTRACT §2: `gateway demo` prints curl lines that show a 429 "
-        "and an idempotent replay; the demo stack has no idempotency layer yet",
-    )
     def test_demo_prints_an_idempotent_replay(self) -> None:
         """The demo's curl lines include a request carrying an Idempotency-Key."""
         lines = curl_lines("http://127.0.0.1:8080")
