@@ -20,7 +20,7 @@ from typing import Any
 
 from gateway.config import IdentityConfig
 
-__all__ = ["GLOBAL_TAG", "IdentityResolver", "tag"]
+__all__ = ["ANONYMOUS_TAG", "GLOBAL_TAG", "IdentityResolver", "tag"]
 
 #: The tag of ``key = "global"`` policies: one bucket for everyone.
 GLOBAL_TAG = "global"
@@ -31,6 +31,11 @@ _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 def tag(material: bytes) -> str:
     """The store-safe, one-way name of a key value (128-bit BLAKE2b, hex)."""
     return hashlib.blake2b(material, digest_size=16, person=b"gateway-key").hexdigest()
+
+
+_ANONYMOUS = b"anonymous"
+#: The identity tag of a request no source names (no header value, no client address).
+ANONYMOUS_TAG = tag(_ANONYMOUS)
 
 
 class IdentityResolver:
@@ -94,7 +99,7 @@ class IdentityResolver:
                     return b"h:" + name + b":" + value
             elif ip is not None:
                 return b"ip:" + ip.encode()
-        return b"anonymous"
+        return _ANONYMOUS
 
     def _client_ip(self, scope: Mapping[str, Any], xff: bytes | None) -> str | None:
         client = scope.get("client")

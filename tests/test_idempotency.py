@@ -622,6 +622,22 @@ class TestScope:
         assert_first(anonymous)
         assert app.calls == 3
 
+    async def test_a_client_no_source_names_is_refused_not_pooled(self, store: RedisStore) -> None:
+        """With only a header source, keyed requests without it get 400 (never one shared
+        "anonymous" record that would hand one client another's response), and the app is not run."""
+        app = App()
+        mw = IdempotencyMiddleware(app, identity={"sources": ["header:x-api-key"]}, store=store)
+        async with client_for(mw) as c:
+            first = await c.post("/", content=b"mine", headers=keyed())
+            second = await c.post("/", content=b"mine", headers=keyed(), )
+            named = await c.post("/", content=b"mine", headers=keyed(**{"X-API-Key": "alice"}))
+            unkeyed = await c.post("/", content=b"free")
+        assert_problem(first, 400, "idempotency-identity-missing")
+        assert_problem(second, 400, "idempotency-identity-missing")
+        assert named.content == b"call 1: mine"
+        assert unkeyed.content == b"call 2: free"  # without a key nothing needs scoping
+        assert app.calls == 2
+
     async def test_same_key_from_two_ips_is_two_records(self, store: RedisStore) -> None:
         """Without an API key, two client addresses under one key run twice, each replaying its own."""
         app = App()
@@ -1191,16 +1207,15 @@ class TestMarkNotSent:
         assert r.status_code == 502
         assert app.calls == 1
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "bug: gateway/idempotency/middleware.py _interrupted() ignores attempt.not_sent; a request "
-        "the app marked as never sent, then failed to answer, is stored as outcome-unknown forever"))
     async def test_marked_then_raising_frees_the_key(self, store: RedisStore) -> None:
         """An app that marked the request not sent and then raised: the upstream certainly never
         saw it, so it is not stored and a retry runs it."""
         app = NotSent(mark=True, fail_after_mark=True)
         mw = idem(app, store)
+        reply = Reply()
         with pytest.raises(Boom):
-            await drive(mw, headers=[(KEY_B, b"k")], chunks=[b"x"])
+            await drive(mw, headers=[(KEY_B, b"k")], chunks=[b"x"], into=reply)
+        assert_problem(reply, 502, "upstream-not-reached")
         with pytest.raises(Boom):
             await drive(mw, headers=[(KEY_B, b"k")], chunks=[b"x"])
         assert app.calls == 2

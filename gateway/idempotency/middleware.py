@@ -42,7 +42,7 @@ from gateway.idempotency.request import (
     record_name,
     replaying,
 )
-from gateway.identity import IdentityResolver
+from gateway.identity import ANONYMOUS_TAG, IdentityResolver
 from gateway.lifespan import run_lifespan
 from gateway.requestid import current_request_id
 from gateway.store import LeaseTerms, Store
@@ -148,6 +148,11 @@ class IdempotencyMiddleware:
 
     async def _keyed(self, scope: Scope, receive: Receive, send: Send, key: bytes) -> None:
         """Buffer, fingerprint and claim a request with a valid key, then act on the claim."""
+        identity = self._resolver.tags(scope)["identity"]
+        if identity == ANONYMOUS_TAG:
+            # a shared "anonymous" scope would let one client read another's response
+            await problems.send_identity_missing(send, self._header_display)
+            return
         try:
             body = await read_body(receive, self._limit)
         except BodyTooLarge:
@@ -155,7 +160,7 @@ class IdempotencyMiddleware:
             return
         except ClientGone:
             return  # nothing was claimed and nothing ran
-        record = record_name(self._resolver.tags(scope)["identity"], key)
+        record = record_name(identity, key)
         owner = os.urandom(16).hex().encode()
         sent_at = asyncio.get_running_loop().time()
         try:
@@ -204,27 +209,36 @@ class IdempotencyMiddleware:
             await self.app(scope, receive, capture.send)
         except BaseException:
             if not capture.ended:
-                await self._interrupted(capture, send, lease)
+                await self._interrupted(attempt, capture, send, lease)
             raise
+        else:
+            if not capture.ended:
+                # the app returned without finishing a response: whether it acted is unknown
+                await self._interrupted(attempt, capture, send, lease)
         finally:
             lease.stop()
-        if not capture.ended:
-            # the app returned without finishing a response: whether it acted is unknown
-            await self._interrupted(capture, send, lease)
 
-    async def _interrupted(self, capture: Capture, send: Send, lease: Lease) -> None:
-        """Settle a request that ended without a whole response: outcome unknown, for good.
+    async def _interrupted(self, attempt: _Attempt, capture: Capture, send: Send, lease: Lease) -> None:
+        """Settle a request that ended without a whole response: outcome unknown, for good
+        (or released, when the app said the upstream never got it).
 
         The store call runs in its own task, shielded, so a cancelled request still settles."""
-        task = asyncio.ensure_future(lease.complete(problems.outcome_unknown_record()))
+        if attempt.not_sent:
+            settling = lease.release()
+        else:
+            settling = lease.complete(problems.outcome_unknown_record())
+            _event("idempotency.outcome_unknown", "the request ended without a whole response",
+                   level=logging.WARNING)
+        task = asyncio.ensure_future(settling)
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
-        _event("idempotency.outcome_unknown", "the request ended without a whole response",
-               level=logging.WARNING)
         try:
             await asyncio.shield(task)
             if not capture.started and not capture.client_gone:
-                await problems.send_outcome_unknown(send, replayed=False)
+                if attempt.not_sent:
+                    await problems.send_not_sent(send)
+                else:
+                    await problems.send_outcome_unknown(send, replayed=False)
         except (asyncio.CancelledError, OSError):
             pass  # the settle runs on; the client is gone or the request was cancelled
 

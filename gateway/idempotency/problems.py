@@ -25,9 +25,11 @@ __all__ = [
     "outcome_unknown_record",
     "send_bad_key",
     "send_body_too_large",
+    "send_identity_missing",
     "send_in_flight",
     "send_mismatch",
     "send_missing_key",
+    "send_not_sent",
     "send_outcome_unknown",
     "send_store_unavailable",
 ]
@@ -38,6 +40,8 @@ BODY_TOO_LARGE = problem_type("idempotency-body-too-large")
 KEY_IN_USE = problem_type("idempotency-key-in-use")
 KEY_REUSED = problem_type("idempotency-key-reused")
 OUTCOME_UNKNOWN = problem_type("outcome-unknown")
+NOT_SENT = problem_type("upstream-not-reached")
+IDENTITY_MISSING = problem_type("idempotency-identity-missing")
 RESPONSE_NOT_STORED = problem_type("response-not-stored")
 _RETRY_AFTER_1 = (b"retry-after", b"1")
 _UNKNOWN_TITLE = "Outcome unknown"
@@ -101,6 +105,24 @@ async def send_outcome_unknown(send: Send, *, replayed: bool) -> None:
     await send_problem(
         send, status=502, type_=OUTCOME_UNKNOWN, title=_UNKNOWN_TITLE, detail=_UNKNOWN_DETAIL,
         headers=[REPLAYED] if replayed else [],
+    )
+
+
+async def send_not_sent(send: Send) -> None:
+    """502 for a request that ended without an answer after the app said it never left."""
+    await send_problem(
+        send, status=502, type_=NOT_SENT, title="Upstream not reached",
+        detail="The request did not reach the upstream and was not carried out; "
+               "retrying with the same Idempotency-Key runs it.",
+    )
+
+
+async def send_identity_missing(send: Send, header: str) -> None:
+    """400 for a keyed request from a client the identity sources cannot name."""
+    await send_problem(
+        send, status=400, type_=IDENTITY_MISSING, title="No client identity for the Idempotency-Key",
+        detail=f"An {header} is scoped to the client, and none of the configured identity sources "
+               "named one for this request, so its response could not be kept apart from others'.",
     )
 
 
