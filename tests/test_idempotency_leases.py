@@ -682,3 +682,38 @@ async def test_a_settle_outlives_a_second_cancellation(store: RedisStore) -> Non
     assert rec[b"s"] == b"502"
     assert json.loads(rec[b"b"])["type"] == OUTCOME_UNKNOWN
     assert app.calls == 1
+
+
+async def test_a_request_cancelled_during_its_completion_retry_is_still_settled(store: RedisStore) -> None:
+    """A request task cancelled while its completion waits to be retried (the first attempt hit a
+    store error) still settles its record, instead of leaving it in flight to lapse."""
+    flaky = FlakyCompleteStore(store, failures=1)
+    app = SlowApp()
+    app.release.set()
+    mw = IdempotencyMiddleware(app, idempotency=SETTINGS, store=flaky)
+    scope = await keyed_scope()
+    record = record_of(scope)
+
+    async def send(message: Message) -> None:
+        pass
+
+    task = asyncio.ensure_future(mw(dict(scope), body_then(never), send))
+    await until(lambda: flaky.complete_calls == 1, "the first completion attempt to fail")
+    task.cancel()  # during the settle's backoff: the response is whole, the record not yet written
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(DEADLINE_S):
+            await task
+
+    async def settled_or_lapsed() -> dict[bytes, bytes] | None:
+        rec = await raw_record(store, record)
+        if rec[b"st"] != b"p" or int(rec[b"lx"]) < await store_now_ms(store):
+            return rec
+        return None
+
+    rec = await eventually(settled_or_lapsed, "the record to be settled, or its lease to lapse")
+    assert rec[b"st"] == b"d"  # settled (as the response, or as outcome unknown), not left to lapse
+    async with client_for(mw) as c:
+        retry = await post(c)
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert retry.status_code in (201, 502)
+    assert app.calls == 1

@@ -20,9 +20,10 @@ outcome unknown. Only an app that says the upstream was certainly never reached
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 from gateway._asgi import ASGIApp, Receive, Scope, Send
@@ -108,7 +109,7 @@ class IdempotencyMiddleware:
         self._deny_on_error = settings.on_store_error == "deny"
         self._terms = LeaseTerms.from_config(settings)
         self._resolver = IdentityResolver(config.identity, ("identity",))
-        self._settling: set[asyncio.Task[Any]] = set()  # shielded settles of interrupted requests
+        self._settling: set[asyncio.Task[Any]] = set()  # settles that outlive their request (shielded, or cancelled mid-settle)
 
     @property
     def store(self) -> Store:
@@ -197,12 +198,19 @@ class IdempotencyMiddleware:
 
         async def settle(capture: Capture) -> None:
             if attempt.not_sent:
-                await lease.release()
-                return
-            stored = capture.stored()
-            if stored is None:
-                stored = problems.not_stored_record(capture.status, capture.headers, limit)
-            await lease.complete(stored)
+                settling = lease.release
+            else:
+                stored = capture.stored()
+                if stored is None:
+                    stored = problems.not_stored_record(capture.status, capture.headers, limit)
+                settling = functools.partial(lease.complete, stored)
+            try:
+                await settling()
+            except asyncio.CancelledError:
+                # cancelled mid-settle: finish it in the background (a resent complete or release
+                # by the same owner is recognised), so the record does not lapse
+                self._in_background(settling())
+                raise
 
         capture = Capture(send, limit, settle)
         try:
@@ -229,9 +237,7 @@ class IdempotencyMiddleware:
             settling = lease.complete(problems.outcome_unknown_record())
             _event("idempotency.outcome_unknown", "the request ended without a whole response",
                    level=logging.WARNING)
-        task = asyncio.ensure_future(settling)
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        task = self._in_background(settling)
         try:
             await asyncio.shield(task)
             if not capture.started and not capture.client_gone:
@@ -241,6 +247,13 @@ class IdempotencyMiddleware:
                     await problems.send_outcome_unknown(send, replayed=False)
         except (asyncio.CancelledError, OSError):
             pass  # the settle runs on; the client is gone or the request was cancelled
+
+    def _in_background(self, settling: Coroutine[Any, Any, bool]) -> asyncio.Task[bool]:
+        """Run a settle as its own task, referenced until it ends, beyond the request's life."""
+        task = asyncio.ensure_future(settling)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        return task
 
     async def _store_failed(self, exc: StoreError, scope: Scope, receive: Receive, send: Send) -> None:
         action = "deny" if self._deny_on_error else "allow"
