@@ -109,7 +109,8 @@ class IdempotencyMiddleware:
         self._deny_on_error = settings.on_store_error == "deny"
         self._terms = LeaseTerms.from_config(settings)
         self._resolver = IdentityResolver(config.identity, ("identity",))
-        self._settling: set[asyncio.Task[Any]] = set()  # settles that outlive their request (shielded, or cancelled mid-settle)
+        # settles that outlive their request (shielded, or cancelled mid-settle)
+        self._settling: set[asyncio.Task[Any]] = set()
 
     @property
     def store(self) -> Store:
