@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -1481,3 +1482,47 @@ class TestOtherScopes:
         assert_first(replies[0])
         assert_replayed(replies[1])
         assert app.calls == 1
+
+
+# --------------------------------------------------------------------------------------------
+# log lines (CONTRACT "Operations": one line per replay, conflict, store error, with the request id)
+# --------------------------------------------------------------------------------------------
+
+
+class TestLogLines:
+    async def test_replay_conflict_and_mismatch_each_log_one_line_with_the_request_id(
+        self, store: RedisStore, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A 409, a replay and a 422 each write one record naming its event and request id; a
+        first execution writes none."""
+        app = App(hold_first=True)
+        gw = GatewayMiddleware(app, store=store)
+        with caplog.at_level(logging.INFO, logger="gateway"):
+            async with client_for(gw) as c:
+                rid1 = keyed(**{"X-Request-Id": "r-1"})
+                first = asyncio.create_task(c.post("/", content=b"A", headers=rid1))
+                await entered(app)
+                busy = await c.post("/", content=b"A", headers=keyed(**{"X-Request-Id": "r-2"}))
+                app.release.set()
+                await first
+                replay = await c.post("/", content=b"A", headers=keyed(**{"X-Request-Id": "r-3"}))
+                other = await c.post("/", content=b"B", headers=keyed(**{"X-Request-Id": "r-4"}))
+        assert (busy.status_code, replay.status_code, other.status_code) == (409, 200, 422)
+        events = [(getattr(r, "event", None), getattr(r, "request_id", None)) for r in caplog.records
+                  if r.name.startswith("gateway.idempotency")]
+        assert events == [("idempotency.in_flight", "r-2"), ("idempotency.replayed", "r-3"),
+                          ("idempotency.mismatch", "r-4")]
+
+    async def test_store_error_logs_a_warning_with_the_action(self, caplog: pytest.LogCaptureFixture) -> None:
+        """A failed claim writes one warning naming the event, the action taken and the error."""
+        dead = {"url": f"redis://127.0.0.1:{free_port()}/0", "timeout": "200ms"}
+        mw = IdempotencyMiddleware(App(), store=dead)
+        with caplog.at_level(logging.INFO, logger="gateway"):
+            async with client_for(mw) as c:
+                r = await c.post("/", content=b"A", headers=keyed())
+        await mw.store.close()
+        assert r.status_code == 503
+        [record] = [r for r in caplog.records if getattr(r, "event", "") == "idempotency.store_error"]
+        assert record.levelno == logging.WARNING
+        assert getattr(record, "action", None) == "deny"
+        assert getattr(record, "error", "")
