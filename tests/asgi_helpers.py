@@ -23,20 +23,26 @@ class CountingApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.scopes.append(scope)
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                self.lifespan_events.append(message["type"])
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send, self.lifespan_events)
+            return
         if scope["type"] != "http":
             return
         self.calls += 1
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/plain"), *self.extra_headers]})
         await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def answer_lifespan(receive: Receive, send: Send, events: list[str]) -> None:
+    """An app's side of the lifespan protocol: complete startup and shutdown, noting each event."""
+    while True:
+        message = await receive()
+        events.append(message["type"])
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        else:
+            await send({"type": "lifespan.shutdown.complete"})
+            return
 
 
 def client_for(app: ASGIApp, client_ip: str = "203.0.113.7") -> httpx.AsyncClient:

@@ -8,6 +8,7 @@ the ``GATEWAY_*`` overrides removed from its environment, and is stopped by its 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -355,24 +356,39 @@ def wait_until_serving(client: httpx.Client, proc: subprocess.Popen[bytes], stde
 RATELIMIT_RE = re.compile(r'^"per-client";r=(\d+);t=(\d+)$')
 
 
+@contextlib.contextmanager
+def running_demo(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
+    """``gateway demo`` on a free port, serving: (base URL, stdout file, stderr file); stopped
+    by its PID afterwards."""
+    port = free_port()
+    out_path, err_path = tmp_path / "demo.out", tmp_path / "demo.err"
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "demo", "--port", str(port)],
+            stdout=out, stderr=err, cwd=tmp_path, env=child_env(),
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, timeout=10.0, trust_env=False) as client:
+            wait_until_serving(client, proc, err_path)
+        yield base, out_path, err_path
+    finally:
+        stop(proc)
+
+
 class TestDemoServes:
+    def test_demo_prints_an_idempotent_replay(self) -> None:
+        """The demo's curl lines include a request carrying an Idempotency-Key."""
+        lines = curl_lines("http://127.0.0.1:8080")
+        assert any("Idempotency-Key" in line and line.startswith("curl") for line in lines)
+
     def test_demo_rate_limits_and_prints_curl_lines(self, tmp_path: Path) -> None:
         """The demo serves /hello: five 200s with RateLimit fields, then a 429 problem+json."""
-        port = free_port()
-        out_path, err_path = tmp_path / "demo.out", tmp_path / "demo.err"
-        with out_path.open("wb") as out, err_path.open("wb") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "demo", "--port", str(port)],
-                stdout=out, stderr=err, cwd=tmp_path, env=child_env(),
-            )
-        try:
-            base = f"http://127.0.0.1:{port}"
+        with running_demo(tmp_path) as (base, out_path, err_path):
+            port = int(base.rsplit(":", 1)[1])
             with httpx.Client(base_url=base, timeout=10.0, trust_env=False) as client:
-                wait_until_serving(client, proc, err_path)
                 responses = [client.get("/hello") for _ in range(6)]
                 other_client = client.get("/hello", headers={"X-API-Key": "alice"})
-        finally:
-            stop(proc)
 
         passed, denied = responses[:5], responses[5]
         remaining = []
@@ -411,16 +427,7 @@ class TestDemoServes:
 
     def test_printed_charge_lines_show_replay_422_400_and_409(self, tmp_path: Path) -> None:
         """The demo's printed charge lines, run by curl, give 201, its replay, 422, 400 and a 409."""
-        port = free_port()
-        out_path, err_path = tmp_path / "demo.out", tmp_path / "demo.err"
-        with out_path.open("wb") as out, err_path.open("wb") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "demo", "--port", str(port)],
-                stdout=out, stderr=err, cwd=tmp_path, env=child_env(),
-            )
-        try:
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10.0, trust_env=False) as client:
-                wait_until_serving(client, proc, err_path)
+        with running_demo(tmp_path) as (_, out_path, err_path):
             printed = [line.strip() for line in out_path.read_text().splitlines()]
             charge_lines = [line for line in printed if line.startswith("curl") and "/charges" in line]
             outputs = [
@@ -428,8 +435,6 @@ class TestDemoServes:
                                check=True).stdout
                 for line in charge_lines
             ]
-        finally:
-            stop(proc)
 
         first, again, other_body, no_key, together = outputs
         assert first.startswith("HTTP/1.1 201"), first
@@ -482,8 +487,3 @@ class TestKnownGaps:
         path = write(tmp_path, "nl.toml", '"bad\\nkey" = 1\n')
         assert main(["check", str(path)]) == 2
         assert len(capsys.readouterr().err.splitlines()) == 1
-
-    def test_demo_prints_an_idempotent_replay(self) -> None:
-        """The demo's curl lines include a request carrying an Idempotency-Key."""
-        lines = curl_lines("http://127.0.0.1:8080")
-        assert any("Idempotency-Key" in line and line.startswith("curl") for line in lines)

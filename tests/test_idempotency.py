@@ -27,7 +27,7 @@ from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
 from gateway.idempotency.lease import Lease
 from gateway.store.redis import RedisStore
 from gateway.store.scripts import read_script
-from tests.asgi_helpers import client_for, run_lifespan
+from tests.asgi_helpers import answer_lifespan, client_for, run_lifespan
 from tests.conftest import TEST_STORE_TIMEOUT_S, unique_prefix
 from tests.redis_process import RedisProcess, free_port
 
@@ -86,14 +86,8 @@ class App:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                self.lifespan_events.append(message["type"])
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send, self.lifespan_events)
+            return
         assert scope["type"] == "http"
         self.calls += 1
         n = self.calls
