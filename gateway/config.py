@@ -284,7 +284,7 @@ def _idempotency(t: Table) -> IdempotencyConfig:
         header=t.header_name("header", d.header),
         methods=t.methods("methods", d.methods),
         ttl_s=t.duration("ttl", d.ttl_s),
-        lock_ttl_s=t.duration("lock_ttl", d.lock_ttl_s),
+        lock_ttl_s=t.duration("lock_ttl", d.lock_ttl_s, low=0.1),  # renewed every third of it
         on_lost_claim=t.choice("on_lost_claim", d.on_lost_claim, _ON_LOST_CLAIM),
         required_paths=t.paths("required_paths", d.required_paths, empty_ok=True),
         max_body_bytes=t.integer("max_body_bytes", d.max_body_bytes, low=0, high=2**31),

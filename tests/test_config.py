@@ -378,6 +378,12 @@ class TestDurations:
         line = only_problem({"idempotency": {"lock_ttl": bad}})
         assert line.startswith("idempotency.lock_ttl: ")
 
+    @pytest.mark.parametrize("bad", ["99ms", 0.05], ids=repr)
+    def test_lock_ttl_below_100ms_rejected(self, bad: Any) -> None:
+        """A lease under 100ms (renewed every third of it) is rejected with its bound."""
+        line = only_problem({"idempotency": {"lock_ttl": bad}})
+        assert line.startswith("idempotency.lock_ttl: must be at least 0.1s")
+
     def test_period_below_one_millisecond_rejected(self) -> None:
         """A period shorter than 1ms cannot be expressed in period_ms and is rejected."""
         assert only_problem(policy(period="0.1ms")).startswith("rate_limit[0].period: ")
