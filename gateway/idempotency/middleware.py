@@ -238,16 +238,17 @@ class IdempotencyMiddleware:
             settling = lease.complete(problems.outcome_unknown_record())
             _event("idempotency.outcome_unknown", "the request ended without a whole response",
                    level=logging.WARNING)
-        task = self._in_background(settling)
+        # a cancellation goes on up (the caller asked for it); the settle runs on in its task
+        await asyncio.shield(self._in_background(settling))
+        if capture.started or capture.client_gone:
+            return
         try:
-            await asyncio.shield(task)
-            if not capture.started and not capture.client_gone:
-                if attempt.not_sent:
-                    await problems.send_not_sent(send)
-                else:
-                    await problems.send_outcome_unknown(send, replayed=False)
-        except (asyncio.CancelledError, OSError):
-            pass  # the settle runs on; the client is gone or the request was cancelled
+            if attempt.not_sent:
+                await problems.send_not_sent(send)
+            else:
+                await problems.send_outcome_unknown(send, replayed=False)
+        except OSError:
+            pass  # the client is gone; the outcome is stored for its retry
 
     def _in_background(self, settling: Coroutine[Any, Any, bool]) -> asyncio.Task[bool]:
         """Run a settle as its own task, referenced until it ends, beyond the request's life."""
