@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -76,3 +77,14 @@ async def run_lifespan(app: ASGIApp, between: Callable[[], Any] | None = None) -
         inbox.put_nowait({"type": "lifespan.shutdown"})
         await task
     return sent
+
+
+def run_in_threads(target: Callable[[int], None], count: int, timeout_s: float = 60.0) -> None:
+    """Run ``target(0)`` ... ``target(count - 1)`` in threads of their own (each its own event
+    loop, when ``target`` calls ``asyncio.run``) and wait for all of them, within a bound."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout_s)
+    assert not any(t.is_alive() for t in threads), "a thread did not finish in time"

@@ -7,7 +7,7 @@ import threading
 from typing import Any
 
 from gateway import GatewayMiddleware
-from tests.asgi_helpers import CountingApp, client_for
+from tests.asgi_helpers import CountingApp, client_for, run_in_threads
 from tests.conftest import unique_prefix
 from tests.redis_process import RedisProcess
 
@@ -46,12 +46,7 @@ def test_two_instances_in_two_threads_admit_exactly_burst(redis_server: RedisPro
 
         asyncio.run(main())
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads)
+    run_in_threads(run, 2)
     statuses = results[0] + results[1]
     assert len(statuses) == 200
     assert statuses.count(200) == BURST

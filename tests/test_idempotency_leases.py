@@ -22,7 +22,7 @@ from gateway.idempotency.request import fingerprint, record_name
 from gateway.identity import IdentityResolver
 from gateway.store import LeaseTerms, StoredResponse
 from gateway.store.redis import RedisStore
-from tests.asgi_helpers import CountingApp, client_for
+from tests.asgi_helpers import CountingApp, client_for, run_in_threads
 from tests.conftest import TEST_STORE_TIMEOUT_S, unique_prefix
 from tests.redis_process import RedisProcess
 
@@ -323,12 +323,7 @@ def test_two_instances_in_two_threads_run_the_app_once(redis_server: RedisProces
             start.abort()
             all_answered.abort()
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads)
+    run_in_threads(run, 2)
     assert errors == []
     assert apps[0].calls + apps[1].calls == 1
     answers = waves[0] + waves[1]
@@ -619,18 +614,23 @@ async def test_a_real_server_client_that_hangs_up_gets_the_replay_later(store: R
 # ---- 8. cancellation -------------------------------------------------------------------------
 
 
+async def start_request(mw: IdempotencyMiddleware) -> tuple[asyncio.Future[None], str]:
+    """A keyed request through ``mw`` as its own task (its client never disconnects and its
+    answer is dropped), and the name of the record it claims."""
+    scope = await keyed_scope()
+
+    async def send(message: Message) -> None:
+        pass
+
+    return asyncio.ensure_future(mw(dict(scope), body_then(never), send)), record_of(scope)
+
+
 async def test_a_cancelled_request_is_settled_as_outcome_unknown(store: RedisStore) -> None:
     """A request task cancelled while the app runs settles its record as outcome unknown
     (state d, status 502) instead of leaving it in flight; a retry gets the replayed 502."""
     app = SlowApp()  # never released
     mw = IdempotencyMiddleware(app, idempotency=SETTINGS, store=store)
-    scope = await keyed_scope()
-    record = record_of(scope)
-
-    async def send(message: Message) -> None:
-        pass
-
-    task = asyncio.ensure_future(mw(dict(scope), body_then(never), send))
+    task, record = await start_request(mw)
     await wait_for(app.started)
     assert (await raw_record(store, record))[b"st"] == b"p"
     task.cancel()
@@ -656,13 +656,7 @@ async def test_a_settle_outlives_a_second_cancellation(store: RedisStore) -> Non
     gated = GatedCompleteStore(store)
     app = SlowApp()
     mw = IdempotencyMiddleware(app, idempotency=SETTINGS, store=gated)
-    scope = await keyed_scope()
-    record = record_of(scope)
-
-    async def send(message: Message) -> None:
-        pass
-
-    task = asyncio.ensure_future(mw(dict(scope), body_then(never), send))
+    task, record = await start_request(mw)
     await wait_for(app.started)
     task.cancel()
     await wait_for(gated.entered)  # the settle is waiting on the store
@@ -691,13 +685,7 @@ async def test_a_request_cancelled_during_its_completion_retry_is_still_settled(
     app = SlowApp()
     app.release.set()
     mw = IdempotencyMiddleware(app, idempotency=SETTINGS, store=flaky)
-    scope = await keyed_scope()
-    record = record_of(scope)
-
-    async def send(message: Message) -> None:
-        pass
-
-    task = asyncio.ensure_future(mw(dict(scope), body_then(never), send))
+    task, record = await start_request(mw)
     await until(lambda: flaky.complete_calls == 1, "the first completion attempt to fail")
     task.cancel()  # during the settle's backoff: the response is whole, the record not yet written
     with pytest.raises(asyncio.CancelledError):

@@ -14,7 +14,7 @@ and are stored as the record's response, so every retry gets the same answer:
 from __future__ import annotations
 
 from gateway._asgi import Headers, Send
-from gateway.idempotency.capture import REPLAYED, encode_headers, storable_headers
+from gateway.idempotency.capture import REPLAYED, encode_headers
 from gateway.problem import PROBLEM_HEADERS, STORE_UNAVAILABLE, problem_body, problem_type, send_problem
 from gateway.store import StoredResponse
 
@@ -133,14 +133,15 @@ def outcome_unknown_record() -> StoredResponse:
 
 
 def not_stored_record(status: int, headers: Headers, limit: int) -> StoredResponse:
-    """The stored outcome of a request whose response was too large to keep."""
+    """The stored outcome of a request whose response was too large to keep; ``headers`` are
+    its storable headers (``Capture.headers``)."""
     body = problem_body(
         status=status, type_=RESPONSE_NOT_STORED, title="Response too large to replay",
         detail=f"The request was carried out and answered {status}, but its response was over "
                f"{limit} bytes and was not stored. It will not run again under this key.",
         extensions={"original-status": status},
     )
-    kept = [(n, v) for n, v in storable_headers(headers) if not n.lower().startswith(_BODY_HEADERS)]
+    kept = [(n, v) for n, v in headers if not n.lower().startswith(_BODY_HEADERS)]
     blob = encode_headers([*PROBLEM_HEADERS, *kept])
     if len(blob) + len(body) > limit:
         blob = encode_headers(PROBLEM_HEADERS)

@@ -103,8 +103,6 @@ class LeaseTerms:
     """
 
     lock_ttl_ms: int
-    ttl_ms: int
-    on_lost_claim: Literal["unknown", "retry"]
     claim_argv: bytes  # lock_ttl, linger, on_lost_claim
     renew_argv: bytes  # lock_ttl, linger
     ttl_argv: bytes  # ttl
@@ -116,8 +114,6 @@ class LeaseTerms:
         linger_ms = ttl_ms if config.on_lost_claim == "unknown" else 0
         return cls(
             lock_ttl_ms=lock_ms,
-            ttl_ms=ttl_ms,
-            on_lost_claim=config.on_lost_claim,
             claim_argv=bulks((lock_ms, linger_ms, config.on_lost_claim)),
             renew_argv=bulks((lock_ms, linger_ms)),
             ttl_argv=bulks((ttl_ms,)),

@@ -161,7 +161,10 @@ class RedisStore:
 
     def record_key(self, record: str) -> str:
         """The store key of one idempotency record."""
-        return (_RECORD_KEY % (self._idem_prefix, record.encode())).decode()
+        return self._record_key(record).decode()
+
+    def _record_key(self, record: str) -> bytes:
+        return _RECORD_KEY % (self._idem_prefix, record.encode())
 
     async def open(self) -> None:
         for script in self._scripts:
@@ -190,7 +193,7 @@ class RedisStore:
     async def idempotency_claim(
         self, record: str, fingerprint: bytes, owner: bytes, terms: LeaseTerms
     ) -> Claim:
-        key = _RECORD_KEY % (self._idem_prefix, record.encode())
+        key = self._record_key(record)
         packed = self._claim.evalsha([key], bulk(fingerprint) + bulk(owner) + terms.claim_argv, 5)
         raw: list[Any] = await self._call(packed, self._claim)
         outcome = raw[0]
@@ -210,17 +213,17 @@ class RedisStore:
     async def idempotency_complete(
         self, record: str, owner: bytes, response: StoredResponse, terms: LeaseTerms
     ) -> bool:
-        key = _RECORD_KEY % (self._idem_prefix, record.encode())
+        key = self._record_key(record)
         args = b"".join((bulk(owner), bulk(b"%d" % response.status), bulk(response.headers),
                          bulk(response.body), terms.ttl_argv))
         return bool(await self._call(self._complete.evalsha([key], args, 5), self._complete))
 
     async def idempotency_release(self, record: str, owner: bytes) -> bool:
-        key = _RECORD_KEY % (self._idem_prefix, record.encode())
+        key = self._record_key(record)
         return bool(await self._call(self._release.evalsha([key], bulk(owner), 1), self._release))
 
     async def idempotency_renew(self, record: str, owner: bytes, terms: LeaseTerms) -> bool:
-        key = _RECORD_KEY % (self._idem_prefix, record.encode())
+        key = self._record_key(record)
         packed = self._renew.evalsha([key], bulk(owner) + terms.renew_argv, 3)
         return bool(await self._call(packed, self._renew))
 
