@@ -9,6 +9,7 @@ shutdown has completed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
 from gateway.errors import StoreError
@@ -19,8 +20,17 @@ __all__ = ["run_lifespan"]
 _log = logging.getLogger("gateway.lifespan")
 
 
-async def run_lifespan(app: ASGIApp, scope: Scope, receive: Receive, send: Send, store: Store) -> None:
-    """Run ``app``'s lifespan, opening ``store`` at startup and closing it at shutdown."""
+async def run_lifespan(
+    app: ASGIApp,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    store: Store,
+    *,
+    before_close: Callable[[], Awaitable[object]] | None = None,
+) -> None:
+    """Run ``app``'s lifespan, opening ``store`` at startup and closing it at shutdown
+    (after ``before_close``, which lets work that still needs the store finish)."""
 
     async def receive_opening() -> Message:
         message = await receive()
@@ -36,6 +46,8 @@ async def run_lifespan(app: ASGIApp, scope: Scope, receive: Receive, send: Send,
 
     async def send_closing(message: Message) -> None:
         if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            if before_close is not None:
+                await before_close()
             try:
                 await store.close()
             except Exception as exc:  # whatever went wrong, a failed close must not hang shutdown

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["JsonFormatter", "install_json_logging"]
+__all__ = ["JsonFormatter", "install_json_logging", "uvicorn_log_config"]
 
 # attributes every LogRecord has; anything else on a record came from `extra=`
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
@@ -47,3 +47,19 @@ def install_json_logging(level: int = logging.INFO) -> None:
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+
+
+def uvicorn_log_config(level: str = "WARNING") -> dict[str, Any]:
+    """A ``logging.config.dictConfig`` for uvicorn's own loggers: JSON lines on stderr too, so
+    everything the server writes there is one JSON object per line."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": f"{__name__}.JsonFormatter"}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json",
+                                "stream": "ext://sys.stderr"}},
+        "loggers": {
+            name: {"handlers": ["stderr"], "level": level, "propagate": False}
+            for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+        },
+    }

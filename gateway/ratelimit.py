@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway._asgi import ASGIApp, Headers, Message, Receive, Scope, Send
 from gateway._paths import PathPrefixes
@@ -30,6 +30,11 @@ from gateway.lifespan import run_lifespan
 from gateway.problem import QUOTA_EXCEEDED, STORE_UNAVAILABLE, send_problem
 from gateway.requestid import current_request_id
 from gateway.store import BucketSpec, RateDecision, Store, TakePlan
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
+
+    from gateway.metrics import Metrics
 
 __all__ = ["RateLimitMiddleware"]
 
@@ -60,9 +65,10 @@ class _Policy:
 class _Plan:
     """Everything a given set of matched policies needs, built once per distinct set."""
 
-    __slots__ = ("deny_on_error", "distinct_keys", "items", "keys", "names", "policy_field", "take")
+    __slots__ = ("allowed", "denied", "deny_on_error", "distinct_keys", "errored", "items", "keys", "names",
+                 "policy_field", "take")
 
-    def __init__(self, policies: Sequence[_Policy]) -> None:
+    def __init__(self, policies: Sequence[_Policy], metrics: Metrics | None) -> None:
         self.take = TakePlan.of([p.spec for p in policies])
         self.keys = tuple(p.policy.key for p in policies)
         self.distinct_keys = tuple(dict.fromkeys(self.keys))
@@ -72,6 +78,14 @@ class _Plan:
             f"{p.item}q={p.policy.limit};w={p.policy.window_s}" for p in policies
         ).encode()
         self.deny_on_error = any(p.policy.on_store_error == "deny" for p in policies)
+        # gateway_ratelimit_decisions_total children, per policy in order (none without metrics)
+        self.allowed: tuple[Counter, ...] = ()
+        self.denied: tuple[Counter, ...] = ()
+        self.errored: tuple[Counter, ...] = ()
+        if metrics is not None:
+            self.allowed = tuple(metrics.decision(n, "allow") for n in self.names)
+            self.denied = tuple(metrics.decision(n, "deny") for n in self.names)
+            self.errored = tuple(metrics.decision(n, "error") for n in self.names)
 
     def ratelimit_field(self, decision: RateDecision) -> bytes:
         """``RateLimit``: whole tokens left and seconds (rounded up) until full, per policy;
@@ -95,6 +109,7 @@ class RateLimitMiddleware:
         identity: the ``[identity]`` section (dict or ``IdentityConfig``).
         store: a store URL, a ``[store]`` dict or ``StoreConfig`` (the middleware then owns the
             store and opens/closes it with the lifespan), or a ``Store`` shared with others.
+        metrics: where decisions are counted (``GatewayMiddleware`` passes its own); none when None.
     """
 
     def __init__(
@@ -104,11 +119,13 @@ class RateLimitMiddleware:
         rate_limit: Sequence[Mapping[str, Any] | RateLimitPolicy],
         identity: Mapping[str, Any] | IdentityConfig | None = None,
         store: StoreSetting = None,
+        metrics: Metrics | None = None,
     ) -> None:
         config, self._store, self._owns_store = resolve(
             rate_limit=rate_limit, identity=identity, store=store
         )
         self.app = app
+        self._metrics = metrics
         self._policies = tuple(_Policy(p) for p in config.rate_limits)
         self._resolver = IdentityResolver(config.identity, (p.key for p in config.rate_limits))
         self._plans: dict[tuple[int, ...], _Plan] = {}
@@ -123,7 +140,7 @@ class RateLimitMiddleware:
         plan = self._plans.get(matched)
         if plan is None:
             # bounded: one entry per distinct subset of the configured policies that occurs
-            plan = self._plans[matched] = _Plan([self._policies[i] for i in matched])
+            plan = self._plans[matched] = _Plan([self._policies[i] for i in matched], self._metrics)
         return plan
 
     def _match(self, method: str, path: str) -> _Plan | None:
@@ -156,6 +173,8 @@ class RateLimitMiddleware:
         if not decision.allowed:
             await self._deny(plan, decision, fields, send)
             return
+        for counter in plan.allowed:
+            counter.inc()
 
         async def send_with_fields(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -166,6 +185,9 @@ class RateLimitMiddleware:
 
     async def _deny(self, plan: _Plan, decision: RateDecision, fields: Headers, send: Send) -> None:
         violated = [n for n, b in zip(plan.names, decision.buckets, strict=True) if b.wait_ms]
+        for counter, b in zip(plan.denied, decision.buckets, strict=False):
+            if b.wait_ms:
+                counter.inc()
         retry_after = max(-(-b.wait_ms // 1000) for b in decision.buckets)
         _log.info(
             "rate limit denied",
@@ -186,6 +208,8 @@ class RateLimitMiddleware:
         self, plan: _Plan, exc: StoreError, scope: Scope, receive: Receive, send: Send
     ) -> None:
         action = "deny" if plan.deny_on_error else "allow"
+        for counter in plan.errored:
+            counter.inc()
         _log.warning(
             "rate limit store failed; %s per on_store_error", action,
             extra={"event": "ratelimit.store_error", "request_id": current_request_id(),

@@ -1,9 +1,11 @@
-"""GatewayMiddleware: the whole stack built from one config, sharing one store.
+"""GatewayMiddleware: the whole stack built from one config, sharing one store and one metrics.
 
-Order of a request (DESIGN.md "One request, in order"): request id, then rate limit, then the
-Idempotency-Key gate, then the app: a denied request is never claimed, and a replay still
-counts against the client's rate limit and carries its current RateLimit fields. Lifespan opens the
-store at startup and closes it at shutdown; other non-HTTP scopes pass through untouched.
+Order of a request (DESIGN.md "One request, in order"): request id, then ``/_gateway/*`` and the
+counts and timings (``ops.py``), then rate limit, then the Idempotency-Key gate, then the app: a
+denied request is never claimed, and a replay still counts against the client's rate limit and
+carries its current RateLimit fields. Lifespan opens the store at startup; at shutdown, settles
+that outlived their requests finish before the store closes. Other non-HTTP scopes pass through
+untouched.
 """
 
 from __future__ import annotations
@@ -16,11 +18,16 @@ from gateway._asgi import ASGIApp, Receive, Scope, Send
 from gateway.config import Config, load_config
 from gateway.idempotency import IdempotencyMiddleware
 from gateway.lifespan import run_lifespan
+from gateway.metrics import Metrics
+from gateway.ops import OpsMiddleware, UpstreamTimer
 from gateway.ratelimit import RateLimitMiddleware
 from gateway.requestid import RequestIdMiddleware
 from gateway.store import Store, store_from_config
 
-__all__ = ["GatewayMiddleware"]
+__all__ = ["SHUTDOWN_DRAIN_S", "GatewayMiddleware"]
+
+#: At shutdown, how long settles that outlived their requests may still take before the store closes.
+SHUTDOWN_DRAIN_S = 10.0
 
 
 class GatewayMiddleware:
@@ -32,6 +39,8 @@ class GatewayMiddleware:
             (the embedded ``memory://`` store, no rate limit, idempotency on its defaults).
         store: a store to use instead of the one ``[store]`` describes; its owner opens and
             closes it.
+        metrics: the metrics to count in (``gateway serve`` shares one with its proxy); a new
+            ``Metrics`` on its own registry when None.
     """
 
     def __init__(
@@ -40,28 +49,39 @@ class GatewayMiddleware:
         config: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None,
         *,
         store: Store | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = load_config(config)
+        self.metrics = metrics or Metrics(p.name for p in self.config.rate_limits)
         self._owns_store = store is None
-        self.store: Store = store_from_config(self.config.store) if store is None else store
-        inner: ASGIApp = IdempotencyMiddleware(
-            app,
+        self.store: Store = (
+            store_from_config(self.config.store, metrics=self.metrics) if store is None else store
+        )
+        self._idempotency = IdempotencyMiddleware(
+            UpstreamTimer(app, metrics=self.metrics),
             idempotency=self.config.idempotency,
             identity=self.config.identity,
             store=self.store,
+            metrics=self.metrics,
         )
+        inner: ASGIApp = self._idempotency
         if self.config.rate_limits:
             inner = RateLimitMiddleware(
                 inner,
                 rate_limit=self.config.rate_limits,
                 identity=self.config.identity,
                 store=self.store,
+                metrics=self.metrics,
             )
         self.app = app
-        self._chain: ASGIApp = RequestIdMiddleware(inner)
+        ops = OpsMiddleware(inner, store=self.store, metrics=self.metrics)
+        self._chain: ASGIApp = RequestIdMiddleware(ops)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan" and self._owns_store:
-            await run_lifespan(self._chain, scope, receive, send, self.store)
+            await run_lifespan(self._chain, scope, receive, send, self.store, before_close=self._drain)
             return
         await self._chain(scope, receive, send)
+
+    async def _drain(self) -> None:
+        await self._idempotency.drain(SHUTDOWN_DRAIN_S)

@@ -451,17 +451,40 @@ class TestDemoServes:
         assert "Traceback" not in err_path.read_text()
 
 
-# ------------------------------------------------------------------------------------ known gaps
-class TestKnownGaps:
-    @pytest.mark.xfail(
-        strict=True,
-        reason="issue 4 builds it. CONTRACT §2 lists `gateway serve --config FILE [--host H] [--port P] "
-        "[--workers N]`; gateway/cli.py only has check and demo",
-    )
-    def test_serve_command_exists(self, capsys: pytest.CaptureFixture[str]) -> None:
-        """`gateway serve --help` is a known command that documents --config."""
+# ------------------------------------------------------------------------------- serve, bad files
+class TestServeAndBadFiles:
+    def test_serve_command_documents_its_options(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """`gateway serve --help` documents --config, --host, --port and --workers."""
         assert main(["serve", "--help"]) == 0
-        assert "--config" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        for option in ("--config", "--host", "--port", "--workers"):
+            assert option in out
+
+    @pytest.mark.parametrize("argv", [["serve"], ["serve", "--config", "x.toml", "--workers", "0"],
+                                      ["serve", "--config", "x.toml", "--port", "99999"]])
+    def test_serve_bad_command_line_is_one_line(
+        self, argv: list[str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A bad `serve` command line exits 2 with one line on stderr."""
+        assert main(argv) == 2
+        assert len(capsys.readouterr().err.splitlines()) == 1
+
+    def test_serve_memory_store_with_workers_is_refused(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """memory:// with --workers 2 exits 2 naming store.url: limits would not be shared."""
+        path = write(tmp_path, "mem.toml", '[store]\nurl = "memory://"\n')
+        assert main(["serve", "--config", str(path), "--workers", "2", "--port", "0"]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1
+        assert err[0].startswith("store.url:")
+
+    def test_serve_bad_config_names_the_key(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A bad config exits 2 with one line per problem, each naming its key."""
+        path = write(tmp_path, "bad.toml", '[upstream]\nurl = "ftp://x"\ntimeout = "soon"\n')
+        assert main(["serve", "--config", str(path)]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert [line.split(":")[0] for line in err] == ["upstream.url", "upstream.timeout"]
 
     @pytest.mark.parametrize(
         "content",

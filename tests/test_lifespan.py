@@ -39,7 +39,7 @@ async def test_owned_store_opens_at_startup_and_closes_after_shutdown(
 ) -> None:
     """GatewayMiddleware opens its own store before the app starts and closes it after it stops."""
     spy = SpyStore()
-    monkeypatch.setattr(gateway.stack, "store_from_config", lambda config: spy)
+    monkeypatch.setattr(gateway.stack, "store_from_config", lambda config, **_: spy)
     app = CountingApp()
     gw = GatewayMiddleware(app, {"rate_limit": [POLICY]})
     sent = await run_lifespan(gw, between=lambda: spy.events.append("serving"))
@@ -109,7 +109,7 @@ async def test_failing_close_does_not_hang_shutdown(monkeypatch: pytest.MonkeyPa
             raise OSError("connection reset while closing")
 
     spy = FailingClose()
-    monkeypatch.setattr(gateway.stack, "store_from_config", lambda config: spy)
+    monkeypatch.setattr(gateway.stack, "store_from_config", lambda config, **_: spy)
     sent = await run_lifespan(GatewayMiddleware(CountingApp(), {"rate_limit": [POLICY]}))
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     assert spy.events == ["open", "close"]

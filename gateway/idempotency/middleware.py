@@ -24,7 +24,7 @@ import functools
 import logging
 import os
 from collections.abc import Coroutine, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway._asgi import ASGIApp, Receive, Scope, Send
 from gateway._paths import PathPrefixes
@@ -48,6 +48,11 @@ from gateway.lifespan import run_lifespan
 from gateway.requestid import current_request_id
 from gateway.store import LeaseTerms, Store
 
+if TYPE_CHECKING:
+    from prometheus_client import Counter
+
+    from gateway.metrics import Metrics
+
 __all__ = ["ATTEMPT_SCOPE_KEY", "IdempotencyMiddleware", "mark_not_sent"]
 
 _log = logging.getLogger("gateway.idempotency")
@@ -55,6 +60,11 @@ _log = logging.getLogger("gateway.idempotency")
 ATTEMPT_SCOPE_KEY = "gateway.idempotency"
 # extensions that send a response without body messages, which Capture could not keep
 _BODYLESS_EXTENSIONS = ("http.response.pathsend", "http.response.zerocopysend")
+
+
+# gateway_idempotency_outcomes_total: what each claim outcome counts as
+_OUTCOME_METRIC = {"new": "executed", "done": "replayed", "unknown": "replayed", "in_flight": "in_flight",
+                   "mismatch": "mismatch"}
 
 
 class _Attempt:
@@ -86,6 +96,7 @@ class IdempotencyMiddleware:
         identity: the ``[identity]`` section: keys are scoped to the client it names.
         store: a store URL, a ``[store]`` dict or ``StoreConfig`` (the middleware then owns the
             store and opens/closes it with the lifespan), or a ``Store`` shared with others.
+        metrics: where outcomes are counted (``GatewayMiddleware`` passes its own); none when None.
     """
 
     def __init__(
@@ -95,6 +106,7 @@ class IdempotencyMiddleware:
         idempotency: Mapping[str, Any] | IdempotencyConfig | None = None,
         identity: Mapping[str, Any] | IdentityConfig | None = None,
         store: StoreSetting = None,
+        metrics: Metrics | None = None,
     ) -> None:
         config, self._store, self._owns_store = resolve(
             idempotency=idempotency, identity=identity, store=store
@@ -111,10 +123,23 @@ class IdempotencyMiddleware:
         self._resolver = IdentityResolver(config.identity, ("identity",))
         # settles that outlive their request (shielded, or cancelled mid-settle)
         self._settling: set[asyncio.Task[Any]] = set()
+        self._outcomes: Mapping[str, Counter] = metrics.outcome if metrics is not None else {}
 
     @property
     def store(self) -> Store:
         return self._store
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) for settles that outlived their requests; True when none
+        is left. Called at shutdown, before the store closes, so no claim is left to lapse."""
+        if self._settling:
+            await asyncio.wait(set(self._settling), timeout=timeout_s)
+        return not self._settling
+
+    def _count(self, outcome: str) -> None:
+        counter = self._outcomes.get(outcome)
+        if counter is not None:
+            counter.inc()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in self._methods:
@@ -135,15 +160,18 @@ class IdempotencyMiddleware:
                 length = value
         if raw_key is None:
             if self._required and self._required.matches(scope["path"]):
+                self._count("invalid")
                 await problems.send_missing_key(send, self._header_display)
             else:
                 await self.app(scope, receive, send)
             return
         key = parse_key(raw_key) if lines == 1 else None
         if key is None:
+            self._count("invalid")
             await problems.send_bad_key(send, self._header_display)
             return
         if length.isdigit() and int(length) > self._limit:
+            self._count("invalid")
             await problems.send_body_too_large(send, self._limit)
             return
         await self._keyed(scope, receive, send, key)
@@ -153,11 +181,13 @@ class IdempotencyMiddleware:
         identity = self._resolver.tags(scope)["identity"]
         if identity == ANONYMOUS_TAG:
             # a shared "anonymous" scope would let one client read another's response
+            self._count("invalid")
             await problems.send_identity_missing(send, self._header_display)
             return
         try:
             body = await read_body(receive, self._limit)
         except BodyTooLarge:
+            self._count("invalid")
             await problems.send_body_too_large(send, self._limit)
             return
         except ClientGone:
@@ -168,9 +198,11 @@ class IdempotencyMiddleware:
         try:
             claim = await self._store.idempotency_claim(record, fingerprint(scope, body), owner, self._terms)
         except StoreError as exc:
+            self._count("store_error")
             await self._store_failed(exc, scope, replaying(body, receive), send)
             return
         outcome = claim.outcome
+        self._count(_OUTCOME_METRIC[outcome])
         if outcome == "new":
             lease = Lease(self._store, record, owner, self._terms, sent_at)
             await self._run(scope, replaying(body, receive), send, lease)

@@ -7,16 +7,21 @@ only, so two processes (or ``--workers 2``) each get their own limits: use Redis
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import fakeredis
 from fakeredis import aioredis
 
 from gateway.store.redis import RedisStore
 
+if TYPE_CHECKING:
+    from gateway.metrics import Metrics
+
 __all__ = ["memory_store"]
 
 
-def memory_store(*, key_prefix: str, timeout_s: float) -> RedisStore:
+def memory_store(*, key_prefix: str, timeout_s: float, metrics: Metrics | None = None) -> RedisStore:
     """A store on a private in-process fakeredis server."""
     server = fakeredis.FakeServer(version=(7,))
     client = aioredis.FakeRedis(server=server)
-    return RedisStore(client, key_prefix=key_prefix, timeout_s=timeout_s)
+    return RedisStore(client, key_prefix=key_prefix, timeout_s=timeout_s, metrics=metrics)

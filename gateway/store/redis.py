@@ -22,8 +22,9 @@ over the slots.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
-from typing import Any
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
@@ -37,6 +38,11 @@ from gateway.errors import StoreScriptError, StoreTimeout, StoreUnavailable
 from gateway.store.base import BucketState, Claim, LeaseTerms, RateDecision, StoredResponse, TakePlan
 from gateway.store.resp import ScriptCall, bulk, command
 from gateway.store.scripts import read_script
+
+if TYPE_CHECKING:
+    from prometheus_client import Histogram
+
+    from gateway.metrics import Metrics
 
 __all__ = ["DATA_VERSION", "MAX_CONNECTIONS", "RedisStore", "connection_options"]
 
@@ -131,8 +137,12 @@ class _Lane:
 class RedisStore:
     """A ``Store`` on a Redis server (or on fakeredis, for ``memory://``)."""
 
-    def __init__(self, client: Redis, *, key_prefix: str, timeout_s: float) -> None:
+    def __init__(
+        self, client: Redis, *, key_prefix: str, timeout_s: float, metrics: Metrics | None = None
+    ) -> None:
         self._client = client
+        # per operation, the latency histogram every call (errors and timeouts too) lands in
+        self._latency: Mapping[str, Histogram] | None = metrics.store_latency if metrics else None
         self._timeout_s = timeout_s
         self._rl_prefix = f"{key_prefix}:{DATA_VERSION}:rl:".encode()
         self._idem_prefix = f"{key_prefix}:{DATA_VERSION}:idem:".encode()
@@ -146,9 +156,11 @@ class RedisStore:
         self._scripts = (self._take, self._claim, self._complete, self._release, self._renew)
 
     @classmethod
-    def from_url(cls, url: str, *, key_prefix: str, timeout_s: float) -> RedisStore:
+    def from_url(
+        cls, url: str, *, key_prefix: str, timeout_s: float, metrics: Metrics | None = None
+    ) -> RedisStore:
         pool = ConnectionPool.from_url(url, **connection_options(timeout_s))
-        return cls(Redis.from_pool(pool), key_prefix=key_prefix, timeout_s=timeout_s)
+        return cls(Redis.from_pool(pool), key_prefix=key_prefix, timeout_s=timeout_s, metrics=metrics)
 
     @property
     def client(self) -> Redis:
@@ -168,7 +180,7 @@ class RedisStore:
 
     async def open(self) -> None:
         for script in self._scripts:
-            await self._call(script.load)
+            await self._bounded(script.load, None)
 
     async def close(self) -> None:
         await self._lane.close()
@@ -229,6 +241,15 @@ class RedisStore:
 
     async def _call(self, packed: bytes, script: ScriptCall | None = None) -> Any:
         """One command within the timeout, every failure translated; NOSCRIPT reloads once."""
+        if self._latency is None:
+            return await self._bounded(packed, script)
+        start = time.perf_counter()
+        try:
+            return await self._bounded(packed, script)
+        finally:
+            self._latency[script.name if script else "ping"].observe(time.perf_counter() - start)
+
+    async def _bounded(self, packed: bytes, script: ScriptCall | None) -> Any:
         try:
             async with asyncio.timeout(self._timeout_s):
                 try:

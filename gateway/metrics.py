@@ -1,0 +1,125 @@
+"""The gateway's Prometheus metrics: one ``Metrics`` object per stack, its own registry.
+
+No global state (DESIGN.md): each ``GatewayMiddleware`` builds its own ``Metrics`` on a private
+``CollectorRegistry``, so two stacks in one process never collide. Under ``gateway serve
+--workers N`` the CLI sets ``PROMETHEUS_MULTIPROC_DIR`` before any worker imports
+prometheus_client; values then live in per-process files and ``exposition()`` sums them over the
+workers (prometheus_client's multiprocess mode), so whichever worker answers a scrape reports
+the whole server.
+
+Label values are bounded: policy names come from the config, outcomes and decisions from fixed
+sets, status codes from 100-599, store operations from the scripts. Children are bound once and
+the hot path only calls ``inc``/``observe`` on them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+__all__ = [
+    "CONTENT_TYPE",
+    "IDEMPOTENCY_OUTCOMES",
+    "RATELIMIT_DECISIONS",
+    "STORE_OPERATIONS",
+    "UPSTREAM_ERRORS",
+    "Metrics",
+    "multiprocess_dir",
+]
+
+#: The Prometheus text exposition format, version 0.0.4.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+RATELIMIT_DECISIONS = ("allow", "deny", "error")
+IDEMPOTENCY_OUTCOMES = ("executed", "replayed", "in_flight", "mismatch", "invalid", "store_error")
+STORE_OPERATIONS = (
+    "ratelimit_take",
+    "idempotency_claim",
+    "idempotency_complete",
+    "idempotency_release",
+    "idempotency_renew",
+    "ping",
+)
+UPSTREAM_ERRORS = ("unreachable", "timeout", "broken")
+
+# a store call is sub-millisecond on loopback and bounded by store.timeout (100 ms by default)
+_STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0)
+
+
+def multiprocess_dir() -> str | None:
+    """The multiprocess directory when prometheus_client runs in multiprocess mode."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    """The metric families the contract names, plus latency histograms, with bound children."""
+
+    def __init__(self, policies: Iterable[str] = ()) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self.requests = Counter(
+            "gateway_requests", "HTTP requests through the gateway (not /_gateway/*), by status code.",
+            ["code"], registry=reg,
+        )
+        self._decisions = Counter(
+            "gateway_ratelimit_decisions",
+            "Rate-limit decisions per matched policy: allow, deny, or error when the store failed.",
+            ["policy", "decision"], registry=reg,
+        )
+        outcomes = Counter(
+            "gateway_idempotency_outcomes", "Keyed requests by what the idempotency layer did.",
+            ["outcome"], registry=reg,
+        )
+        store_latency = Histogram(
+            "gateway_store_latency_seconds", "Time of one store call, errors and timeouts included.",
+            ["operation"], buckets=_STORE_BUCKETS, registry=reg,
+        )
+        self.upstream_latency = Histogram(
+            "gateway_upstream_latency_seconds",
+            "From handing a request to the upstream (the proxied service or the wrapped app) to "
+            "its response start.",
+            buckets=_LATENCY_BUCKETS, registry=reg,
+        )
+        self.added_latency = Histogram(
+            "gateway_added_latency_seconds",
+            "Time the gateway adds before a response starts: time to response start minus the "
+            "upstream latency (all of it when the gateway answers itself).",
+            buckets=_LATENCY_BUCKETS, registry=reg,
+        )
+        upstream_errors = Counter(
+            "gateway_upstream_errors", "Proxied requests that got no whole answer from the upstream.",
+            ["kind"], registry=reg,
+        )
+        self.outcome = {o: outcomes.labels(outcome=o) for o in IDEMPOTENCY_OUTCOMES}
+        self.store_latency = {op: store_latency.labels(operation=op) for op in STORE_OPERATIONS}
+        self.upstream_error = {k: upstream_errors.labels(kind=k) for k in UPSTREAM_ERRORS}
+        # status codes are bound on first use: at most 500 distinct children
+        self._codes: dict[int, Counter] = {}
+        for name in policies:
+            for decision in RATELIMIT_DECISIONS:
+                # exported at 0 from the start, so a rate() over a fresh series is defined
+                self._decisions.labels(policy=name, decision=decision)
+
+    def decision(self, policy: str, decision: str) -> Counter:
+        """The counter of one policy's decisions of one kind."""
+        return self._decisions.labels(policy=policy, decision=decision)
+
+    def count_response(self, status: int) -> None:
+        """Count one response by its status code."""
+        child = self._codes.get(status)
+        if child is None:
+            child = self._codes[status] = self.requests.labels(code=str(status))
+        child.inc()
+
+    def exposition(self) -> bytes:
+        """The text a scrape gets: this process's registry, or every worker's in multiprocess mode."""
+        path = multiprocess_dir()
+        if path is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)

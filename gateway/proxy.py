@@ -1,0 +1,295 @@
+"""ProxyApp: the innermost app of ``gateway serve``, forwarding to ``[upstream].url`` over aiohttp.
+
+The only module that imports the HTTP client (aiohttp, chosen over httpx by measurement:
+``loadtests/results/proxy-clients.md``). One pooled ``ClientSession`` per process, opened at
+lifespan startup and closed at shutdown.
+
+What goes upstream (CONTRACT.md "Proxy"): method, raw path (after the upstream URL's own path),
+query, headers less the hop-by-hop ones (RFC 9110 §7.6.1: the fixed list plus every header
+``Connection`` names), and the body, streamed as it arrives; ``Host`` is the upstream's, and
+``X-Forwarded-For/-Proto/-Host`` say who asked. A chain a client sent is extended only when the
+client is a trusted proxy; from anyone else it is replaced, so the upstream can believe it.
+The response streams back the same way, hop-by-hop headers stripped, bytes untouched (no
+decompression, no redirects followed, no cookie jar).
+
+How a failure is answered, and what the idempotency layer is told:
+
+* refused, or no connection within ``connect_timeout``: 502 ``upstream-not-reached``; the request
+  certainly never left, so ``mark_not_sent`` frees a keyed request's claim for a retry;
+* sent, but no response (or next body bytes) within ``timeout``: 504 ``outcome-unknown``;
+* the connection broke before the response started: 502 ``outcome-unknown``;
+* the connection broke after it started: the client's response is cut off.
+
+The ambiguous answers are stored by the idempotency layer like any upstream answer, so a retry
+gets them replayed and the upstream never sees the request twice. aiohttp's silent retry of
+idempotent methods is turned off for the same reason: each failure is classified from the one
+attempt that was made.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable
+from ipaddress import ip_address, ip_network
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from yarl import URL
+
+from gateway._asgi import Headers, Message, Receive, Scope, Send
+from gateway.config import UpstreamConfig
+from gateway.idempotency import mark_not_sent
+from gateway.idempotency.problems import NOT_SENT, OUTCOME_UNKNOWN
+from gateway.metrics import Metrics
+from gateway.problem import send_problem
+from gateway.requestid import current_request_id
+
+__all__ = ["HOP_BY_HOP", "KEEPALIVE_S", "ProxyApp", "hop_by_hop"]
+
+_log = logging.getLogger("gateway.proxy")
+
+#: RFC 9110 §7.6.1 and RFC 9112 §9.6: meaningful for one connection only, never forwarded.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
+    b"te", b"trailer", b"transfer-encoding", b"upgrade",
+})
+#: An idle upstream connection is closed after this, sooner than common servers (uvicorn, Node:
+#: 5 s) close theirs, so a request is rarely written to a connection the upstream just dropped.
+KEEPALIVE_S = 4.0
+_FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"host"})
+# aiohttp adds these unless told not to; a proxy sends only what the client sent
+_SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+def hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The lowercase names not to forward: the fixed list plus those ``Connection`` names."""
+    named = [
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+    ]
+    return HOP_BY_HOP.union(t for t in named if t) if named else HOP_BY_HOP
+
+
+class _ClientGone(Exception):
+    """The client disconnected while its request body was being forwarded."""
+
+
+class ProxyApp:
+    """ASGI app forwarding every HTTP request to one upstream.
+
+    Args:
+        upstream: the ``[upstream]`` section: URL (a path in it prefixes every request's path)
+            and timeouts.
+        trusted_proxies: CIDRs whose ``X-Forwarded-*`` headers are extended rather than replaced
+            (``[identity].trusted_proxies``).
+        metrics: where upstream errors are counted; none when None.
+    """
+
+    def __init__(
+        self, upstream: UpstreamConfig, *, trusted_proxies: Iterable[str] = (), metrics: Metrics | None = None
+    ) -> None:
+        parts = urlsplit(upstream.url)
+        self._base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+        self._upstream = upstream
+        self._trusted = tuple(ip_network(n, strict=False) for n in trusted_proxies)
+        self._metrics = metrics
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=upstream.connect_timeout_s,  # waiting for a pooled connection counts too
+            sock_connect=upstream.connect_timeout_s,
+            sock_read=upstream.timeout_s,
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S, ttl_dns_cache=10)
+        session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),  # one client's cookies must never reach another
+            skip_auto_headers=_SKIP_AUTO,
+            raise_for_status=False,
+        )
+        # one attempt per request: a silent resend would make "sent or not" unknowable
+        session._retry_connection = False
+        self._session = session
+        return session
+
+    async def close(self) -> None:
+        """Close the pooled connections."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._forward(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1003})  # not proxied: refused at handshake
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                if self._session is None:
+                    self._open()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
+        session = self._session or self._open()
+        headers, has_body = self._request_headers(scope)
+        target = self._base + scope["raw_path"].decode("latin-1")
+        if scope["query_string"]:
+            target += "?" + scope["query_string"].decode("latin-1")
+        body = _stream_body(receive) if has_body else None
+        try:
+            response = await session.request(
+                scope["method"], URL(target, encoded=True), headers=headers, data=body,
+                allow_redirects=False,
+            )
+        except _ClientGone:
+            return  # nobody to answer; the upstream saw a cut-off request body
+        except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
+            mark_not_sent(scope)
+            await self._fail(send, "unreachable", exc, status=502, type_=NOT_SENT,
+                             title="Upstream unreachable",
+                             detail="The upstream could not be reached; the request was not sent.")
+            return
+        except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
+            await self._fail(send, "timeout", exc, status=504, type_=OUTCOME_UNKNOWN,
+                             title="Upstream timed out; outcome unknown",
+                             detail=f"The upstream did not answer within {self._upstream.timeout_s:g}s; "
+                             "it may or may not have acted on the request.")
+            return
+        except (aiohttp.ClientError, OSError) as exc:
+            if isinstance(exc.__cause__, _ClientGone) or isinstance(exc.__context__, _ClientGone):
+                return
+            await self._fail(send, "broken", exc, status=502, type_=OUTCOME_UNKNOWN,
+                             title="Upstream connection broken; outcome unknown",
+                             detail="The connection to the upstream broke before it answered; it may "
+                             "or may not have acted on the request.")
+            return
+        try:
+            whole = await self._relay(scope, response, send)
+        except BaseException:
+            response.close()  # mid-body: the connection is out of step, never pooled again
+            raise
+        if whole:
+            response.release()  # read to the end: the connection goes back to the pool
+        else:
+            # return without finishing the response: the server closes the client's connection,
+            # and the idempotency layer stores the outcome as unknown
+            response.close()
+
+    def _request_headers(self, scope: Scope) -> tuple[list[tuple[str, str]], bool]:
+        """The headers to send upstream, and whether the request has a body."""
+        raw: Headers = scope["headers"]
+        drop = hop_by_hop(raw) | _FORWARDED
+        headers: list[tuple[str, str]] = []
+        has_body = False
+        prior_for = prior_proto = prior_host = host = None
+        for name, value in raw:
+            if name in drop:
+                if name == b"transfer-encoding":
+                    has_body = True
+                elif name == b"host":
+                    host = value
+                elif name == b"x-forwarded-for":
+                    prior_for = value if prior_for is None else prior_for + b", " + value
+                elif name == b"x-forwarded-proto" and prior_proto is None:
+                    prior_proto = value
+                elif name == b"x-forwarded-host" and prior_host is None:
+                    prior_host = value
+                continue
+            if name == b"content-length" and value.strip() not in (b"", b"0"):
+                has_body = True
+            headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        client = scope.get("client")
+        peer = client[0] if client else None
+        trusted = peer is not None and self._is_trusted(peer)
+        chain = [] if not trusted or prior_for is None else [prior_for.decode("latin-1")]
+        if peer is not None:
+            chain.append(peer)
+        if chain:
+            headers.append(("X-Forwarded-For", ", ".join(chain)))
+        proto = prior_proto if trusted and prior_proto else scope.get("scheme", "http").encode()
+        headers.append(("X-Forwarded-Proto", proto.decode("latin-1")))
+        fwd_host = prior_host if trusted and prior_host else host
+        if fwd_host:
+            headers.append(("X-Forwarded-Host", fwd_host.decode("latin-1")))
+        return headers, has_body
+
+    def _is_trusted(self, peer: str) -> bool:
+        if not self._trusted:
+            return False
+        try:
+            address = ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in net for net in self._trusted)
+
+    async def _relay(self, scope: Scope, response: aiohttp.ClientResponse, send: Send) -> bool:
+        """Stream the upstream's response to the client; False when it broke off mid-body."""
+        raw = response.raw_headers
+        drop = hop_by_hop(raw)
+        headers = [(n.lower(), v) for n, v in raw if n.lower() not in drop]
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        if scope["method"] == "HEAD":
+            await send({"type": "http.response.body", "body": b""})
+            return True
+        content = response.content
+        try:
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            kind = "timeout" if isinstance(exc, TimeoutError) else "broken"
+            self._count(kind)
+            _log.warning("upstream response broke off; the client's response is cut short",
+                         extra={"event": f"upstream.{kind}", "request_id": current_request_id(),
+                                "error": _describe(exc)})
+            return False
+        await send({"type": "http.response.body", "body": b""})
+        return True
+
+    async def _fail(self, send: Send, kind: str, exc: BaseException, **problem: Any) -> None:
+        self._count(kind)
+        _log.warning("upstream %s", kind, extra={
+            "event": f"upstream.{kind}", "request_id": current_request_id(), "upstream": self._base,
+            "error": _describe(exc),
+        })
+        await send_problem(send, **problem)
+
+    def _count(self, kind: str) -> None:
+        if self._metrics is not None:
+            self._metrics.upstream_error[kind].inc()
+
+
+async def _stream_body(receive: Receive) -> AsyncIterator[bytes]:
+    """The request body as it arrives, without keeping it."""
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+

@@ -1,0 +1,74 @@
+"""The app ``gateway serve`` runs: the proxy behind the whole stack, built in each worker.
+
+uvicorn imports ``gateway.server:create_app`` by name (``factory=True``) in every worker, which is
+what lets ``--workers N`` start N independent processes; the config file reaches them through
+``GATEWAY_CONFIG``. Each worker has its own store connections, proxy pool and metrics, and
+shares limits and idempotency records with the others through the store.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from gateway.config import Config, load_config
+from gateway.errors import ConfigError
+from gateway.metrics import Metrics
+from gateway.proxy import ProxyApp
+from gateway.stack import SHUTDOWN_DRAIN_S, GatewayMiddleware
+
+__all__ = ["ENV_CONFIG", "build_app", "create_app", "uvicorn_options"]
+
+#: The environment variable that names the config file for the workers.
+ENV_CONFIG = "GATEWAY_CONFIG"
+
+
+def build_app(config: Config) -> GatewayMiddleware:
+    """The reverse proxy to ``[upstream]`` behind the full stack, one metrics for both."""
+    metrics = Metrics(p.name for p in config.rate_limits)
+    proxy = ProxyApp(config.upstream, trusted_proxies=config.identity.trusted_proxies, metrics=metrics)
+    return GatewayMiddleware(proxy, config, metrics=metrics)
+
+
+def create_app() -> GatewayMiddleware:
+    """uvicorn's app factory: the config file named by ``GATEWAY_CONFIG``, JSON logs on stderr."""
+    from gateway.logs import install_json_logging
+
+    path = os.environ.get(ENV_CONFIG)
+    if not path:
+        raise ConfigError([f"{ENV_CONFIG}: not set; run the proxy with `gateway serve --config FILE`"])
+    install_json_logging()
+    return build_app(load_config(path))
+
+
+def uvicorn_options(config: Config) -> dict[str, Any]:
+    """uvicorn settings for the gateway, beyond the app and the socket.
+
+    * ``proxy_headers`` off: uvicorn would otherwise take the client address from
+      ``X-Forwarded-For`` whenever the peer is 127.0.0.1; the gateway believes that header only
+      from ``identity.trusted_proxies`` and does the walk itself.
+    * no ``server``/``date`` headers of uvicorn's own: the upstream's pass through.
+    * uvicorn's own log lines are JSON on stderr like the gateway's.
+    * a graceful shutdown bounded by the upstream timeout plus the time settles may still take:
+      in-flight requests finish and their idempotency records are stored before the store closes.
+    """
+    from gateway.logs import uvicorn_log_config
+
+    return {
+        "log_config": uvicorn_log_config(),
+        "loop": "uvloop" if _has("uvloop") else "asyncio",
+        "http": "httptools" if _has("httptools") else "h11",
+        "lifespan": "on",
+        "log_level": "warning",
+        "access_log": False,
+        "proxy_headers": False,
+        "server_header": False,
+        "date_header": False,
+        "timeout_graceful_shutdown": int(config.upstream.timeout_s + SHUTDOWN_DRAIN_S) + 1,
+    }
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
