@@ -3,7 +3,8 @@
 It exists to show the gateway's behaviour with nothing installed but the package: the curl
 lines it prints produce a 200 with RateLimit fields, then a 429 with ``Retry-After``; a charge
 with an ``Idempotency-Key`` that runs once and is replayed (``Idempotent-Replayed: true``); the
-same key with another body (422); and two at once (409 for the second while the first runs).
+same key with another body (422); two at once (409 for the second while the first runs); and
+what ``/_gateway/metrics`` counted.
 """
 
 from __future__ import annotations
@@ -97,4 +98,7 @@ def curl_lines(base: str) -> list[str]:
         f"curl -i -X POST {base}/charges -H 'Content-Type: application/json' -d '{{\"amount\": 1234}}'",
         "# two at once: the second gets a 409 while the first is still running:",
         f"{charge('order-1002', 500, '-s')} & sleep 0.3; {charge('order-1002', 500, '-s')}; wait",
+        "# what the gateway counted (Prometheus text), and its health and readiness probes:",
+        f"curl -s {base}/_gateway/metrics | grep -E '^gateway_(requests|ratelimit|idempotency)_[a-z_]*total'",
+        f"curl -s {base}/_gateway/healthz; curl -s {base}/_gateway/readyz",
     ]

@@ -425,6 +425,29 @@ class TestDemoServes:
         assert f"curl -i http://127.0.0.1:{port}/hello" in stdout
         assert "Traceback" not in err_path.read_text()
 
+    def test_printed_metrics_line_shows_what_the_demo_counted(self, tmp_path: Path) -> None:
+        """After the printed /hello loop, the printed metrics line shows its 5 passes and 1 denial
+        (plus the readiness poll's one pass, under its own API key)."""
+        with running_demo(tmp_path) as (_, out_path, _err):
+            printed = [line.strip() for line in out_path.read_text().splitlines()]
+            loop = next(line for line in printed if line.startswith("for i in"))
+            metrics_line = next(line for line in printed if "/_gateway/metrics" in line)
+            probes = next(line for line in printed if "/_gateway/healthz" in line)
+
+            def sh(line: str) -> str:
+                return subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=30,
+                                      check=True).stdout
+
+            codes = sh(loop).split()
+            counted = sh(metrics_line)
+            health = sh(probes)
+        assert codes == ["200"] * 5 + ["429"]
+        assert 'gateway_ratelimit_decisions_total{decision="allow",policy="per-client"} 6.0' in counted
+        assert 'gateway_ratelimit_decisions_total{decision="deny",policy="per-client"} 1.0' in counted
+        assert 'gateway_requests_total{code="200"} 6.0' in counted
+        assert 'gateway_requests_total{code="429"} 1.0' in counted
+        assert health == '{"status":"ok"}{"status":"ready"}'
+
     def test_printed_charge_lines_show_replay_422_400_and_409(self, tmp_path: Path) -> None:
         """The demo's printed charge lines, run by curl, give 201, its replay, 422, 400 and a 409."""
         with running_demo(tmp_path) as (_, out_path, err_path):
