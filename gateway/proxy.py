@@ -57,7 +57,10 @@ HOP_BY_HOP = frozenset({
 #: An idle upstream connection is closed after this, sooner than common servers (uvicorn, Node:
 #: 5 s) close theirs, so a request is rarely written to a connection the upstream just dropped.
 KEEPALIVE_S = 4.0
-_FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"host"})
+# rewritten by the proxy (the forwarding headers, Host), or answered by it: the client's
+# "Expect: 100-continue" was already answered by the gateway's own server when it read the body
+_REQUEST_ONLY = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"host", b"expect"})
+_REQUEST_DROP = HOP_BY_HOP | _REQUEST_ONLY
 # aiohttp adds these unless told not to; a proxy sends only what the client sent
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
@@ -194,7 +197,8 @@ class ProxyApp:
     def _request_headers(self, scope: Scope) -> tuple[list[tuple[str, str]], bool]:
         """The headers to send upstream, and whether the request has a body."""
         raw: Headers = scope["headers"]
-        drop = hop_by_hop(raw) | _FORWARDED
+        named = hop_by_hop(raw)
+        drop = _REQUEST_DROP if named is HOP_BY_HOP else named | _REQUEST_ONLY
         headers: list[tuple[str, str]] = []
         has_body = False
         prior_for = prior_proto = prior_host = host = None
