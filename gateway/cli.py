@@ -122,6 +122,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    os.environ.setdefault("PROMETHEUS_DISABLE_CREATED_SERIES", "true")  # as serve does
     import uvicorn
 
     from gateway.demo import build_demo_app, curl_lines
@@ -152,6 +153,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # one worker or many, a scrape shows the same series: multiprocess mode has no *_created
+    # gauges, so single-process mode does without them too (read when prometheus_client loads)
+    os.environ.setdefault("PROMETHEUS_DISABLE_CREATED_SERIES", "true")
     import uvicorn
 
     from gateway.server import ENV_CONFIG, uvicorn_options

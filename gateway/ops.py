@@ -61,14 +61,23 @@ class OpsMiddleware:
         metrics = self._metrics
         timing = scope[TIMING_SCOPE_KEY] = Timing()
         start = time.perf_counter()
+        started = False
 
         async def send_counted(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 metrics.added_latency.observe(time.perf_counter() - start - timing.upstream_s)
                 metrics.count_response(message["status"])
             await send(message)
 
-        await self.app(scope, receive, send_counted)
+        try:
+            await self.app(scope, receive, send_counted)
+        except Exception:
+            if not started:  # the server answers 500 for an app that raised before responding
+                metrics.added_latency.observe(time.perf_counter() - start - timing.upstream_s)
+                metrics.count_response(500)
+            raise
 
     async def _answer(self, scope: Scope, send: Send) -> None:
         name = scope["path"][len(OPS_PREFIX):]

@@ -32,7 +32,7 @@ import logging
 from collections.abc import AsyncIterator, Iterable
 from ipaddress import ip_address, ip_network
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 from yarl import URL
@@ -42,7 +42,7 @@ from gateway.config import UpstreamConfig
 from gateway.idempotency import mark_not_sent
 from gateway.idempotency.problems import NOT_SENT, OUTCOME_UNKNOWN
 from gateway.metrics import Metrics
-from gateway.problem import send_problem
+from gateway.problem import problem_type, send_problem
 from gateway.requestid import current_request_id
 
 __all__ = ["HOP_BY_HOP", "KEEPALIVE_S", "ProxyApp", "hop_by_hop"]
@@ -61,6 +61,9 @@ KEEPALIVE_S = 4.0
 # "Expect: 100-continue" was already answered by the gateway's own server when it read the body
 _REQUEST_ONLY = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"host", b"expect"})
 _REQUEST_DROP = HOP_BY_HOP | _REQUEST_ONLY
+# other ways of saying who asked: believed (passed on) only from a trusted proxy
+_FORWARDING_CLAIMS = frozenset({b"forwarded", b"x-real-ip", b"x-forwarded-port", b"x-forwarded-prefix"})
+_BAD_REQUEST = problem_type("bad-request")
 # aiohttp adds these unless told not to; a proxy sends only what the client sent
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
@@ -80,6 +83,10 @@ class _ClientGone(Exception):
     """The client disconnected while its request body was being forwarded."""
 
 
+class _Unforwardable(Exception):
+    """The request cannot be sent upstream as it is (the message says why)."""
+
+
 class ProxyApp:
     """ASGI app forwarding every HTTP request to one upstream.
 
@@ -96,6 +103,8 @@ class ProxyApp:
     ) -> None:
         parts = urlsplit(upstream.url)
         self._base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+        # the request's path is appended to this URL's path, never parsed as a URL of its own
+        self._scheme, self._authority, self._prefix = parts.scheme, parts.netloc, parts.path.rstrip("/")
         self._upstream = upstream
         self._trusted = tuple(ip_network(n, strict=False) for n in trusted_proxies)
         self._metrics = metrics
@@ -150,15 +159,16 @@ class ProxyApp:
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         session = self._session or self._open()
-        headers, has_body = self._request_headers(scope)
-        target = self._base + scope["raw_path"].decode("latin-1")
-        if scope["query_string"]:
-            target += "?" + scope["query_string"].decode("latin-1")
+        try:
+            target = self._target(scope)
+            headers, has_body = self._request_headers(scope)
+        except _Unforwardable as exc:
+            await send_problem(send, status=400, type_=_BAD_REQUEST, title="Bad Request", detail=str(exc))
+            return
         body = _stream_body(receive) if has_body else None
         try:
             response = await session.request(
-                scope["method"], URL(target, encoded=True), headers=headers, data=body,
-                allow_redirects=False,
+                scope["method"], target, headers=headers, data=body, allow_redirects=False,
             )
         except _ClientGone:
             return  # nobody to answer; the upstream saw a cut-off request body
@@ -194,11 +204,32 @@ class ProxyApp:
             # and the idempotency layer stores the outcome as unknown
             response.close()
 
+    def _target(self, scope: Scope) -> URL:
+        """The upstream URL: its path plus the request's raw path and query, bytes unchanged."""
+        raw_path = scope.get("raw_path") or quote(scope["path"]).encode()
+        if not raw_path.startswith(b"/"):
+            # "*", "@host/x", "x/y": only an origin-form target is appended to the upstream's path,
+            # so a request can never choose another host
+            msg = "the gateway forwards only origin-form request targets (a path starting with /)"
+            raise _Unforwardable(msg)
+        try:
+            return URL.build(scheme=self._scheme, authority=self._authority,
+                             path=self._prefix + raw_path.decode("ascii"),
+                             query_string=scope["query_string"].decode("ascii"), encoded=True)
+        except (UnicodeDecodeError, ValueError) as exc:
+            msg = f"the request target cannot be forwarded: {exc}"
+            raise _Unforwardable(msg) from None
+
     def _request_headers(self, scope: Scope) -> tuple[list[tuple[str, str]], bool]:
         """The headers to send upstream, and whether the request has a body."""
         raw: Headers = scope["headers"]
+        client = scope.get("client")
+        peer = client[0] if client else None
+        trusted = peer is not None and self._is_trusted(peer)
         named = hop_by_hop(raw)
         drop = _REQUEST_DROP if named is HOP_BY_HOP else named | _REQUEST_ONLY
+        if not trusted:
+            drop = drop | _FORWARDING_CLAIMS
         headers: list[tuple[str, str]] = []
         has_body = False
         prior_for = prior_proto = prior_host = host = None
@@ -217,10 +248,12 @@ class ProxyApp:
                 continue
             if name == b"content-length" and value.strip() not in (b"", b"0"):
                 has_body = True
-            headers.append((name.decode("latin-1"), value.decode("latin-1")))
-        client = scope.get("client")
-        peer = client[0] if client else None
-        trusted = peer is not None and self._is_trusted(peer)
+            try:
+                # aiohttp writes header lines as UTF-8: only a UTF-8 value goes out byte for byte
+                headers.append((name.decode("latin-1"), value.decode("utf-8")))
+            except UnicodeDecodeError:
+                msg = f"the {name.decode('latin-1')} header is not UTF-8 and cannot be forwarded unchanged"
+                raise _Unforwardable(msg) from None
         chain = [] if not trusted or prior_for is None else [prior_for.decode("latin-1")]
         if peer is not None:
             chain.append(peer)
