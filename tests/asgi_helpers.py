@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -77,6 +78,30 @@ async def run_lifespan(app: ASGIApp, between: Callable[[], Any] | None = None) -
         inbox.put_nowait({"type": "lifespan.shutdown"})
         await task
     return sent
+
+
+@asynccontextmanager
+async def lifespan_running(app: ASGIApp) -> AsyncIterator[None]:
+    """Lifespan startup before the block, shutdown after it (the store and pools closed)."""
+    inside = asyncio.Event()
+    leave = asyncio.Event()
+
+    async def between() -> None:
+        inside.set()
+        await leave.wait()
+
+    task = asyncio.ensure_future(run_lifespan(app, between))
+    async with asyncio.timeout(10):
+        await asyncio.wait([task, asyncio.ensure_future(inside.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()
+        raise AssertionError("lifespan ended before startup completed")
+    try:
+        yield
+    finally:
+        leave.set()
+        sent = await task
+        assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
 
 
 def run_in_threads(target: Callable[[int], None], count: int, timeout_s: float = 60.0) -> None:

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway._asgi import Receive, Scope, Send
 from gateway.config import load_config
 from gateway.stack import GatewayMiddleware
-from tests.asgi_helpers import CountingApp, answer_lifespan, client_for, run_lifespan
+from tests.asgi_helpers import CountingApp, answer_lifespan, client_for, lifespan_running
 from tests.conftest import require_redis_server, unique_prefix
 from tests.redis_process import HOST, RedisProcess, free_port
 
@@ -105,26 +105,8 @@ def store_section(store_kind: str, request: pytest.FixtureRequest) -> dict[str, 
 @asynccontextmanager
 async def serving(app: GatewayMiddleware) -> AsyncIterator[httpx.AsyncClient]:
     """Lifespan startup, a client for the block, then shutdown (the store closed)."""
-    inside = asyncio.Event()
-    leave = asyncio.Event()
-
-    async def between() -> None:
-        inside.set()
-        await leave.wait()
-
-    task = asyncio.ensure_future(run_lifespan(app, between))
-    async with asyncio.timeout(10):
-        await asyncio.wait([task, asyncio.ensure_future(inside.wait())], return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        task.result()
-        raise AssertionError("lifespan ended before startup completed")
-    try:
-        async with client_for(app) as client:
-            yield client
-    finally:
-        leave.set()
-        sent = await task
-        assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    async with lifespan_running(app), client_for(app) as client:
+        yield client
 
 
 def value(gw: GatewayMiddleware, name: str, **labels: str) -> float:

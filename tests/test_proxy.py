@@ -31,7 +31,7 @@ from gateway.proxy import HOP_BY_HOP, ProxyApp, hop_by_hop
 from gateway.requestid import RequestIdMiddleware
 from gateway.server import build_app
 from gateway.stack import GatewayMiddleware
-from tests.asgi_helpers import client_for, run_lifespan
+from tests.asgi_helpers import client_for, lifespan_running
 from tests.conftest import unique_prefix
 from tests.redis_process import HOST, RedisProcess, free_port
 
@@ -279,28 +279,6 @@ async def proxying(
         await proxy.close()
 
 
-@asynccontextmanager
-async def serving(app: GatewayMiddleware) -> AsyncIterator[None]:
-    """Lifespan startup before the block, shutdown after it (store and upstream pool closed)."""
-    inside = asyncio.Event()
-    leave = asyncio.Event()
-
-    async def between() -> None:
-        inside.set()
-        await leave.wait()
-
-    task = asyncio.ensure_future(run_lifespan(app, between))
-    async with asyncio.timeout(10):
-        await asyncio.wait([task, asyncio.ensure_future(inside.wait())], return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        task.result()
-        raise AssertionError("lifespan ended before startup completed")
-    try:
-        yield
-    finally:
-        leave.set()
-        sent = await task
-        assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
 
 
 def stack(upstream_url: str, store: dict[str, Any], **upstream: Any) -> GatewayMiddleware:
@@ -965,7 +943,7 @@ class TestFullStack:
         same key runs, exactly once."""
         port = free_port()
         app = stack(f"http://{HOST}:{port}", store_section)
-        async with serving(app), client_for(app) as c:
+        async with lifespan_running(app), client_for(app) as c:
             first = await c.post("/charges", content=b"pay", headers={KEY: "k1"})
             assert_problem(first, 502, NOT_REACHED)
             async with upstream_running(port) as up:
@@ -991,7 +969,7 @@ class TestFullStack:
         upstream runs the request once."""
         upstream.routes["/charges"] = upstream.slow
         app = stack(upstream.url, store_section, timeout="300ms")
-        async with serving(app), client_for(app) as c:
+        async with lifespan_running(app), client_for(app) as c:
             first = await c.post("/charges", content=b"pay", headers={KEY: "slow"})
             assert_problem(first, 504, UNKNOWN)
             assert "idempotent-replayed" not in first.headers
@@ -1008,7 +986,7 @@ class TestFullStack:
         retry replays it without reaching the upstream."""
         async with RawUpstream(None) as raw:
             app = stack(raw.url, store_section)
-            async with serving(app), client_for(app) as c:
+            async with lifespan_running(app), client_for(app) as c:
                 first = await c.post("/charges", content=b"pay", headers={KEY: "drop"})
                 again = await c.post("/charges", content=b"pay", headers={KEY: "drop"})
         assert_problem(first, 502, UNKNOWN)
@@ -1022,7 +1000,7 @@ class TestFullStack:
     ) -> None:
         """Through the stack the upstream gets the X-Request-Id echoed to the client."""
         app = stack(upstream.url, store_section)
-        async with serving(app), client_for(app) as c:
+        async with lifespan_running(app), client_for(app) as c:
             r = await c.get("/x")
         assert r.status_code == 200
         (seen,) = upstream.seen
