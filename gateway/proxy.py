@@ -28,6 +28,7 @@ attempt that was made.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterable
 from ipaddress import ip_address, ip_network
@@ -40,6 +41,7 @@ from yarl import URL
 from gateway._asgi import Headers, Message, Receive, Scope, Send
 from gateway.config import UpstreamConfig
 from gateway.idempotency import mark_not_sent
+from gateway.idempotency.middleware import ATTEMPT_SCOPE_KEY
 from gateway.idempotency.problems import NOT_SENT, OUTCOME_UNKNOWN
 from gateway.metrics import Metrics
 from gateway.problem import problem_type, send_problem
@@ -64,6 +66,8 @@ _REQUEST_DROP = HOP_BY_HOP | _REQUEST_ONLY
 # other ways of saying who asked: believed (passed on) only from a trusted proxy
 _FORWARDING_CLAIMS = frozenset({b"forwarded", b"x-real-ip", b"x-forwarded-port", b"x-forwarded-prefix"})
 _BAD_REQUEST = problem_type("bad-request")
+# request messages the disconnect watch may skip: a bodiless request's one empty http.request
+_UNREAD_MESSAGES = 4
 # aiohttp adds these unless told not to; a proxy sends only what the client sent
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
@@ -165,10 +169,11 @@ class ProxyApp:
         except _Unforwardable as exc:
             await send_problem(send, status=400, type_=_BAD_REQUEST, title="Bad Request", detail=str(exc))
             return
-        body = _stream_body(receive) if has_body else None
+        body = _Body(receive) if has_body else None
         try:
             response = await session.request(
-                scope["method"], target, headers=headers, data=body, allow_redirects=False,
+                scope["method"], target, headers=headers, data=body.chunks() if body else None,
+                allow_redirects=False,
             )
         except _ClientGone:
             return  # nobody to answer; the upstream saw a cut-off request body
@@ -192,11 +197,21 @@ class ProxyApp:
                              detail="The connection to the upstream broke before it answered; it may "
                              "or may not have acted on the request.")
             return
+        watch = None
+        open_ended = response.content_length is None and scope["method"] != "HEAD"
+        if open_ended and (body is None or body.done) and scope.get(ATTEMPT_SCOPE_KEY) is None:
+            # an open-ended stream (no Content-Length) could run forever after its client left,
+            # and the server drops sends to a gone client silently: close it when the client goes.
+            # A keyed request's response is read to the end whatever the client does: it is stored.
+            watch = _DisconnectWatch(receive, response)
         try:
-            whole = await self._relay(scope, response, send)
+            whole = await self._relay(scope, response, send, watch)
         except BaseException:
             response.close()  # mid-body: the connection is out of step, never pooled again
             raise
+        finally:
+            if watch is not None:
+                watch.stop()
         if whole:
             response.release()  # read to the end: the connection goes back to the pool
         else:
@@ -275,8 +290,11 @@ class ProxyApp:
             return False
         return any(address in net for net in self._trusted)
 
-    async def _relay(self, scope: Scope, response: aiohttp.ClientResponse, send: Send) -> bool:
-        """Stream the upstream's response to the client; False when it broke off mid-body."""
+    async def _relay(
+        self, scope: Scope, response: aiohttp.ClientResponse, send: Send, watch: _DisconnectWatch | None
+    ) -> bool:
+        """Stream the upstream's response to the client; False when it broke off mid-body (or
+        the client left)."""
         raw = response.raw_headers
         drop = hop_by_hop(raw)
         headers = [(n.lower(), v) for n, v in raw if n.lower() not in drop]
@@ -292,6 +310,8 @@ class ProxyApp:
                     break
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            if watch is not None and watch.gone:
+                return False  # the client left and the watch closed the stream: not the upstream's fault
             kind = "timeout" if isinstance(exc, TimeoutError) else "broken"
             self._count(kind)
             _log.warning("upstream response broke off; the client's response is cut short",
@@ -314,17 +334,49 @@ class ProxyApp:
             self._metrics.upstream_error[kind].inc()
 
 
-async def _stream_body(receive: Receive) -> AsyncIterator[bytes]:
-    """The request body as it arrives, without keeping it."""
-    while True:
-        message: Message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone
-        chunk = message.get("body", b"")
-        if chunk:
-            yield chunk
-        if not message.get("more_body", False):
-            return
+class _Body:
+    """The request body as it arrives, without keeping it; ``done`` once it all went."""
+
+    __slots__ = ("done", "receive")
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
+        self.done = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while True:
+            message: Message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                self.done = True
+                return
+
+
+class _DisconnectWatch:
+    """Closes the upstream response when the client disconnects: after the request body (a
+    bodiless request still has its one empty ``http.request`` to read), the next message is
+    ``http.disconnect``."""
+
+    __slots__ = ("_task", "gone")
+
+    def __init__(self, receive: Receive, response: aiohttp.ClientResponse) -> None:
+        self.gone = False
+        self._task = asyncio.ensure_future(self._watch(receive, response))
+
+    async def _watch(self, receive: Receive, response: aiohttp.ClientResponse) -> None:
+        for _ in range(_UNREAD_MESSAGES):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.gone = True
+                response.close()
+                return
+
+    def stop(self) -> None:
+        self._task.cancel()
 
 
 def _describe(exc: BaseException) -> str:

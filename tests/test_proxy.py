@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import itertools
 import json
 import logging
 import socket
@@ -765,6 +766,63 @@ class TestBodies:
 # --------------------------------------------------------------------------------------------
 # failures
 # --------------------------------------------------------------------------------------------
+
+
+class TestClientLeaves:
+    @staticmethod
+    def endless(up: Upstream, flowing: asyncio.Event, closed: asyncio.Event) -> Handler:
+        """A chunked stream that runs until its connection drops (bounded: 10 s), then says so."""
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            await up.record(request)
+            response = web.StreamResponse()
+            await response.prepare(request)
+            try:
+                async with asyncio.timeout(10):
+                    for i in itertools.count():
+                        await response.write(b"tick\n")
+                        if i == 10:
+                            flowing.set()
+                        await asyncio.sleep(0.01)
+            except (ConnectionResetError, OSError, asyncio.CancelledError):
+                closed.set()
+                raise
+            return response
+
+        return handler
+
+    async def test_endless_stream_is_closed_when_the_client_leaves(
+        self, upstream: Upstream, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """An open-ended response (no Content-Length) whose client disconnects is closed upstream
+        at once, not read forever, and it is not logged or counted as an upstream error."""
+        flowing, closed = asyncio.Event(), asyncio.Event()
+        upstream.routes["/events"] = self.endless(upstream, flowing, closed)
+        metrics = Metrics()
+        reply = Reply()
+        leave = asyncio.Event()
+        messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop(0)
+            await leave.wait()
+            return {"type": "http.disconnect"}
+
+        async with proxying(upstream.url, metrics=metrics) as proxy:
+            task = asyncio.ensure_future(drive(proxy, raw_path=b"/events", receive=receive, into=reply))
+            async with asyncio.timeout(5):
+                await flowing.wait()
+            leave.set()
+            async with asyncio.timeout(5):
+                await closed.wait()
+                await task
+        assert reply.status == 200
+        assert reply.bodies  # the stream reached the client
+        assert not any(m.get("more_body") is False for m in reply.bodies)  # cut, not finished
+        for kind in ("unreachable", "timeout", "broken"):
+            assert metrics.registry.get_sample_value("gateway_upstream_errors_total", {"kind": kind}) == 0
+        assert not events(caplog, "upstream.broken")
 
 
 class TestFailures:
