@@ -47,7 +47,7 @@ from gateway.metrics import Metrics
 from gateway.problem import problem_type, send_problem
 from gateway.requestid import current_request_id
 
-__all__ = ["HOP_BY_HOP", "KEEPALIVE_S", "ProxyApp", "hop_by_hop"]
+__all__ = ["HOP_BY_HOP", "KEEPALIVE_S", "MAX_CONNECTIONS", "ProxyApp", "hop_by_hop"]
 
 _log = logging.getLogger("gateway.proxy")
 
@@ -59,6 +59,9 @@ HOP_BY_HOP = frozenset({
 #: An idle upstream connection is closed after this, sooner than common servers (uvicorn, Node:
 #: 5 s) close theirs, so a request is rarely written to a connection the upstream just dropped.
 KEEPALIVE_S = 4.0
+#: Upstream connections one process opens at most; past it a request waits for one, and that wait
+#: counts against ``connect_timeout`` (then 502, not sent): back-pressure instead of a flood.
+MAX_CONNECTIONS = 1024
 # rewritten by the proxy (the forwarding headers, Host), or answered by it: the client's
 # "Expect: 100-continue" was already answered by the gateway's own server when it read the body
 _REQUEST_ONLY = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"host", b"expect"})
@@ -121,7 +124,9 @@ class ProxyApp:
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S, ttl_dns_cache=10)
+        connector = aiohttp.TCPConnector(
+            limit=MAX_CONNECTIONS, keepalive_timeout=KEEPALIVE_S, ttl_dns_cache=10
+        )
         session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,
@@ -150,16 +155,15 @@ class ProxyApp:
             await send({"type": "websocket.close", "code": 1003})  # not proxied: refused at handshake
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                if self._session is None:
-                    self._open()
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.close()
-                await send({"type": "lifespan.shutdown.complete"})
+        """Open the pool at startup, close it at shutdown: the lifespan's two messages."""
+        if (await receive())["type"] == "lifespan.startup":
+            if self._session is None:
+                self._open()
+            await send({"type": "lifespan.startup.complete"})
+            if (await receive())["type"] != "lifespan.shutdown":
                 return
+        await self.close()
+        await send({"type": "lifespan.shutdown.complete"})
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         session = self._session or self._open()
