@@ -26,6 +26,7 @@ __all__ = ["main"]
 
 EXIT_OK = 0
 EXIT_USAGE = 2  # bad command line or config, as the contract says
+EXIT_FAILED = 1  # the server could not start for another reason
 
 
 class _UsageError(Exception):
@@ -197,6 +198,9 @@ def _serve(args: argparse.Namespace) -> int:
         sock.close()
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+    if workers == 1 and not server.started:
+        print("gateway: the server did not start (see the log lines above)", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 
