@@ -3,8 +3,9 @@
 ``OpsMiddleware`` sits right inside the request id layer (DESIGN.md "One request, in order",
 step 3): ``/_gateway/*`` is answered here, never rate-limited and never forwarded; every other
 HTTP request is counted by status and timed. ``UpstreamTimer`` wraps the innermost app (the
-wrapped ASGI app, or the proxy) and records how long it took to start its response, so the
-gateway's own share of the latency is the time to response start minus that.
+wrapped ASGI app, or the proxy) and notes when the request reached it: the upstream latency runs
+from there to the response start, and the gateway's own share is the time before it (all of it
+when the gateway answers itself: a 429, a replay). One send wrapper does all the counting.
 
 * ``GET /_gateway/healthz``: 200 while the process runs (liveness).
 * ``GET /_gateway/readyz``: 200 when the store answers a PING within its timeout, else 503.
@@ -34,12 +35,12 @@ _READY = b'{"status":"ready"}'
 
 
 class Timing:
-    """What the layers of one request learn about its latency."""
+    """When one request was handed to the app (or the upstream), if it was."""
 
-    __slots__ = ("upstream_s",)
+    __slots__ = ("app_start",)
 
     def __init__(self) -> None:
-        self.upstream_s = 0.0  # stays 0 when the gateway answered itself
+        self.app_start = 0.0  # stays 0 when the gateway answered itself
 
 
 class OpsMiddleware:
@@ -58,7 +59,6 @@ class OpsMiddleware:
         if path.startswith(OPS_PREFIX) and (len(path) == len(OPS_PREFIX) or path[len(OPS_PREFIX)] == "/"):
             await self._answer(scope, send)
             return
-        metrics = self._metrics
         timing = scope[TIMING_SCOPE_KEY] = Timing()
         start = time.perf_counter()
         started = False
@@ -67,17 +67,27 @@ class OpsMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                metrics.added_latency.observe(time.perf_counter() - start - timing.upstream_s)
-                metrics.count_response(message["status"])
+                self._count(start, timing, message["status"])
             await send(message)
 
         try:
             await self.app(scope, receive, send_counted)
         except Exception:
             if not started:  # the server answers 500 for an app that raised before responding
-                metrics.added_latency.observe(time.perf_counter() - start - timing.upstream_s)
-                metrics.count_response(500)
+                self._count(start, timing, 500)
             raise
+
+    def _count(self, start: float, timing: Timing, status: int) -> None:
+        """At response start: the status, the upstream's latency (from the hand-off) and ours."""
+        now = time.perf_counter()
+        metrics = self._metrics
+        if timing.app_start:
+            upstream = now - timing.app_start
+            metrics.upstream_latency.observe(upstream)
+            metrics.added_latency.observe(timing.app_start - start)
+        else:
+            metrics.added_latency.observe(now - start)
+        metrics.count_response(status)
 
     async def _answer(self, scope: Scope, send: Send) -> None:
         name = scope["path"][len(OPS_PREFIX):]
@@ -116,25 +126,14 @@ async def _respond(
 
 
 class UpstreamTimer:
-    """Wraps the innermost app: records how long it took to start its response."""
+    """Wraps the innermost app: notes when a request is handed to it (``OpsMiddleware`` takes
+    the upstream latency from there to the response start, in its own send wrapper)."""
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self._histogram = metrics.upstream_latency
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         timing = scope.get(TIMING_SCOPE_KEY) if scope["type"] == "http" else None
-        if timing is None:
-            await self.app(scope, receive, send)
-            return
-        histogram = self._histogram
-        start = time.perf_counter()
-
-        async def send_timed(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                elapsed = time.perf_counter() - start
-                timing.upstream_s = elapsed
-                histogram.observe(elapsed)
-            await send(message)
-
-        await self.app(scope, receive, send_timed)
+        if timing is not None:
+            timing.app_start = time.perf_counter()
+        await self.app(scope, receive, send)

@@ -58,7 +58,7 @@ class GatewayMiddleware:
             store_from_config(self.config.store, metrics=self.metrics) if store is None else store
         )
         self._idempotency = IdempotencyMiddleware(
-            UpstreamTimer(app, metrics=self.metrics),
+            UpstreamTimer(app),
             idempotency=self.config.idempotency,
             identity=self.config.identity,
             store=self.store,
