@@ -52,7 +52,7 @@ class GatewayMiddleware:
         metrics: Metrics | None = None,
     ) -> None:
         self.config = load_config(config)
-        self.metrics = metrics or Metrics(p.name for p in self.config.rate_limits)
+        self.metrics = metrics if metrics is not None else Metrics(p.name for p in self.config.rate_limits)
         self._owns_store = store is None
         self.store: Store = (
             store_from_config(self.config.store, metrics=self.metrics) if store is None else store
