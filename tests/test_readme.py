@@ -35,3 +35,18 @@ def test_readme_demo_command_installs_and_runs_the_demo() -> None:
     """The first command installs the package into a fresh venv and runs `gateway demo`."""
     demo = [c for c in indented_commands(README) if c.endswith("gateway demo")]
     assert demo == ["python3 -m venv .venv && .venv/bin/pip install -q -e . && .venv/bin/gateway demo"]
+
+
+def test_readme_metric_table_is_what_the_gateway_exports() -> None:
+    """The README's metric table names exactly the families /_gateway/metrics exposes."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gateway.metrics import Metrics
+
+    section = README.split("## Operations", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(gateway_[a-z_]+)` \|", section, re.MULTILINE))
+    exposed = set()
+    for family in text_string_to_metric_families(Metrics(["p"]).exposition().decode()):
+        if not family.name.endswith("_created"):  # prometheus_client's own series (off under serve)
+            exposed.add(family.name + ("_total" if family.type == "counter" else ""))
+    assert documented == exposed
