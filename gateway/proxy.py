@@ -109,7 +109,6 @@ class ProxyApp:
         self, upstream: UpstreamConfig, *, trusted_proxies: Iterable[str] = (), metrics: Metrics | None = None
     ) -> None:
         parts = urlsplit(upstream.url)
-        self._base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
         # the request's path is appended to this URL's path, never parsed as a URL of its own
         self._scheme, self._authority, self._prefix = parts.scheme, parts.netloc, parts.path.rstrip("/")
         self._upstream = upstream
@@ -328,7 +327,7 @@ class ProxyApp:
     async def _fail(self, send: Send, kind: str, exc: BaseException, **problem: Any) -> None:
         self._count(kind)
         _log.warning("upstream %s", kind, extra={
-            "event": f"upstream.{kind}", "request_id": current_request_id(), "upstream": self._base,
+            "event": f"upstream.{kind}", "request_id": current_request_id(), "upstream": self._upstream.url,
             "error": _describe(exc),
         })
         await send_problem(send, **problem)

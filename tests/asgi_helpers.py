@@ -1,16 +1,23 @@
-"""Small ASGI doubles for the middleware tests: a counting app, a client, a lifespan driver."""
+"""Small ASGI doubles for the middleware tests: a counting app, a client, a lifespan driver, and
+the checks they share (a problem+json answer, a poll with a deadline)."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import json
 import threading
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 
 from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
+
+#: The prefix of the gateway's own problem types.
+PROBLEM = "urn:gateway:problem:"
 
 
 class CountingApp:
@@ -113,3 +120,36 @@ def run_in_threads(target: Callable[[int], None], count: int, timeout_s: float =
     for t in threads:
         t.join(timeout=timeout_s)
     assert not any(t.is_alive() for t in threads), "a thread did not finish in time"
+
+
+def assert_problem(r: Any, status: int, type_: str) -> dict[str, Any]:
+    """``r`` (an httpx response, or a recorded reply with ``status_code``, ``headers`` and
+    ``content``) is the gateway's own RFC 9457 answer with this status and type URI."""
+    assert r.status_code == status
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.headers["cache-control"] == "no-store"
+    assert r.headers["x-request-id"]
+    assert r.headers["content-length"] == str(len(r.content))
+    body: dict[str, Any] = json.loads(r.content)
+    assert body["type"] == type_
+    assert body["status"] == status
+    assert isinstance(body["title"], str)
+    assert body["title"]
+    assert isinstance(body["detail"], str)
+    assert body["detail"]
+    return body
+
+
+async def poll(
+    check: Callable[[], bool | Awaitable[bool]], deadline_s: float = 10.0, every_s: float = 0.02
+) -> None:
+    """Call ``check`` (plain or async) until it is true; fail after ``deadline_s``."""
+    end = time.monotonic() + deadline_s
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        assert time.monotonic() < end, f"condition not met within {deadline_s}s"
+        await asyncio.sleep(every_s)

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,14 +27,14 @@ from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
 from gateway.idempotency.lease import Lease
 from gateway.store.redis import RedisStore
 from gateway.store.scripts import read_script
-from tests.asgi_helpers import answer_lifespan, client_for, run_lifespan
+from tests import asgi_helpers as helpers
+from tests.asgi_helpers import PROBLEM, answer_lifespan, client_for, poll, run_lifespan
 from tests.conftest import TEST_STORE_TIMEOUT_S, unique_prefix
 from tests.redis_process import RedisProcess, free_port
 
 KEY = "Idempotency-Key"
 KEY_B = b"idempotency-key"
 REPLAYED = "idempotent-replayed"
-PROBLEM = "urn:gateway:problem:"
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -183,19 +183,7 @@ def idem(app: ASGIApp, store: RedisStore | Any, **settings: Any) -> IdempotencyM
 
 def assert_problem(r: httpx.Response | Reply, status: int, type_name: str) -> dict[str, Any]:
     """``r`` is the gateway's own RFC 9457 answer with this status and type."""
-    assert r.status_code == status
-    assert r.headers["content-type"] == "application/problem+json"
-    assert r.headers["cache-control"] == "no-store"
-    assert r.headers["x-request-id"]
-    assert r.headers["content-length"] == str(len(r.content))
-    body: dict[str, Any] = r.json()
-    assert body["type"] == PROBLEM + type_name
-    assert body["status"] == status
-    assert isinstance(body["title"], str)
-    assert body["title"]
-    assert isinstance(body["detail"], str)
-    assert body["detail"]
-    return body
+    return helpers.assert_problem(r, status, PROBLEM + type_name)
 
 
 def assert_first(r: httpx.Response | Reply) -> None:
@@ -204,14 +192,6 @@ def assert_first(r: httpx.Response | Reply) -> None:
 
 def assert_replayed(r: httpx.Response | Reply) -> None:
     assert r.headers.get_list(REPLAYED) == ["true"]
-
-
-async def poll(check: Callable[[], Awaitable[bool]], deadline_s: float = 10.0, every_s: float = 0.02) -> None:
-    """Call ``check`` until it is true; fail after ``deadline_s``."""
-    end = time.monotonic() + deadline_s
-    while not await check():
-        assert time.monotonic() < end, f"condition not met within {deadline_s}s"
-        await asyncio.sleep(every_s)
 
 
 async def entered(app: App) -> None:

@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway._asgi import Receive, Scope, Send
 from gateway.config import load_config
 from gateway.stack import GatewayMiddleware
-from tests.asgi_helpers import CountingApp, answer_lifespan, client_for, lifespan_running
+from tests.asgi_helpers import (
+    PROBLEM,
+    CountingApp,
+    answer_lifespan,
+    assert_problem,
+    client_for,
+    lifespan_running,
+    poll,
+)
 from tests.conftest import require_redis_server, unique_prefix
 from tests.redis_process import HOST, RedisProcess, free_port
 
-PROBLEM = "urn:gateway:problem:"
 KEY = "Idempotency-Key"
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -131,25 +138,6 @@ async def scrape(client: httpx.AsyncClient) -> Samples:
 
 def at(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def assert_problem(r: httpx.Response, status: int, type_: str) -> dict[str, Any]:
-    assert r.status_code == status
-    assert r.headers["content-type"] == "application/problem+json"
-    assert r.headers["x-request-id"]
-    body: dict[str, Any] = r.json()
-    assert (body["type"], body["status"]) == (type_, status)
-    assert body["title"]
-    assert body["detail"]
-    return body
-
-
-async def poll(check: Callable[[], bool], deadline_s: float = 10.0) -> None:
-    """Wait until ``check()`` is true; fail after ``deadline_s``."""
-    end = time.monotonic() + deadline_s
-    while not check():
-        assert time.monotonic() < end, f"condition not met within {deadline_s}s"
-        await asyncio.sleep(0.01)
 
 
 MEMORY = {"url": "memory://", "timeout": "2s"}

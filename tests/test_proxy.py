@@ -32,11 +32,11 @@ from gateway.proxy import HOP_BY_HOP, ProxyApp, hop_by_hop
 from gateway.requestid import RequestIdMiddleware
 from gateway.server import build_app
 from gateway.stack import GatewayMiddleware
-from tests.asgi_helpers import client_for, lifespan_running
+from tests import asgi_helpers as helpers
+from tests.asgi_helpers import PROBLEM, client_for, lifespan_running, poll
 from tests.conftest import unique_prefix
 from tests.redis_process import HOST, RedisProcess, free_port
 
-PROBLEM = "urn:gateway:problem:"
 NOT_REACHED = "upstream-not-reached"
 UNKNOWN = "outcome-unknown"
 CLIENT = ("203.0.113.7", 4321)
@@ -207,6 +207,10 @@ class Reply:
         return int(starts[0]["status"])
 
     @property
+    def status_code(self) -> int:  # what an httpx response calls it
+        return self.status
+
+    @property
     def headers(self) -> httpx.Headers:
         (start,) = [m for m in self.messages if m["type"] == "http.response.start"]
         return httpx.Headers([(bytes(n), bytes(v)) for n, v in start["headers"]])
@@ -298,30 +302,10 @@ def store_section(store_kind: str, request: pytest.FixtureRequest) -> dict[str, 
 
 
 def assert_problem(r: httpx.Response | Reply, status: int, type_name: str) -> dict[str, Any]:
-    """``r`` is the gateway's own problem+json with this status and type."""
+    """``r`` is the gateway's own problem+json with this status and type (a raw reply, whole)."""
     if isinstance(r, Reply):
-        assert r.status == status
-        content = r.content
         assert r.complete
-    else:
-        assert r.status_code == status
-        content = r.content
-    assert r.headers["content-type"] == "application/problem+json"
-    assert r.headers["x-request-id"]
-    body: dict[str, Any] = json.loads(content)
-    assert body["type"] == PROBLEM + type_name
-    assert body["status"] == status
-    assert body["title"]
-    assert body["detail"]
-    return body
-
-
-async def poll(check: Callable[[], bool], deadline_s: float = 10.0) -> None:
-    """Wait until ``check()`` is true; fail after ``deadline_s``."""
-    end = time.monotonic() + deadline_s
-    while not check():
-        assert time.monotonic() < end, f"condition not met within {deadline_s}s"
-        await asyncio.sleep(0.01)
+    return helpers.assert_problem(r, status, PROBLEM + type_name)
 
 
 def events(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
