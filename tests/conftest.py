@@ -10,6 +10,7 @@ import inspect
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
@@ -73,6 +74,15 @@ def unique_prefix() -> str:
 def store_kind(request: pytest.FixtureRequest) -> str:
     kind: str = request.param
     return kind
+
+
+@pytest.fixture
+def store_section(store_kind: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """A ``[store]`` section on memory:// or the session's real Redis, keys unique to the test."""
+    if store_kind == "memory":
+        return {"url": "memory://", "key_prefix": unique_prefix(), "timeout": "2s"}
+    server: RedisProcess = request.getfixturevalue("redis_server")
+    return {"url": server.url, "key_prefix": unique_prefix(), "timeout": "2s"}
 
 
 @pytest.fixture

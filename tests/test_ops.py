@@ -100,15 +100,6 @@ def dead_store() -> dict[str, Any]:
     return {"url": f"redis://{HOST}:{free_port()}/0", "timeout": "200ms", "key_prefix": unique_prefix()}
 
 
-@pytest.fixture
-def store_section(store_kind: str, request: pytest.FixtureRequest) -> dict[str, Any]:
-    """A ``[store]`` section on memory:// or the session's real Redis, keys unique to the test."""
-    if store_kind == "memory":
-        return {"url": "memory://", "key_prefix": unique_prefix(), "timeout": "2s"}
-    server: RedisProcess = request.getfixturevalue("redis_server")
-    return {"url": server.url, "key_prefix": unique_prefix(), "timeout": "2s"}
-
-
 @asynccontextmanager
 async def serving(app: GatewayMiddleware) -> AsyncIterator[httpx.AsyncClient]:
     """Lifespan startup, a client for the block, then shutdown (the store closed)."""

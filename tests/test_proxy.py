@@ -34,8 +34,7 @@ from gateway.server import build_app
 from gateway.stack import GatewayMiddleware
 from tests import asgi_helpers as helpers
 from tests.asgi_helpers import PROBLEM, client_for, lifespan_running, poll
-from tests.conftest import unique_prefix
-from tests.redis_process import HOST, RedisProcess, free_port
+from tests.redis_process import HOST, free_port
 
 NOT_REACHED = "upstream-not-reached"
 UNKNOWN = "outcome-unknown"
@@ -290,15 +289,6 @@ def stack(upstream_url: str, store: dict[str, Any], **upstream: Any) -> GatewayM
     """``build_app`` for ``upstream_url`` on the ``[store]`` section ``store``."""
     config = load_config({"upstream": {"url": upstream_url, **upstream}, "store": store}, env={})
     return build_app(config)
-
-
-@pytest.fixture
-def store_section(store_kind: str, request: pytest.FixtureRequest) -> dict[str, Any]:
-    """A ``[store]`` section on memory:// or the session's real Redis, keys unique to the test."""
-    if store_kind == "memory":
-        return {"url": "memory://", "key_prefix": unique_prefix(), "timeout": "2s"}
-    server: RedisProcess = request.getfixturevalue("redis_server")
-    return {"url": server.url, "key_prefix": unique_prefix(), "timeout": "2s"}
 
 
 def assert_problem(r: httpx.Response | Reply, status: int, type_name: str) -> dict[str, Any]:
