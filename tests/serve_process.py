@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -113,10 +113,13 @@ class ServerProcess:
         raise AssertionError(f"{self.name} did not answer {url} within {deadline_s}s: "
                              f"{self.stderr()[-3000:]}")
 
-    def start(self) -> ServerProcess:
+    def start(self) -> Self:
         self.launch()
         self.wait_ready()
         return self
+
+    def client(self, timeout_s: float = 10.0) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout_s, trust_env=False)
 
     def exited(self) -> bool:
         return self.proc is not None and self.proc.poll() is not None
@@ -168,13 +171,6 @@ class Upstream(ServerProcess):
 
     def ready_url(self) -> str:
         return f"{self.url}/health"
-
-    def start(self) -> Upstream:
-        super().start()
-        return self
-
-    def client(self, timeout_s: float = 10.0) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=timeout_s, trust_env=False)
 
     def executions(self) -> dict[str, dict[str, int]]:
         with self.client() as client:
@@ -247,13 +243,6 @@ class GatewayServe(ServerProcess):
 
     def ready_url(self) -> str:
         return f"{self.url}/_gateway/healthz"
-
-    def start(self) -> GatewayServe:
-        super().start()
-        return self
-
-    def client(self, timeout_s: float = 10.0) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=timeout_s, trust_env=False)
 
     def logs(self) -> list[dict[str, Any]]:
         """The JSON objects on stderr, one per line (lines that are not JSON objects are skipped)."""
