@@ -73,6 +73,9 @@ class StoreConfig:
     cluster: bool = False
     timeout_s: float = 0.1
     key_prefix: str = "gw"
+    max_connections: int = 64  # per process (per node on a cluster); past it calls wait
+    breaker_failures: int = 5  # consecutive failed calls that open the circuit breaker
+    breaker_cooldown_s: float = 1.0  # how long an open breaker fails calls fast before a probe
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -233,6 +236,9 @@ def _store(t: Table, overrides: dict[str, tuple[str, str]]) -> StoreConfig:
         cluster=t.boolean("cluster", d.cluster),
         timeout_s=t.duration("timeout", d.timeout_s, high=60.0),
         key_prefix=t.key_prefix("key_prefix", d.key_prefix),
+        max_connections=t.integer("max_connections", d.max_connections, low=1, high=10_000),
+        breaker_failures=t.integer("breaker_failures", d.breaker_failures, low=1, high=10_000),
+        breaker_cooldown_s=t.duration("breaker_cooldown", d.breaker_cooldown_s, low=0.001, high=3600.0),
     )
     # a rejected URL has its own problem line; the default standing in for it is not the user's
     if url_ok and cfg.cluster and url.split(":", 1)[0] in ("memory", "unix"):

@@ -4,7 +4,8 @@
     ├── ConfigError (ValueError)      every problem of a config at once, each naming its key
     └── StoreError                    the store could not decide; the caller applies on_store_error
         ├── StoreUnavailable          no connection, or it broke (refused, reset, pool exhausted)
-        │   └── StoreTimeout          no answer within store.timeout
+        │   ├── StoreTimeout          no answer within store.timeout
+        │   └── StoreCircuitOpen      not even tried: the circuit breaker is open (a recent outage)
         └── StoreScriptError          the store answered with an error (a bug or a foreign key type)
 
 Foreign exceptions (redis-py, fakeredis, OSError) are translated into these at one boundary,
@@ -16,6 +17,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "GatewayError",
+    "StoreCircuitOpen",
     "StoreError",
     "StoreScriptError",
     "StoreTimeout",
@@ -49,6 +51,11 @@ class StoreUnavailable(StoreError):
 
 class StoreTimeout(StoreUnavailable):
     """The store did not answer within ``store.timeout``."""
+
+
+class StoreCircuitOpen(StoreUnavailable):
+    """The store was not called: after repeated failures the circuit breaker fails calls fast
+    until its cool-down ends (``gateway/store/breaker.py``)."""
 
 
 class StoreScriptError(StoreError):

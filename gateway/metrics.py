@@ -17,13 +17,16 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from gateway.store.breaker import BREAKER_STATES, BreakerState
 
 __all__ = [
     "CONTENT_TYPE",
     "IDEMPOTENCY_OUTCOMES",
     "RATELIMIT_DECISIONS",
+    "STORE_ERROR_KINDS",
     "STORE_OPERATIONS",
     "UPSTREAM_ERRORS",
     "Metrics",
@@ -36,6 +39,7 @@ RATELIMIT_DECISIONS = ("allow", "deny", "error")
 IDEMPOTENCY_OUTCOMES = ("executed", "replayed", "in_flight", "mismatch", "invalid", "store_error")
 STORE_OPERATIONS = (
     "ratelimit_take",
+    "ratelimit_refund",
     "idempotency_claim",
     "idempotency_complete",
     "idempotency_release",
@@ -43,6 +47,8 @@ STORE_OPERATIONS = (
     "ping",
 )
 UPSTREAM_ERRORS = ("unreachable", "timeout", "broken")
+#: timeout, no or broken connection, an error reply, refused by the open breaker without a call
+STORE_ERROR_KINDS = ("timeout", "unavailable", "script", "circuit_open")
 
 # a store call is sub-millisecond on loopback and bounded by store.timeout (100 ms by default)
 _STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -94,7 +100,26 @@ class Metrics:
             "gateway_upstream_errors", "Proxied requests that got no whole answer from the upstream.",
             ["kind"], registry=reg,
         )
+        store_errors = Counter(
+            "gateway_store_errors", "Store calls that failed, by operation and kind (timeout, "
+            "unavailable, script, circuit_open: refused by the open breaker without a call).",
+            ["operation", "kind"], registry=reg,
+        )
+        # livesum: under --workers N, how many live workers are in each state
+        self._breaker_state = Gauge(
+            "gateway_store_breaker_state",
+            "Store circuit breaker: 1 for the current state (closed, open, half_open), 0 otherwise.",
+            ["state"], multiprocess_mode="livesum", registry=reg,
+        )
+        self._breaker_opened = Counter(
+            "gateway_store_breaker_opened",
+            "Times the store circuit breaker opened (a failed half-open probe opens it again).",
+            registry=reg,
+        )
+        self.breaker_changed("closed")
         self.outcome = {o: outcomes.labels(outcome=o) for o in IDEMPOTENCY_OUTCOMES}
+        self.store_error = {(op, kind): store_errors.labels(operation=op, kind=kind)
+                            for op in STORE_OPERATIONS for kind in STORE_ERROR_KINDS}
         self.store_latency = {op: store_latency.labels(operation=op) for op in STORE_OPERATIONS}
         self.upstream_error = {k: upstream_errors.labels(kind=k) for k in UPSTREAM_ERRORS}
         # status codes are bound on first use: at most 500 distinct children
@@ -107,6 +132,13 @@ class Metrics:
     def decision(self, policy: str, decision: str) -> Counter:
         """The counter of one policy's decisions of one kind."""
         return self._decisions.labels(policy=policy, decision=decision)
+
+    def breaker_changed(self, state: BreakerState) -> None:
+        """Show the store breaker's new state (and count it when it opens)."""
+        for name in BREAKER_STATES:
+            self._breaker_state.labels(state=name).set(1 if name == state else 0)
+        if state == "open":
+            self._breaker_opened.inc()
 
     def count_response(self, status: int) -> None:
         """Count one response by its status code."""

@@ -8,7 +8,9 @@ from there to the response start, and the gateway's own share is the time before
 when the gateway answers itself: a 429, a replay). One send wrapper does all the counting.
 
 * ``GET /_gateway/healthz``: 200 while the process runs (liveness).
-* ``GET /_gateway/readyz``: 200 when the store answers a PING within its timeout, else 503.
+* ``GET /_gateway/readyz``: 200 when the store answers a PING within its timeout, else 503;
+  both say the circuit breaker's state. While the breaker is open the 503 comes at once, with no
+  store call; once its cool-down is over, this PING may itself be the probe that closes it.
 * ``GET /_gateway/metrics``: Prometheus text (every worker's, under ``--workers`` > 1).
 """
 
@@ -31,7 +33,7 @@ TIMING_SCOPE_KEY = "gateway.timing"
 _JSON = (b"content-type", b"application/json")
 _NO_STORE = (b"cache-control", b"no-store")
 _HEALTHY = b'{"status":"ok"}'
-_READY = b'{"status":"ready"}'
+_READY = b'{"status":"ready","breaker":"%s"}'
 
 
 class Timing:
@@ -108,9 +110,10 @@ class OpsMiddleware:
             except StoreError as exc:
                 await send_problem(send, status=503, type_=STORE_UNAVAILABLE, title="Store unavailable",
                                    detail=f"The store did not answer: {exc}",
-                                   headers=[(b"retry-after", b"1")])
+                                   headers=[(b"retry-after", b"1")],
+                                   extensions={"breaker": self._store.breaker_state()})
                 return
-            await _respond(scope, send, 200, _JSON, _READY)
+            await _respond(scope, send, 200, _JSON, _READY % self._store.breaker_state().encode())
         else:
             # multiprocess mode reads every worker's files: off the event loop
             text = await asyncio.to_thread(self._metrics.exposition)

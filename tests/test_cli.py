@@ -446,7 +446,7 @@ class TestDemoServes:
         assert 'gateway_ratelimit_decisions_total{decision="deny",policy="per-client"} 1.0' in counted
         assert 'gateway_requests_total{code="200"} 6.0' in counted
         assert 'gateway_requests_total{code="429"} 1.0' in counted
-        assert health == '{"status":"ok"}{"status":"ready"}'
+        assert health == '{"status":"ok"}{"status":"ready","breaker":"closed"}'
 
     def test_printed_charge_lines_show_replay_422_400_and_409(self, tmp_path: Path) -> None:
         """The demo's printed charge lines, run by curl, give 201, its replay, 422, 400 and a 409."""

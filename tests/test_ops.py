@@ -157,7 +157,7 @@ class TestEndpoints:
         async with serving(gw) as c:
             r = await c.get("/_gateway/readyz")
         assert r.status_code == 200
-        assert r.json() == {"status": "ready"}
+        assert r.json() == {"status": "ready", "breaker": "closed"}
         assert value(gw, "gateway_store_latency_seconds_count", operation="ping") == 1
 
     async def test_readyz_503_until_the_store_answers(self) -> None:
@@ -182,7 +182,7 @@ class TestEndpoints:
                 redis.cleanup()
         assert_problem(down, 503, PROBLEM + "store-unavailable")
         assert down.headers["retry-after"] == "1"
-        assert up.json() == {"status": "ready"}
+        assert up.json() == {"status": "ready", "breaker": "closed"}
 
     async def test_metrics_endpoint(self) -> None:
         """GET /_gateway/metrics is Prometheus text 0.0.4 naming every family the contract lists,

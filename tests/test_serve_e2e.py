@@ -199,7 +199,7 @@ def test_startup_line_hides_the_store_password(e2e_dir: Path, upstream: Upstream
 def test_ops_endpoints(client: httpx.Client) -> None:
     """healthz and readyz answer 200 JSON, metrics is Prometheus text, other /_gateway/* is 404."""
     assert client.get("/_gateway/healthz").json() == {"status": "ok"}
-    assert client.get("/_gateway/readyz").json() == {"status": "ready"}
+    assert client.get("/_gateway/readyz").json() == {"status": "ready", "breaker": "closed"}
     scraped = client.get("/_gateway/metrics")
     assert scraped.status_code == 200
     assert scraped.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway.config import StoreConfig
-from gateway.errors import ConfigError
 from gateway.store.base import (
     BucketSpec,
     BucketState,
@@ -36,16 +35,22 @@ __all__ = [
 
 
 def store_from_config(config: StoreConfig, *, metrics: Metrics | None = None) -> Store:
-    """Build (without connecting) the store ``config`` names: ``memory://`` or a Redis URL;
-    with ``metrics``, every call's latency is observed there."""
-    if config.cluster:
-        raise ConfigError(["store.cluster: Redis Cluster is not supported by this version yet"])
+    """Build (without connecting) the store ``config`` names: ``memory://``, one Redis, or a
+    Redis Cluster; with ``metrics``, every call's latency and errors and the circuit breaker's
+    state are shown there."""
+    from gateway.store.redis import RedisStore, new_breaker
+
+    breaker = new_breaker(config.breaker_failures, config.breaker_cooldown_s, metrics)
+    options: dict[str, Any] = {
+        "key_prefix": config.key_prefix, "timeout_s": config.timeout_s, "metrics": metrics,
+        "max_connections": config.max_connections, "breaker": breaker,
+    }
     if config.url == "memory://":
         from gateway.store.memory import memory_store
 
-        return memory_store(key_prefix=config.key_prefix, timeout_s=config.timeout_s, metrics=metrics)
-    from gateway.store.redis import RedisStore
+        return memory_store(**options)
+    if config.cluster:
+        from gateway.store.cluster import ClusterStore
 
-    return RedisStore.from_url(
-        config.url, key_prefix=config.key_prefix, timeout_s=config.timeout_s, metrics=metrics
-    )
+        return ClusterStore.from_url(config.url, **options)
+    return RedisStore.from_url(config.url, **options)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from gateway.config import IdempotencyConfig, RateLimitPolicy
+from gateway.store.breaker import BreakerState
 from gateway.store.resp import bulks
 
 __all__ = [
@@ -103,18 +104,25 @@ class LeaseTerms:
     """
 
     lock_ttl_ms: int
-    claim_argv: bytes  # lock_ttl, linger, on_lost_claim
-    renew_argv: bytes  # lock_ttl, linger
-    ttl_argv: bytes  # ttl
+    claim_values: tuple[int | str, ...]  # lock_ttl, linger, on_lost_claim
+    renew_values: tuple[int, ...]  # lock_ttl, linger
+    ttl_values: tuple[int, ...]  # ttl
+    claim_argv: bytes  # the same, framed as RESP bulk strings
+    renew_argv: bytes
+    ttl_argv: bytes
 
     @classmethod
     def from_config(cls, config: IdempotencyConfig) -> LeaseTerms:
         lock_ms = max(1, round(config.lock_ttl_s * 1000))
         ttl_ms = max(1, round(config.ttl_s * 1000))
         linger_ms = ttl_ms if config.on_lost_claim == "unknown" else 0
+        claim = (lock_ms, linger_ms, config.on_lost_claim)
         return cls(
             lock_ttl_ms=lock_ms,
-            claim_argv=bulks((lock_ms, linger_ms, config.on_lost_claim)),
+            claim_values=claim,
+            renew_values=(lock_ms, linger_ms),
+            ttl_values=(ttl_ms,),
+            claim_argv=bulks(claim),
             renew_argv=bulks((lock_ms, linger_ms)),
             ttl_argv=bulks((ttl_ms,)),
         )
@@ -151,7 +159,12 @@ class Store(Protocol):
         """Release connections; called from lifespan shutdown."""
 
     async def ping(self) -> None:
-        """Raise ``StoreError`` unless the store answers within its timeout."""
+        """Raise ``StoreError`` unless the store answers within its timeout (every node's
+        primary, on a cluster); goes through the circuit breaker like any call."""
+
+    def breaker_state(self) -> BreakerState:
+        """The circuit breaker's state: closed, open (failing fast) or half_open (probing)."""
+        ...
 
     async def ratelimit_take(
         self, plan: TakePlan, tags: Sequence[str], *, clock_offset_ms: int = 0

@@ -7,21 +7,18 @@ only, so two processes (or ``--workers 2``) each get their own limits: use Redis
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import fakeredis
 from fakeredis import aioredis
 
 from gateway.store.redis import RedisStore
 
-if TYPE_CHECKING:
-    from gateway.metrics import Metrics
-
 __all__ = ["memory_store"]
 
 
-def memory_store(*, key_prefix: str, timeout_s: float, metrics: Metrics | None = None) -> RedisStore:
-    """A store on a private in-process fakeredis server."""
+def memory_store(**options: Any) -> RedisStore:
+    """A store on a private in-process fakeredis server; ``options`` as for ``RedisStore``."""
     server = fakeredis.FakeServer(version=(7,))
     client = aioredis.FakeRedis(server=server)
-    return RedisStore(client, key_prefix=key_prefix, timeout_s=timeout_s, metrics=metrics)
+    return RedisStore(client, **options)

@@ -1,29 +1,21 @@
-"""RedisStore: each decision is one EVALSHA of a ``lua/`` script, on Redis or on fakeredis.
+"""RedisStore: each decision is one EVALSHA of a ``lua/`` script, on one Redis or on fakeredis.
 
-The only module that imports ``redis``. Every foreign exception (redis-py's, OSError, a
-timeout) becomes a ``gateway.errors.StoreError`` here, and every call, from waiting for a
-connection to the reply (a reconnect and a script reload included), is bounded by
-``store.timeout``.
+Every call goes through ``CallGuard`` (``guard.py``): the circuit breaker, one deadline of
+``store.timeout`` from waiting for a connection to the reply (a reconnect and a script reload
+included), and the translation of every foreign exception into ``gateway.errors.StoreError``.
 
 Decisions skip redis-py's generic client path (its pool takes a lock, probes the socket and
 records metrics on every command) and go through ``_Lane``: redis-py ``Connection`` objects
 (URL parsing, AUTH/SELECT/TLS, the hiredis parser) reused LIFO, at most ``MAX_CONNECTIONS`` at
 once, with the command framed once per plan (``resp.py``). Scripts are named by their SHA1,
 computed locally; after NOSCRIPT (a restarted Redis, ``SCRIPT FLUSH``, a failover) the script is
-loaded on that connection and the call sent once more.
-
-Key layout: buckets are ``{key_prefix}:v1:rl:{TAG}:{policy}``, idempotency records
-``{key_prefix}:v1:idem:{RECORD}``. ``v1`` is the data version (bump it when a script reads or
-writes fields differently); ``{TAG}`` is a Redis Cluster hash tag, the hashed key value, so all
-buckets of one client share a slot; ``{RECORD}`` (a hash of identity and key) spreads records
-over the slots.
+loaded on that connection and the call sent once more. Key names: ``layout.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import ConnectionPool, Redis
@@ -31,36 +23,28 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
-from gateway.errors import StoreScriptError, StoreTimeout, StoreUnavailable
-from gateway.store.base import BucketState, Claim, LeaseTerms, RateDecision, StoredResponse, TakePlan
+from gateway.store.base import Claim, LeaseTerms, RateDecision, StoredResponse, TakePlan
+from gateway.store.breaker import BreakerState, CircuitBreaker
+from gateway.store.guard import CallGuard
+from gateway.store.layout import KeyLayout, claim_from_reply, decision_from_reply
 from gateway.store.resp import ScriptCall, bulk, command
 from gateway.store.scripts import read_script
 
 if TYPE_CHECKING:
-    from prometheus_client import Histogram
-
     from gateway.metrics import Metrics
 
-__all__ = ["DATA_VERSION", "MAX_CONNECTIONS", "RedisStore", "connection_options"]
+__all__ = ["MAX_CONNECTIONS", "RedisStore", "connection_options", "new_breaker"]
 
-DATA_VERSION = "v1"
-#: Connections a store uses at once; past it a call waits (within its timeout) for one.
+#: Connections a store uses at once by default (``store.max_connections``); past it a call
+#: waits (within its timeout) for one.
 MAX_CONNECTIONS = 64
 _NO_OFFSET = bulk(b"0")
 _PING = command("PING")
-_BUCKET_KEY = b"%b{%b}:%b"  # prefix, {tag} (the cluster hash tag), policy name
-_RECORD_KEY = b"%b{%b}"  # prefix, {record} (the cluster hash tag)
 
 
-_NEW = Claim("new")
-_MISMATCH = Claim("mismatch")
-_UNKNOWN = Claim("unknown")
-
-
-def connection_options(timeout_s: float) -> dict[str, Any]:
+def connection_options(timeout_s: float, max_connections: int = MAX_CONNECTIONS) -> dict[str, Any]:
     """redis-py connection settings: connecting is bounded by the store timeout; reads carry
     no timeout of their own (the call's single bound covers them); no retries inside
     redis-py (``_Lane`` decides what is safe to retry)."""
@@ -68,8 +52,14 @@ def connection_options(timeout_s: float) -> dict[str, Any]:
         "socket_timeout": None,
         "socket_connect_timeout": timeout_s,
         "retry": Retry(NoBackoff(), retries=0),
-        "max_connections": MAX_CONNECTIONS,
+        "max_connections": max_connections,
     }
+
+
+def new_breaker(failures: int, cooldown_s: float, metrics: Metrics | None) -> CircuitBreaker:
+    """A store's circuit breaker, its state shown in ``metrics`` when given."""
+    return CircuitBreaker(failures=failures, cooldown_s=cooldown_s,
+                          on_change=metrics.breaker_changed if metrics else None)
 
 
 class _Lane:
@@ -103,6 +93,11 @@ class _Lane:
         try:
             await conn.send_packed_command(packed, check_health=False)
             reply = await conn.read_response()
+        except ReadOnlyError:
+            # this server became a replica (a failover): its connections must find the master
+            await self._drop(conn)
+            await self._drop_idle()
+            raise
         except ResponseError:
             self._idle.append(conn)  # an error reply leaves the connection in step
             raise
@@ -135,19 +130,33 @@ class _Lane:
 
 
 class RedisStore:
-    """A ``Store`` on a Redis server (or on fakeredis, for ``memory://``)."""
+    """A ``Store`` on one Redis server (or on fakeredis, for ``memory://``).
+
+    Args:
+        client: a redis-py client; its pool's connection settings (URL, auth, TLS) are used.
+        key_prefix: ``store.key_prefix``.
+        timeout_s: ``store.timeout``, the bound on one call.
+        metrics: where call latency, errors and the breaker state are shown.
+        max_connections: ``store.max_connections``.
+        breaker: the circuit breaker (a new one, 5 failures / 1 s, when None).
+    """
 
     def __init__(
-        self, client: Redis, *, key_prefix: str, timeout_s: float, metrics: Metrics | None = None
+        self,
+        client: Redis,
+        *,
+        key_prefix: str,
+        timeout_s: float,
+        metrics: Metrics | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self._client = client
-        # per operation, the latency histogram every call (errors and timeouts too) lands in
-        self._latency: Mapping[str, Histogram] | None = metrics.store_latency if metrics else None
-        self._timeout_s = timeout_s
-        self._rl_prefix = f"{key_prefix}:{DATA_VERSION}:rl:".encode()
-        self._idem_prefix = f"{key_prefix}:{DATA_VERSION}:idem:".encode()
+        self._keys = KeyLayout(key_prefix)
+        self._guard = CallGuard(timeout_s=timeout_s, metrics=metrics,
+                                breaker=breaker or new_breaker(5, 1.0, metrics))
         pool: ConnectionPool = client.connection_pool
-        self._lane = _Lane(pool.make_connection, MAX_CONNECTIONS)
+        self._lane = _Lane(pool.make_connection, max_connections)
         self._take = ScriptCall("ratelimit_take", read_script("ratelimit_take"))
         self._claim = ScriptCall("idempotency_claim", read_script("idempotency_claim"))
         self._complete = ScriptCall("idempotency_complete", read_script("idempotency_complete"))
@@ -157,10 +166,18 @@ class RedisStore:
 
     @classmethod
     def from_url(
-        cls, url: str, *, key_prefix: str, timeout_s: float, metrics: Metrics | None = None
+        cls,
+        url: str,
+        *,
+        key_prefix: str,
+        timeout_s: float,
+        metrics: Metrics | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        breaker: CircuitBreaker | None = None,
     ) -> RedisStore:
-        pool = ConnectionPool.from_url(url, **connection_options(timeout_s))
-        return cls(Redis.from_pool(pool), key_prefix=key_prefix, timeout_s=timeout_s, metrics=metrics)
+        pool = ConnectionPool.from_url(url, **connection_options(timeout_s, max_connections))
+        return cls(Redis.from_pool(pool), key_prefix=key_prefix, timeout_s=timeout_s, metrics=metrics,
+                   max_connections=max_connections, breaker=breaker)
 
     @property
     def client(self) -> Redis:
@@ -169,100 +186,65 @@ class RedisStore:
 
     def key(self, tag: str, policy: str) -> str:
         """The store key of one policy's bucket for one tag."""
-        return (_BUCKET_KEY % (self._rl_prefix, tag.encode(), policy.encode())).decode()
+        return self._keys.buckets([tag], [policy.encode()])[0].decode()
 
     def record_key(self, record: str) -> str:
         """The store key of one idempotency record."""
-        return self._record_key(record).decode()
+        return self._keys.record(record).decode()
 
-    def _record_key(self, record: str) -> bytes:
-        return _RECORD_KEY % (self._idem_prefix, record.encode())
+    def breaker_state(self) -> BreakerState:
+        return self._guard.breaker.state
 
     async def open(self) -> None:
         for script in self._scripts:
-            await self._bounded(script.load, None)
+            await self._guard.run("open", self._lane.call(script.load))
 
     async def close(self) -> None:
         await self._lane.close()
         await self._client.aclose()
 
     async def ping(self) -> None:
-        await self._call(_PING)
+        await self._guard.run("ping", self._lane.call(_PING))
 
     async def ratelimit_take(
         self, plan: TakePlan, tags: Sequence[str], *, clock_offset_ms: int = 0
     ) -> RateDecision:
-        prefix = self._rl_prefix
-        keys = [_BUCKET_KEY % (prefix, t.encode(), n) for t, n in zip(tags, plan.names, strict=True)]
+        keys = self._keys.buckets(tags, plan.names)
         offset = bulk(b"%d" % clock_offset_ms) if clock_offset_ms else _NO_OFFSET
         packed = self._take.evalsha(keys, offset + plan.argv_resp, 1 + len(plan.argv))
-        raw: list[int] = await self._call(packed, self._take)
-        buckets = []
-        for i in range(2, len(raw), 3):
-            buckets.append(BucketState(raw[i], raw[i + 1], raw[i + 2]))
-        return RateDecision(raw[0] == 1, raw[1], tuple(buckets))
+        return decision_from_reply(await self._run(self._take, packed))
 
     async def idempotency_claim(
         self, record: str, fingerprint: bytes, owner: bytes, terms: LeaseTerms
     ) -> Claim:
-        key = self._record_key(record)
+        key = self._keys.record(record)
         packed = self._claim.evalsha([key], bulk(fingerprint) + bulk(owner) + terms.claim_argv, 5)
-        raw: list[Any] = await self._call(packed, self._claim)
-        outcome = raw[0]
-        if outcome == b"new":
-            return _NEW
-        if outcome == b"done":
-            return Claim("done", response=StoredResponse(raw[1], raw[2], raw[3]))
-        if outcome == b"in_flight":
-            return Claim("in_flight", lease_left_ms=raw[1])
-        if outcome == b"mismatch":
-            return _MISMATCH
-        if outcome == b"unknown":
-            return _UNKNOWN
-        msg = f"idempotency_claim returned {outcome!r}"
-        raise StoreScriptError(msg)
+        return claim_from_reply(await self._run(self._claim, packed))
 
     async def idempotency_complete(
         self, record: str, owner: bytes, response: StoredResponse, terms: LeaseTerms
     ) -> bool:
-        key = self._record_key(record)
+        key = self._keys.record(record)
         args = b"".join((bulk(owner), bulk(b"%d" % response.status), bulk(response.headers),
                          bulk(response.body), terms.ttl_argv))
-        return bool(await self._call(self._complete.evalsha([key], args, 5), self._complete))
+        return bool(await self._run(self._complete, self._complete.evalsha([key], args, 5)))
 
     async def idempotency_release(self, record: str, owner: bytes) -> bool:
-        key = self._record_key(record)
-        return bool(await self._call(self._release.evalsha([key], bulk(owner), 1), self._release))
+        key = self._keys.record(record)
+        return bool(await self._run(self._release, self._release.evalsha([key], bulk(owner), 1)))
 
     async def idempotency_renew(self, record: str, owner: bytes, terms: LeaseTerms) -> bool:
-        key = self._record_key(record)
+        key = self._keys.record(record)
         packed = self._renew.evalsha([key], bulk(owner) + terms.renew_argv, 3)
-        return bool(await self._call(packed, self._renew))
+        return bool(await self._run(self._renew, packed))
 
-    async def _call(self, packed: bytes, script: ScriptCall | None = None) -> Any:
-        """One command within the timeout, every failure translated; NOSCRIPT reloads once."""
-        if self._latency is None:
-            return await self._bounded(packed, script)
-        start = time.perf_counter()
-        try:
-            return await self._bounded(packed, script)
-        finally:
-            self._latency[script.name if script else "ping"].observe(time.perf_counter() - start)
+    def _run(self, script: ScriptCall, packed: bytes) -> Any:
+        return self._guard.run(script.name, self._evalsha(script, packed))
 
-    async def _bounded(self, packed: bytes, script: ScriptCall | None) -> Any:
+    async def _evalsha(self, script: ScriptCall, packed: bytes) -> Any:
+        """One EVALSHA; after NOSCRIPT the script is loaded and the call sent once more."""
         try:
-            async with asyncio.timeout(self._timeout_s):
-                try:
-                    return await self._lane.call(packed)
-                except NoScriptError:
-                    if script is None:
-                        raise
-                    await self._lane.call(script.load)
-                    return await self._lane.call(packed)
-        except (RedisTimeoutError, TimeoutError) as exc:
-            msg = f"the store did not answer within {self._timeout_s:g}s"
-            raise StoreTimeout(msg) from exc
-        except ResponseError as exc:
-            raise StoreScriptError(str(exc)) from exc
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
+            return await self._lane.call(packed)
+        except NoScriptError:
+            await self._lane.call(script.load)
+            return await self._lane.call(packed)
