@@ -44,6 +44,9 @@ EXPORTED_SERIES = {
     "gateway_upstream_latency_seconds_bucket",
     "gateway_added_latency_seconds_bucket",
     "gateway_upstream_errors_total",
+    "gateway_store_errors_total",
+    "gateway_store_breaker_state",
+    "gateway_store_breaker_opened_total",
 }
 METRIC_NAME = re.compile(r"\bgateway_[a-z_]+\b")
 

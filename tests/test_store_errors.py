@@ -110,3 +110,50 @@ async def test_decisions_use_the_hiredis_parser(redis_server: RedisProcess) -> N
         assert "Hiredis" in type(conn._parser).__name__  # _AsyncHiredisParser, not the Python one
     finally:
         await store.close()
+
+
+class LostReplyStore:
+    """Wraps a store: the first claims run in the store but their replies are lost (timeout)."""
+
+    def __init__(self, inner: RedisStore, lose: int) -> None:
+        self._inner = inner
+        self.lose = lose
+        self.released: list[bool] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    async def idempotency_claim(self, *args: object) -> object:
+        claim = await self._inner.idempotency_claim(*args)  # type: ignore[arg-type]
+        if self.lose:
+            self.lose -= 1
+            raise StoreTimeout("the store did not answer within 0.1s")
+        return claim
+
+    async def idempotency_release(self, record: str, owner: bytes) -> bool:
+        done = await self._inner.idempotency_release(record, owner)
+        self.released.append(done)
+        return done
+
+
+async def test_claim_granted_but_unanswered_is_freed_so_a_retry_runs(store: RedisStore) -> None:
+    """A claim that reached the store but whose reply timed out is released in the background
+    (nothing ran under it): the retry with the same key runs once, instead of meeting an
+    in-flight claim that would lapse into outcome unknown for a request that never ran."""
+    from gateway import IdempotencyMiddleware
+    from tests.asgi_helpers import CountingApp, client_for
+
+    app = CountingApp()
+    lossy = LostReplyStore(store, lose=1)
+    mw = IdempotencyMiddleware(app, store=lossy)  # type: ignore[arg-type]
+    headers = {"idempotency-key": "k1", "x-api-key": "alice"}
+    async with client_for(mw) as c:
+        first = await c.post("/charges", headers=headers, content=b"{}")
+        assert first.status_code == 503
+        await mw.drain(5.0)
+        second = await c.post("/charges", headers=headers, content=b"{}")
+        third = await c.post("/charges", headers=headers, content=b"{}")
+    assert lossy.released == [True]
+    assert (second.status_code, third.status_code) == (200, 200)
+    assert third.headers["idempotent-replayed"] == "true"
+    assert app.calls == 1

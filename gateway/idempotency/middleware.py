@@ -14,7 +14,8 @@ from the app or a response that broke off is stored as outcome unknown (502); a 
 large to keep is stored as its status plus a ``response-not-stored`` problem; a store failure
 while completing is retried while the claim is held, and past that the claim lapses into
 outcome unknown. Only an app that says the upstream was certainly never reached
-(``mark_not_sent``) frees the key for a retry.
+(``mark_not_sent``) frees the key for a retry; so does a claim call that failed (503) after it may
+have been granted, since nothing ran under it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from gateway._asgi import ASGIApp, Receive, Scope, Send
 from gateway._paths import PathPrefixes
 from gateway._settings import StoreSetting, resolve
 from gateway.config import IdempotencyConfig, IdentityConfig
-from gateway.errors import StoreError
+from gateway.errors import StoreCircuitOpen, StoreError
 from gateway.idempotency import problems
 from gateway.idempotency.capture import Capture, send_replay
 from gateway.idempotency.lease import Lease
@@ -58,6 +59,8 @@ __all__ = ["ATTEMPT_SCOPE_KEY", "IdempotencyMiddleware", "mark_not_sent"]
 _log = logging.getLogger("gateway.idempotency")
 #: Where a keyed request's scope carries its attempt, for ``mark_not_sent``.
 ATTEMPT_SCOPE_KEY = "gateway.idempotency"
+# pauses between tries to free a claim whose grant was never heard (bounded: 4 tries, 1.75 s)
+_FREE_BACKOFF_S = (0.05, 0.2, 0.5, 1.0)
 # extensions that send a response without body messages, which Capture could not keep
 _BODYLESS_EXTENSIONS = ("http.response.pathsend", "http.response.zerocopysend")
 
@@ -199,6 +202,8 @@ class IdempotencyMiddleware:
             claim = await self._store.idempotency_claim(record, fingerprint(scope, body), owner, self._terms)
         except StoreError as exc:
             self._count("store_error")
+            if not isinstance(exc, StoreCircuitOpen):
+                self._in_background(self._free_unanswered_claim(record, owner))
             await self._store_failed(exc, scope, replaying(body, receive), send)
             return
         outcome = claim.outcome
@@ -288,6 +293,18 @@ class IdempotencyMiddleware:
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
         return task
+
+    async def _free_unanswered_claim(self, record: str, owner: bytes) -> bool:
+        """A claim call that failed may still have been granted (a timeout after it was sent).
+        Nothing ran under it, so free it; left alone it would lapse into an outcome-unknown
+        record for a request that never ran. Owner-checked: a no-op when it never landed.
+        A few tries, ``_FREE_BACKOFF_S`` apart; if the store stays away, the claim lapses."""
+        for pause in _FREE_BACKOFF_S:
+            try:
+                return await self._store.idempotency_release(record, owner)
+            except StoreError:
+                await asyncio.sleep(pause)
+        return False
 
     async def _store_failed(self, exc: StoreError, scope: Scope, receive: Receive, send: Send) -> None:
         action = "deny" if self._deny_on_error else "allow"
