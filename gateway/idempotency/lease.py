@@ -6,9 +6,10 @@ costs nothing for requests shorter than a third of ``lock_ttl`` (it is only arme
 
 Settling: ``complete`` stores the outcome, ``release`` frees the key (the request never reached
 the upstream). A store error is retried with backoff for as long as the claim is surely still
-held (the local clock's view of the lease, minus a margin) and at most ``_MAX_ATTEMPTS`` times;
-if every attempt fails, the claim is left to lapse, which is safe: by default a lapsed claim
-becomes an outcome-unknown record and never runs twice.
+held (the local clock's view of the lease, minus a margin) and at most ``_MAX_ATTEMPTS`` times
+(about 30 s: long enough to ride out a Redis failover, during which the response's last byte
+waits); if every attempt fails, the claim is left to lapse, which is safe: by default a lapsed
+claim becomes an outcome-unknown record and never runs twice.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from gateway.store import LeaseTerms, Store, StoredResponse
 __all__ = ["Lease"]
 
 _log = logging.getLogger("gateway.idempotency")
-_MAX_ATTEMPTS = 8
+_MAX_ATTEMPTS = 20
 _FIRST_BACKOFF_S = 0.05
-_MAX_BACKOFF_S = 1.0
+_MAX_BACKOFF_S = 2.0
 
 
 class Lease:

@@ -14,8 +14,8 @@ from the app or a response that broke off is stored as outcome unknown (502); a 
 large to keep is stored as its status plus a ``response-not-stored`` problem; a store failure
 while completing is retried while the claim is held, and past that the claim lapses into
 outcome unknown. Only an app that says the upstream was certainly never reached
-(``mark_not_sent``) frees the key for a retry; so does a claim call that failed (503) after it may
-have been granted, since nothing ran under it.
+(``mark_not_sent``) frees the key for a retry; so does a claim call that timed out (503) and may
+still have been granted, since nothing ran under it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from gateway._asgi import ASGIApp, Receive, Scope, Send
 from gateway._paths import PathPrefixes
 from gateway._settings import StoreSetting, resolve
 from gateway.config import IdempotencyConfig, IdentityConfig
-from gateway.errors import StoreCircuitOpen, StoreError
+from gateway.errors import StoreError, StoreTimeout
 from gateway.idempotency import problems
 from gateway.idempotency.capture import Capture, send_replay
 from gateway.idempotency.lease import Lease
@@ -202,7 +202,7 @@ class IdempotencyMiddleware:
             claim = await self._store.idempotency_claim(record, fingerprint(scope, body), owner, self._terms)
         except StoreError as exc:
             self._count("store_error")
-            if not isinstance(exc, StoreCircuitOpen):
+            if isinstance(exc, StoreTimeout):  # sent, and maybe granted: only the reply was late
                 self._in_background(self._free_unanswered_claim(record, owner))
             await self._store_failed(exc, scope, replaying(body, receive), send)
             return
@@ -295,7 +295,7 @@ class IdempotencyMiddleware:
         return task
 
     async def _free_unanswered_claim(self, record: str, owner: bytes) -> bool:
-        """A claim call that failed may still have been granted (a timeout after it was sent).
+        """A claim call that timed out may still have been granted (the reply was what was late).
         Nothing ran under it, so free it; left alone it would lapse into an outcome-unknown
         record for a request that never ran. Owner-checked: a no-op when it never landed.
         A few tries, ``_FREE_BACKOFF_S`` apart; if the store stays away, the claim lapses."""
