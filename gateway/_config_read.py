@@ -24,6 +24,7 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2 token
 _POLICY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _KEY_PREFIX = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # no braces: they would hijack hash tags
 _PATH_PREFIX = re.compile(r"/[^\s?#]*")
+_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})")  # host:port, [v6]:port
 
 
 def show(value: object) -> str:
@@ -246,6 +247,23 @@ class Table:
                 expected = 'expected an IP address or CIDR like "10.0.0.0/8"'
                 self.problem(f"{key}[{i}]", f"{expected}, got {show(item)}")
         return tuple(nets)
+
+    def addresses(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        """``["host:port", ...]``, each port 1-65535, no duplicates."""
+        items = self._list(key)
+        if items is None:
+            return default
+        found: list[str] = []
+        for i, item in enumerate(items):
+            m = _ADDRESS.fullmatch(item) if isinstance(item, str) else None
+            if m is None or not 1 <= int(m.group(2)) <= 65535:
+                expected = 'expected "host:port" with a port between 1 and 65535'
+                self.problem(f"{key}[{i}]", f"{expected}, got {show(item)}")
+            elif item in found:
+                self.problem(f"{key}[{i}]", f"duplicate address {show(item)}")
+            else:
+                found.append(item)
+        return tuple(found)
 
     def paths(self, key: str, default: tuple[str, ...], *, empty_ok: bool) -> tuple[str, ...]:
         items = self._list(key)

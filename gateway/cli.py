@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
-from gateway.config import Config, load_config
+from gateway.config import Config, StoreConfig, load_config
 from gateway.errors import ConfigError
 
 __all__ = ["main"]
@@ -184,7 +184,7 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     print(f"gateway serve on {_base_url(bound_host, bound_port)} -> {config.upstream.url} "
-          f"(store {_redacted(config.store.url)}), {workers} worker{'s' if workers > 1 else ''}", flush=True)
+          f"(store {_store_line(config.store)}), {workers} worker{'s' if workers > 1 else ''}", flush=True)
     options: dict[str, Any] = uvicorn_options(config)
     uv_config = uvicorn.Config("gateway.server:create_app", factory=True, workers=workers, **options)
     try:
@@ -234,6 +234,13 @@ def _supervise(uv_config: Any, server: Any, sock: socket.socket) -> None:
 
 def _base_url(host: str, port: int) -> str:
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def _store_line(store: StoreConfig) -> str:
+    """The store as the startup line names it: its URL (password masked), and what it is."""
+    if store.sentinels:
+        return f"master {store.service_name!r} from sentinels {', '.join(store.sentinels)}"
+    return _redacted(store.url) + (" cluster" if store.cluster else "")
 
 
 def _redacted(url: str) -> str:

@@ -71,6 +71,8 @@ class StoreConfig:
 
     url: str = "memory://"
     cluster: bool = False
+    sentinels: tuple[str, ...] = ()  # "host:port" of Redis Sentinels; they name the master
+    service_name: str = ""  # the name the sentinels monitor the master under
     timeout_s: float = 0.1
     key_prefix: str = "gw"
     max_connections: int = 64  # per process (per node on a cluster); past it calls wait
@@ -231,18 +233,34 @@ def _store(t: Table, overrides: dict[str, tuple[str, str]]) -> StoreConfig:
     schemes = ("memory", "redis", "rediss", "unix")
     url = t.url("url", d.url, schemes=schemes, override=overrides.get("url"))
     url_ok = t.problem_count() == problems_before
+    pair_before = t.problem_count()
+    sentinels = t.addresses("sentinels", d.sentinels)
+    service_name = t.string("service_name", d.service_name)
+    pair_ok = t.problem_count() == pair_before
     cfg = StoreConfig(
         url=url,
         cluster=t.boolean("cluster", d.cluster),
+        sentinels=sentinels,
+        service_name=service_name,
         timeout_s=t.duration("timeout", d.timeout_s, high=60.0),
         key_prefix=t.key_prefix("key_prefix", d.key_prefix),
         max_connections=t.integer("max_connections", d.max_connections, low=1, high=10_000),
         breaker_failures=t.integer("breaker_failures", d.breaker_failures, low=1, high=10_000),
         breaker_cooldown_s=t.duration("breaker_cooldown", d.breaker_cooldown_s, low=0.001, high=3600.0),
     )
-    # a rejected URL has its own problem line; the default standing in for it is not the user's
-    if url_ok and cfg.cluster and url.split(":", 1)[0] in ("memory", "unix"):
+    # a rejected value has its own problem line; the default standing in for it is not the user's
+    local = url.split(":", 1)[0] in ("memory", "unix")
+    if url_ok and cfg.cluster and local:
         t.problem("cluster", f"a cluster needs a redis:// or rediss:// url, got {url!r}")
+    if sentinels and cfg.cluster:
+        t.problem("sentinels", "not with cluster = true: a Redis Cluster fails over by itself")
+    elif sentinels and url_ok and local:
+        t.problem("sentinels", "need a redis:// or rediss:// store.url (for its scheme, credentials "
+                  f"and database; its host is not used), got {url!r}")
+    if pair_ok and sentinels and not service_name:
+        t.problem("service_name", "required with sentinels: the name they monitor the master under")
+    elif pair_ok and service_name and not sentinels:
+        t.problem("service_name", "only used with sentinels: set store.sentinels too")
     t.finish()
     return cfg
 

@@ -2,12 +2,14 @@
 idempotency_claim: claim an Idempotency-Key record, or say why not, in one round trip.
 
 One hash per (client identity, key). Its state `st` is `p` (in flight: a live claim), `d`
-(done: the stored response) or `u` (outcome unknown: a claim whose holder stopped renewing,
-with on_lost_claim = "unknown"). Time is the store's clock (TIME), never the caller's.
+(done: the stored response), `u` (outcome unknown: a claim whose holder stopped renewing,
+with on_lost_claim = "unknown") or `x` (a withdrawn claim that had not arrived: see
+idempotency_release.lua; free for everyone but that owner). Time is the store's clock (TIME),
+never the caller's.
 
 KEYS[1]    the record hash, fields:
-             st  state: p | d | u
-             o   owner token of the attempt that holds (or completed) it
+             st  state: p | d | u | x
+             o   owner token of the attempt that holds (or completed, or withdrew) it
              fp  request fingerprint (method, path, query, SHA-256 of the body)
              lx  lease end, ms since the epoch, store clock (state p only)
              s   status; h  storable headers (encoded by the caller); b  body (state d only)
@@ -24,6 +26,8 @@ Returns    {"new"}                        claimed by ARGV[2]; also when ARGV[2] 
            {"in_flight", lease_left_ms}   another attempt holds a live claim
            {"done", status, headers, body} completed: the response to replay
            {"unknown"}                    the outcome is unknown: a lost claim ("unknown" mode)
+           {"withdrawn"}                  ARGV[2] withdrew this claim before it arrived: nothing
+                                          is written (its caller has long given up on the reply)
            A lost claim (lease ended, state p) is settled here, by the first claim to see it:
            "unknown" turns it into state u; "retry" hands it to ARGV[2] ({"new"}).
 
@@ -47,6 +51,12 @@ local function claim()
 end
 
 if not st then
+  return claim()
+end
+if st == 'x' then
+  if rec[2] == ARGV[2] then
+    return {'withdrawn'}
+  end
   return claim()
 end
 if rec[3] ~= ARGV[1] then

@@ -12,6 +12,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 HOST = "127.0.0.1"
@@ -91,6 +93,31 @@ class RedisProcess:
         loaded script are gone, as after a crash of a server without persistence."""
         self.stop(signal.SIGKILL)
         self.start()
+
+    def kill(self) -> None:
+        """SIGKILL the process (a crash: no shutdown, no save) and reap it; ``start()`` brings
+        a new one up on the same port, empty unless a ``SAVE`` left a snapshot in its dir."""
+        self.stop(signal.SIGKILL)
+
+    def pause(self) -> None:
+        """SIGSTOP: the kernel still accepts connections and buffers commands, nothing answers.
+        Always ``resume()`` before ``stop()``: a stopped process leaves SIGTERM pending."""
+        assert self.proc is not None, "redis-server is not running"
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused process: it goes on with whatever its clients sent meanwhile."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Paused for the block, resumed afterwards whatever happens in it."""
+        self.pause()
+        try:
+            yield
+        finally:
+            self.resume()
 
     def cleanup(self) -> None:
         self.stop()

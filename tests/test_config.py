@@ -1004,3 +1004,87 @@ class TestEdgeCases:
         """A bad redis URL with cluster = true is one problem (the url), none about cluster."""
         lines = problems({"store": {"url": "rediss://node:6379/x", "cluster": True}})
         assert keys_of(lines) == {"store.url"}
+
+
+class TestSentinelConfig:
+    SENTINELS = ("10.0.0.1:26379", "sentinel-2.example:26379", "[::1]:26380")
+
+    def store(self, **fields: Any) -> dict[str, Any]:
+        return {"store": {"url": "redis://ignored/0", "sentinels": list(self.SENTINELS),
+                          "service_name": "payments", **fields}}
+
+    def test_sentinels_and_service_name_accepted(self) -> None:
+        """sentinels (host:port, IPv6 in brackets) and service_name are kept as written."""
+        s = load(self.store(url="rediss://app:secret@ignored:1/2")).store
+        assert s.sentinels == self.SENTINELS
+        assert s.service_name == "payments"
+        assert s.url == "rediss://app:secret@ignored:1/2"
+
+    def test_no_sentinels_by_default(self) -> None:
+        """Without them the store is the url's one Redis: no sentinels, no service name."""
+        s = load({"store": {"url": "redis://127.0.0.1:6379/0"}}).store
+        assert (s.sentinels, s.service_name) == ((), "")
+
+    @pytest.mark.parametrize(
+        ("entry", "why"),
+        [("10.0.0.1", "no port"), ("10.0.0.1:0", "port 0"), ("10.0.0.1:65536", "port too big"),
+         (":26379", "no host"), ("10.0.0.1:26379 ", "trailing space"), ("host:port", "not a number"),
+         ("::1:26379", "bare IPv6"), (26379, "a number"), ("redis://10.0.0.1:26379", "a URL")],
+        ids=str,
+    )
+    def test_bad_sentinel_entry(self, entry: Any, why: str) -> None:
+        """Each sentinel must be host:port with a port 1-65535; the line names its index."""
+        line = only_problem(self.store(sentinels=["10.0.0.9:26379", entry]))
+        assert line.startswith("store.sentinels[1]: expected \"host:port\""), why
+
+    def test_duplicate_sentinel(self) -> None:
+        """The same sentinel twice is a mistake, named at the second one."""
+        line = only_problem(self.store(sentinels=["10.0.0.1:26379", "10.0.0.1:26379"]))
+        assert line.startswith("store.sentinels[1]: duplicate")
+
+    def test_sentinels_must_be_a_list(self) -> None:
+        """One string is not a list of sentinels."""
+        line = only_problem(self.store(sentinels="10.0.0.1:26379"))
+        assert line.startswith("store.sentinels: expected a list")
+
+    def test_sentinels_without_service_name(self) -> None:
+        """Sentinels alone cannot name a master: service_name is required with them."""
+        line = only_problem({"store": {"url": "redis://ignored/0", "sentinels": list(self.SENTINELS)}})
+        assert line.startswith("store.service_name: required")
+
+    def test_service_name_without_sentinels(self) -> None:
+        """A service name without sentinels would be silently ignored: it is a problem."""
+        line = only_problem({"store": {"url": "redis://127.0.0.1:6379/0", "service_name": "payments"}})
+        assert line.startswith("store.service_name: only used with sentinels")
+
+    def test_empty_service_name(self) -> None:
+        """An empty service name is one problem (the value), not also 'required'."""
+        line = only_problem(self.store(service_name=""))
+        assert line.startswith("store.service_name: expected a non-empty")
+
+    def test_sentinels_with_cluster(self) -> None:
+        """A cluster fails over by itself: sentinels with cluster = true are a problem."""
+        assert only_problem(self.store(cluster=True)).startswith("store.sentinels: not with cluster")
+
+    @pytest.mark.parametrize("url", ["memory://", "unix:///var/run/redis.sock", None])
+    def test_sentinels_need_a_redis_url(self, url: str | None) -> None:
+        """memory:// (also the default url) and unix:// have no master for sentinels to name."""
+        data = self.store(url=url)
+        if url is None:
+            del data["store"]["url"]
+        assert only_problem(data).startswith("store.sentinels: need a redis:// or rediss:// store.url")
+
+    def test_bad_url_does_not_blame_sentinels(self) -> None:
+        """A malformed url with sentinels is one problem, at the url."""
+        assert keys_of(problems(self.store(url="redis://h:6379/abc"))) == {"store.url"}
+
+    def test_bad_sentinel_does_not_blame_service_name(self) -> None:
+        """Service name with only bad sentinels: the sentinel's line, not 'only used with sentinels'."""
+        assert keys_of(problems(self.store(sentinels=["nope"]))) == {"store.sentinels[0]"}
+
+    def test_environment_url_with_sentinels(self) -> None:
+        """GATEWAY_STORE_URL still sets the scheme, credentials and database beside sentinels."""
+        data = self.store()
+        del data["store"]["url"]
+        s = load(data, env={"GATEWAY_STORE_URL": "rediss://u:p@any:1/5"}).store
+        assert (s.url, s.sentinels) == ("rediss://u:p@any:1/5", self.SENTINELS)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from gateway.errors import StoreError, StoreScriptError, StoreTimeout, StoreUnavailable
-from gateway.store import BucketSpec, TakePlan
+from gateway.store import BucketSpec, LeaseTerms, TakePlan
 from gateway.store.redis import RedisStore
 from tests.conftest import unique_prefix
 from tests.redis_process import RedisProcess, free_port
@@ -130,8 +130,8 @@ class LostReplyStore:
             raise StoreTimeout("the store did not answer within 0.1s")
         return claim
 
-    async def idempotency_release(self, record: str, owner: bytes) -> bool:
-        done = await self._inner.idempotency_release(record, owner)
+    async def idempotency_release(self, record: str, owner: bytes, terms: LeaseTerms) -> bool:
+        done = await self._inner.idempotency_release(record, owner, terms)
         self.released.append(done)
         return done
 

@@ -104,7 +104,7 @@ class Lease:
                     done = await self._store.idempotency_complete(
                         self._record, self._owner, response, self._terms)
                 else:
-                    done = await self._store.idempotency_release(self._record, self._owner)
+                    done = await self._store.idempotency_release(self._record, self._owner, self._terms)
             except StoreError as exc:
                 last_chance = (attempt == _MAX_ATTEMPTS
                                or self._loop.time() + backoff + margin >= self.held_until)

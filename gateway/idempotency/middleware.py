@@ -14,8 +14,8 @@ from the app or a response that broke off is stored as outcome unknown (502); a 
 large to keep is stored as its status plus a ``response-not-stored`` problem; a store failure
 while completing is retried while the claim is held, and past that the claim lapses into
 outcome unknown. Only an app that says the upstream was certainly never reached
-(``mark_not_sent``) frees the key for a retry; so does a claim call that timed out (503) and may
-still have been granted, since nothing ran under it.
+(``mark_not_sent``) frees the key for a retry; so does a claim call that timed out (503): it may
+have been granted or still be on its way, and nothing ran under it.
 """
 
 from __future__ import annotations
@@ -59,8 +59,10 @@ __all__ = ["ATTEMPT_SCOPE_KEY", "IdempotencyMiddleware", "mark_not_sent"]
 _log = logging.getLogger("gateway.idempotency")
 #: Where a keyed request's scope carries its attempt, for ``mark_not_sent``.
 ATTEMPT_SCOPE_KEY = "gateway.idempotency"
-# pauses between tries to free a claim whose grant was never heard (bounded: 4 tries, 1.75 s)
-_FREE_BACKOFF_S = (0.05, 0.2, 0.5, 1.0)
+# tries to free a claim whose grant was never heard: backoff from 50 ms doubling to 2 s, 40 tries
+_FREE_FIRST_BACKOFF_S = 0.05
+_FREE_MAX_BACKOFF_S = 2.0
+_FREE_MAX_TRIES = 40
 # extensions that send a response without body messages, which Capture could not keep
 _BODYLESS_EXTENSIONS = ("http.response.pathsend", "http.response.zerocopysend")
 
@@ -295,15 +297,21 @@ class IdempotencyMiddleware:
         return task
 
     async def _free_unanswered_claim(self, record: str, owner: bytes) -> bool:
-        """A claim call that timed out may still have been granted (the reply was what was late).
-        Nothing ran under it, so free it; left alone it would lapse into an outcome-unknown
-        record for a request that never ran. Owner-checked: a no-op when it never landed.
-        A few tries, ``_FREE_BACKOFF_S`` apart; if the store stays away, the claim lapses."""
-        for pause in _FREE_BACKOFF_S:
+        """A claim call that timed out may still have been granted, or may still be on its way
+        (a paused or blocked Redis runs what it received when it resumes). Nothing ran under
+        it, so free it, or withdraw it before it lands (``lua/idempotency_release.lua``); left
+        alone it would lapse into an outcome-unknown record for a request that never ran.
+
+        One answer from the store settles it. Tried with backoff (an open breaker refuses the
+        tries without a call until the store is back) up to ``_FREE_MAX_TRIES`` times, about
+        70 s; past that, a claim landing later lapses into outcome unknown."""
+        pause = _FREE_FIRST_BACKOFF_S
+        for _ in range(_FREE_MAX_TRIES):
             try:
-                return await self._store.idempotency_release(record, owner)
+                return await self._store.idempotency_release(record, owner, self._terms)
             except StoreError:
                 await asyncio.sleep(pause)
+                pause = min(pause * 2, _FREE_MAX_BACKOFF_S)
         return False
 
     async def _store_failed(self, exc: StoreError, scope: Scope, receive: Receive, send: Send) -> None:

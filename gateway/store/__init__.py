@@ -35,9 +35,9 @@ __all__ = [
 
 
 def store_from_config(config: StoreConfig, *, metrics: Metrics | None = None) -> Store:
-    """Build (without connecting) the store ``config`` names: ``memory://``, one Redis, or a
-    Redis Cluster; with ``metrics``, every call's latency and errors and the circuit breaker's
-    state are shown there."""
+    """Build (without connecting) the store ``config`` names: ``memory://``, one Redis, the
+    master Redis Sentinels name, or a Redis Cluster; with ``metrics``, every call's latency and
+    errors and the circuit breaker's state are shown there."""
     from gateway.store.redis import RedisStore, new_breaker
 
     breaker = new_breaker(config.breaker_failures, config.breaker_cooldown_s, metrics)
@@ -49,6 +49,8 @@ def store_from_config(config: StoreConfig, *, metrics: Metrics | None = None) ->
         from gateway.store.memory import memory_store
 
         return memory_store(**options)
+    if config.sentinels:
+        return RedisStore.from_sentinels(config.url, config.sentinels, config.service_name, **options)
     if config.cluster:
         from gateway.store.cluster import ClusterStore
 

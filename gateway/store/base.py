@@ -200,9 +200,10 @@ class Store(Protocol):
         no longer holds the claim (nothing is written)."""
         ...
 
-    async def idempotency_release(self, record: str, owner: bytes) -> bool:
+    async def idempotency_release(self, record: str, owner: bytes, terms: LeaseTerms) -> bool:
         """Delete ``owner``'s claim (the request never reached the upstream); False when it
-        is not ``owner``'s live claim."""
+        is not ``owner``'s live claim. When there is no record, ``owner``'s claim is withdrawn:
+        should it still arrive (it timed out on its way), it is refused."""
         ...
 
     async def idempotency_renew(self, record: str, owner: bytes, terms: LeaseTerms) -> bool:

@@ -193,8 +193,9 @@ class ClusterStore:
         args = (owner, response.status, response.headers, response.body, *terms.ttl_values)
         return bool(await self._run(self._complete, [self._keys.record(record)], args))
 
-    async def idempotency_release(self, record: str, owner: bytes) -> bool:
-        return bool(await self._run(self._release, [self._keys.record(record)], (owner,)))
+    async def idempotency_release(self, record: str, owner: bytes, terms: LeaseTerms) -> bool:
+        args = (owner, *terms.ttl_values)
+        return bool(await self._run(self._release, [self._keys.record(record)], args))
 
     async def idempotency_renew(self, record: str, owner: bytes, terms: LeaseTerms) -> bool:
         args = (owner, *terms.renew_values)

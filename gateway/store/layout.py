@@ -63,5 +63,6 @@ def claim_from_reply(raw: Sequence[Any]) -> Claim:
         return _MISMATCH
     if outcome == b"unknown":
         return _UNKNOWN
+    # "withdrawn" only ever answers a claim whose caller gave up on it (timed out) and withdrew
     msg = f"idempotency_claim returned {outcome!r}"
     raise StoreScriptError(msg)

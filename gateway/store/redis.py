@@ -1,4 +1,5 @@
-"""RedisStore: each decision is one EVALSHA of a ``lua/`` script, on one Redis or on fakeredis.
+"""RedisStore: each decision is one EVALSHA of a ``lua/`` script, on one Redis (named by the URL
+or by Redis Sentinels) or on fakeredis.
 
 Every call goes through ``CallGuard`` (``guard.py``): the circuit breaker, one deadline of
 ``store.timeout`` from waiting for a connection to the reply (a reconnect and a script reload
@@ -19,8 +20,9 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import ConnectionPool, Redis
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
@@ -82,8 +84,10 @@ class _Lane:
             try:
                 return await self._exchange(self._idle.pop(), packed)
             except (RedisConnectionError, OSError):
-                # a reused connection was dead (Redis restarted or closed it while idle): the
-                # other idle ones died with it; once more on a new connection
+                # a reused connection was dead (Redis restarted or closed it while idle), or
+                # its server was demoted (through Sentinel, READONLY comes as a connection
+                # error; nothing ran, a replica takes no writes): the other idle ones share its
+                # fate; once more on a new connection, which asks the sentinels afresh
                 await self._drop_idle()
             return await self._exchange(self._open(), packed)
         finally:
@@ -91,6 +95,10 @@ class _Lane:
 
     async def _exchange(self, conn: AbstractConnection, packed: bytes) -> Any:
         try:
+            if not conn.is_connected:
+                # connect() itself, not send's implicit connect: only connect() makes a
+                # Sentinel-managed connection ask the sentinels where the master is
+                await conn.connect()  # type: ignore[no-untyped-call]
             await conn.send_packed_command(packed, check_health=False)
             reply = await conn.read_response()
         except ReadOnlyError:
@@ -109,7 +117,7 @@ class _Lane:
         return reply
 
     def _open(self) -> AbstractConnection:
-        conn = self._make()  # connects on first send
+        conn = self._make()  # connected by its first exchange
         self._live.add(conn)
         return conn
 
@@ -130,7 +138,7 @@ class _Lane:
 
 
 class RedisStore:
-    """A ``Store`` on one Redis server (or on fakeredis, for ``memory://``).
+    """A ``Store`` on one Redis server (or the master Sentinels name; or fakeredis, for ``memory://``).
 
     Args:
         client: a redis-py client; its pool's connection settings (URL, auth, TLS) are used.
@@ -179,6 +187,40 @@ class RedisStore:
         return cls(Redis.from_pool(pool), key_prefix=key_prefix, timeout_s=timeout_s, metrics=metrics,
                    max_connections=max_connections, breaker=breaker)
 
+    @classmethod
+    def from_sentinels(
+        cls,
+        url: str,
+        sentinels: Sequence[str],
+        service_name: str,
+        *,
+        key_prefix: str,
+        timeout_s: float,
+        metrics: Metrics | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        breaker: CircuitBreaker | None = None,
+    ) -> RedisStore:
+        """A store on the master that Redis Sentinels (``"host:port"`` each) name ``service_name``.
+
+        Each new connection asks the sentinels where the master is, so after a failover the
+        lane's next connection reaches the new one (redis-py's ``SentinelManagedConnection``;
+        a READONLY reply from a demoted master becomes a connection error, and the lane
+        replaces its connections). ``url`` gives the scheme (``rediss`` = TLS), credentials and
+        database of the master; its host and port are not used. Sentinels are asked without
+        credentials or TLS, each question bounded by ``timeout_s``.
+        """
+        # as ConnectionPool.from_url does: the URL's own options (?ssl_cert_reqs=...) win
+        options: dict[str, Any] = {**connection_options(timeout_s, max_connections), **parse_url(url)}
+        for unused in ("host", "port", "connection_class"):  # the sentinels name the master
+            options.pop(unused, None)
+        options["ssl"] = url.startswith("rediss:")  # picks SentinelManagedSSLConnection
+        ask = {"socket_connect_timeout": timeout_s, "socket_timeout": timeout_s,
+               "retry": Retry(NoBackoff(), retries=0)}
+        sentinel = Sentinel([_host_port(a) for a in sentinels], sentinel_kwargs=ask)  # type: ignore[no-untyped-call]
+        client = sentinel.master_for(service_name, **options)
+        return cls(client, key_prefix=key_prefix, timeout_s=timeout_s, metrics=metrics,
+                   max_connections=max_connections, breaker=breaker)
+
     @property
     def client(self) -> Redis:
         """A plain redis-py client on the same server, for diagnostics and tests."""
@@ -202,6 +244,9 @@ class RedisStore:
     async def close(self) -> None:
         await self._lane.close()
         await self._client.aclose()
+        pool = self._client.connection_pool
+        if isinstance(pool, SentinelConnectionPool):
+            await pool.sentinel_manager.aclose()  # the clients that ask the sentinels
 
     async def ping(self) -> None:
         await self._guard.run("ping", self._lane.call(_PING))
@@ -229,9 +274,10 @@ class RedisStore:
                          bulk(response.body), terms.ttl_argv))
         return bool(await self._run(self._complete, self._complete.evalsha([key], args, 5)))
 
-    async def idempotency_release(self, record: str, owner: bytes) -> bool:
+    async def idempotency_release(self, record: str, owner: bytes, terms: LeaseTerms) -> bool:
         key = self._keys.record(record)
-        return bool(await self._run(self._release, self._release.evalsha([key], bulk(owner), 1)))
+        packed = self._release.evalsha([key], bulk(owner) + terms.ttl_argv, 2)
+        return bool(await self._run(self._release, packed))
 
     async def idempotency_renew(self, record: str, owner: bytes, terms: LeaseTerms) -> bool:
         key = self._keys.record(record)
@@ -248,3 +294,9 @@ class RedisStore:
         except NoScriptError:
             await self._lane.call(script.load)
             return await self._lane.call(packed)
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` (as ``store.sentinels`` holds them) to a pair."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)

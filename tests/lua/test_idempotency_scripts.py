@@ -12,7 +12,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
+import pytest
+
 from gateway.config import IdempotencyConfig
+from gateway.errors import StoreScriptError
 from gateway.store.base import Claim, LeaseTerms, StoredResponse
 from gateway.store.redis import RedisStore
 
@@ -28,6 +31,9 @@ def terms(
     lock_s: float = 10.0, ttl_s: float = 60.0, mode: Literal["unknown", "retry"] = "unknown"
 ) -> LeaseTerms:
     return LeaseTerms.from_config(IdempotencyConfig(lock_ttl_s=lock_s, ttl_s=ttl_s, on_lost_claim=mode))
+
+
+TERMS = terms()
 
 
 async def server_ms(store: RedisStore) -> int:
@@ -222,7 +228,7 @@ async def test_non_owner_cannot_complete_release_or_renew_a_claim(store: RedisSt
     rec, ttl_before = await record(store), await pttl(store)
     await asyncio.sleep(0.02)
     assert await store.idempotency_complete(REC, b"owner-2", StoredResponse(200, b"h", b"b"), t) is False
-    assert await store.idempotency_release(REC, b"owner-2") is False
+    assert await store.idempotency_release(REC, b"owner-2", TERMS) is False
     assert await store.idempotency_renew(REC, b"owner-2", t) is False
     assert await record(store) == rec
     assert await pttl(store) < ttl_before
@@ -238,19 +244,49 @@ async def test_non_owner_cannot_touch_a_done_record(store: RedisStore) -> None:
     rec, ttl_before = await record(store), await pttl(store)
     await asyncio.sleep(0.02)
     assert await store.idempotency_complete(REC, b"owner-2", StoredResponse(500, b"x", b"y"), t) is False
-    assert await store.idempotency_release(REC, b"owner-2") is False
+    assert await store.idempotency_release(REC, b"owner-2", TERMS) is False
     assert await store.idempotency_renew(REC, b"owner-2", t) is False
     assert await record(store) == rec
     assert await pttl(store) < ttl_before
 
 
-async def test_complete_release_renew_on_a_missing_record_write_nothing(store: RedisStore) -> None:
-    """On a record that does not exist, complete, release and renew answer 0 and create no key."""
+async def test_complete_renew_on_a_missing_record_write_nothing(store: RedisStore) -> None:
+    """On a record that does not exist, complete and renew answer 0 and create no key."""
     t = terms()
     assert await store.idempotency_complete(REC, b"owner-1", StoredResponse(200, b"h", b"b"), t) is False
-    assert await store.idempotency_release(REC, b"owner-1") is False
     assert await store.idempotency_renew(REC, b"owner-1", t) is False
     assert await store.client.exists(store.record_key(REC)) == 0
+
+
+async def test_release_of_a_claim_not_there_withdraws_it(store: RedisStore) -> None:
+    """Release on a missing record answers 0 and leaves a withdrawal marker with the records'
+    ttl: the withdrawn owner's late claim is refused and writes nothing (nor can it complete or
+    renew), while any other attempt claims the key as free."""
+    t = terms(ttl_s=60)
+    assert await store.idempotency_release(REC, b"owner-1", t) is False
+    assert await record(store) == {b"st": b"x", b"o": b"owner-1"}
+    assert 59_000 < await store.client.pttl(store.record_key(REC)) <= 60_000
+    with pytest.raises(StoreScriptError, match="withdrawn"):
+        await store.idempotency_claim(REC, FP, b"owner-1", t)
+    assert await store.idempotency_complete(REC, b"owner-1", StoredResponse(200, b"h", b"b"), t) is False
+    assert await store.idempotency_renew(REC, b"owner-1", t) is False
+    assert await record(store) == {b"st": b"x", b"o": b"owner-1"}
+    assert (await store.idempotency_claim(REC, OTHER_FP, b"owner-2", t)).outcome == "new"
+    rec = await record(store)
+    assert (rec[b"st"], rec[b"o"], rec[b"fp"]) == (b"p", b"owner-2", OTHER_FP)
+    # the withdrawn claim arriving after the retry's claim meets it in flight, and writes nothing
+    late = await store.idempotency_claim(REC, OTHER_FP, b"owner-1", t)
+    assert late.outcome == "in_flight"
+    assert await record(store) == rec
+
+
+async def test_release_never_withdraws_over_an_existing_record(store: RedisStore) -> None:
+    """A release that is not the owner's live claim leaves any existing record exactly as it was."""
+    t = terms()
+    await claimed(store, b"owner-1", t)
+    rec = await record(store)
+    assert await store.idempotency_release(REC, b"owner-2", t) is False
+    assert await record(store) == rec
 
 
 # ---------------------------------------------------------------- renew
@@ -335,7 +371,7 @@ async def test_lost_claim_unknown_mode_settles_to_unknown(store: RedisStore) -> 
         assert await store.idempotency_claim(REC, FP, owner, t) == Claim("unknown")
     assert await store.idempotency_complete(REC, b"owner-1", StoredResponse(200, b"h", b"b"), t) is False
     assert await store.idempotency_renew(REC, b"owner-1", t) is False
-    assert await store.idempotency_release(REC, b"owner-1") is False
+    assert await store.idempotency_release(REC, b"owner-1", TERMS) is False
     assert await record(store) == rec
     assert await pttl(store) <= ttl_before - 20  # neither the claims nor the refusals reset the TTL
 
@@ -352,7 +388,7 @@ async def test_lost_claim_retry_mode_is_taken_over(store: RedisStore) -> None:
     assert 0 < await pttl(store) <= 200
     assert await store.idempotency_complete(REC, b"owner-1", StoredResponse(500, b"old", b"old"), t) is False
     assert await store.idempotency_renew(REC, b"owner-1", t) is False
-    assert await store.idempotency_release(REC, b"owner-1") is False
+    assert await store.idempotency_release(REC, b"owner-1", TERMS) is False
     assert (await record(store))[b"o"] == b"owner-2"
     fresh = StoredResponse(201, b"new", b"new body")
     assert await store.idempotency_complete(REC, b"owner-2", fresh, t) is True
@@ -393,12 +429,11 @@ async def test_completed_record_outlives_its_lease(store: RedisStore) -> None:
 
 # ---------------------------------------------------------------- release and expiry
 async def test_release_deletes_the_claim_and_frees_the_key(store: RedisStore) -> None:
-    """The owner's release answers 1 and deletes the record; a second release answers 0; a claim is new."""
+    """The owner's release answers 1 and deletes the record; a claim is new."""
     t = terms()
     await claimed(store, b"owner-1", t)
-    assert await store.idempotency_release(REC, b"owner-1") is True
+    assert await store.idempotency_release(REC, b"owner-1", TERMS) is True
     assert await store.client.exists(store.record_key(REC)) == 0
-    assert await store.idempotency_release(REC, b"owner-1") is False
     assert await store.idempotency_complete(REC, b"owner-1", StoredResponse(200, b"", b""), t) is False
     assert await store.client.exists(store.record_key(REC)) == 0
     await claimed(store, b"owner-2", t)
@@ -411,7 +446,7 @@ async def test_release_after_complete_is_refused(store: RedisStore) -> None:
     await claimed(store, b"owner-1", t)
     assert await store.idempotency_complete(REC, b"owner-1", StoredResponse(200, b"h", b"b"), t)
     rec = await record(store)
-    assert await store.idempotency_release(REC, b"owner-1") is False
+    assert await store.idempotency_release(REC, b"owner-1", TERMS) is False
     assert await record(store) == rec
 
 
@@ -470,7 +505,7 @@ async def test_records_are_independent(store: RedisStore) -> None:
     assert await store.idempotency_complete("rec-a", b"owner-b", StoredResponse(200, b"", b"x"), t) is False
     assert await record(store, "rec-b") == b_before
     assert (await store.idempotency_claim("rec-b", FP, b"owner-c", t)).outcome == "in_flight"
-    assert await store.idempotency_release("rec-b", b"owner-b")
+    assert await store.idempotency_release("rec-b", b"owner-b", TERMS)
     assert (await store.idempotency_claim("rec-a", FP, b"owner-c", t)).outcome == "done"
     await claimed(store, b"owner-c", t, name="rec-c")
 
