@@ -11,9 +11,10 @@ runs in-process and again through a real ``gateway serve`` in front of a real up
 Two facts about Redis shape these tests. A SIGSTOPped Redis still accepts connections (the
 kernel does) and keeps what clients send; after SIGCONT it runs every command that reached its
 socket before the client gave up and closed, so a timed-out call may still take effect later
-(a claim, say, which the gateway then frees in the background; the xfail test shows where that
-falls short). And a Redis without persistence forgets everything when killed; the one test that needs a claim
-to survive a crash writes an RDB snapshot (``SAVE``) first, which ``start()`` loads.
+(a claim, say, which the gateway therefore withdraws in the background: a release that finds no
+record leaves a marker that refuses the late claim, ``lua/idempotency_release.lua``). And a
+Redis without persistence forgets everything when killed; the one test that needs a claim to
+survive a crash writes an RDB snapshot (``SAVE``) first, which ``start()`` loads.
 """
 
 from __future__ import annotations
