@@ -102,6 +102,23 @@ class TestStateMachine:
         assert b.admit()
         assert b.state == "half_open"
 
+    def test_late_success_while_open_does_not_cut_the_cooldown(self) -> None:
+        """A call admitted before the circuit opened that answers afterwards (a slow store)
+        does not close it: the cool-down runs its course, then one probe decides."""
+        clock = Clock()
+        b, seen = breaker(clock)
+        for _ in range(4):
+            assert b.admit()
+        for _ in range(3):
+            b.failed()
+        b.succeeded()  # the fourth call, sent while closed, answers late
+        assert (b.state, seen) == ("open", ["open"])
+        assert not b.admit()
+        clock.now += 2
+        assert b.admit()
+        b.succeeded()
+        assert seen == ["open", "half_open", "closed"]
+
     def test_late_failure_while_open_does_not_extend_the_cooldown(self) -> None:
         """A call admitted before the circuit opened that fails afterwards changes nothing."""
         clock = Clock()

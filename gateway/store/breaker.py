@@ -8,7 +8,9 @@ While open, and while a half-open probe is in flight, calls are refused at once 
 the network (``StoreCircuitOpen``), so the policies' ``on_store_error`` answers come back in
 microseconds instead of after ``store.timeout``. Any answer from the store counts as success
 (an error reply is still an answer); only timeouts and refused or broken connections count as
-failures. A probe that is cancelled (its client left) frees the probe slot for the next call.
+failures. Outcomes of calls sent before the circuit opened do not shorten or lengthen its
+cool-down: a slow store that still answers some calls must not make it flap. A probe that is
+cancelled (its client left) frees the probe slot for the next call.
 
 One breaker per store per process: workers and machines each learn on their own. It runs on one
 event loop and needs no lock.
@@ -82,9 +84,11 @@ class CircuitBreaker:
 
     def succeeded(self) -> None:
         """The store answered."""
+        if self.state == "open":
+            return  # a late answer to a call sent before it opened: the cool-down runs its course
         self._streak = 0
         self._probing = False
-        if self.state != "closed":
+        if self.state == "half_open":
             self._move("closed")
             _log.info("store answering again; circuit breaker closed",
                       extra={"event": "store.breaker_closed"})
