@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+import redis.asyncio
 
 from gateway.errors import StoreError, StoreScriptError, StoreTimeout, StoreUnavailable
 from gateway.store import BucketSpec, LeaseTerms, TakePlan
@@ -157,3 +158,39 @@ async def test_claim_granted_but_unanswered_is_freed_so_a_retry_runs(store: Redi
     assert (second.status_code, third.status_code) == (200, 200)
     assert third.headers["idempotent-replayed"] == "true"
     assert app.calls == 1
+
+
+async def test_store_max_connections_bounds_the_pool(redis_server: RedisProcess) -> None:
+    """``store.max_connections`` caps the connections a store opens: 300 concurrent calls through
+    a store built from ``[store] max_connections = 3`` all succeed, waiting for one of exactly 3
+    connections (the server counts no more clients than that)."""
+    from gateway.config import load_config
+    from gateway.store import store_from_config
+
+    config = load_config({"store": {"url": redis_server.url, "key_prefix": unique_prefix(),
+                                    "timeout": "2s", "max_connections": 3}})
+    store = store_from_config(config.store)
+    admin = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        before = (await admin.info("clients"))["connected_clients"]
+        peak = 0
+        done = asyncio.Event()
+
+        async def watch() -> None:  # one admin connection, sampling while the calls run
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, (await admin.info("clients"))["connected_clients"] - before)
+
+        async def take(i: int) -> bool:
+            await asyncio.sleep(0.001 * (i % 10))  # spread: calls overlap for a while
+            return (await store.ratelimit_take(PLAN, [f"k{i}"])).allowed
+
+        watcher = asyncio.ensure_future(watch())
+        results = await asyncio.gather(*(take(i) for i in range(300)))
+        done.set()
+        await watcher
+    finally:
+        await admin.aclose()
+        await store.close()
+    assert all(results)
+    assert peak == 3
