@@ -1088,3 +1088,25 @@ class TestSentinelConfig:
         del data["store"]["url"]
         s = load(data, env={"GATEWAY_STORE_URL": "rediss://u:p@any:1/5"}).store
         assert (s.url, s.sentinels) == ("rediss://u:p@any:1/5", self.SENTINELS)
+
+
+class TestStoreBoundsConfig:
+    def test_defaults(self) -> None:
+        """64 connections, a breaker that opens after 5 failures and cools down for 1 s."""
+        s = load({}).store
+        assert (s.max_connections, s.breaker_failures, s.breaker_cooldown_s) == (64, 5, 1.0)
+
+    def test_values_are_read(self) -> None:
+        """The three keys take an integer, an integer and a duration (or seconds)."""
+        s = load({"store": {"max_connections": 8, "breaker_failures": 2, "breaker_cooldown": "250ms"}}).store
+        assert (s.max_connections, s.breaker_failures, s.breaker_cooldown_s) == (8, 2, 0.25)
+        assert load({"store": {"breaker_cooldown": 3}}).store.breaker_cooldown_s == 3.0
+
+    @pytest.mark.parametrize(("key", "value"), [
+        ("max_connections", 0), ("max_connections", "many"), ("max_connections", 10_001),
+        ("breaker_failures", 0), ("breaker_failures", 1.5),
+        ("breaker_cooldown", "0s"), ("breaker_cooldown", "soon"), ("breaker_cooldown", "2h"),
+    ])
+    def test_bad_values_name_the_key(self, key: str, value: Any) -> None:
+        """A value out of range or of the wrong kind is one problem naming store.<key>."""
+        assert only_problem({"store": {key: value}}).startswith(f"store.{key}: ")
