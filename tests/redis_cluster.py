@@ -18,7 +18,6 @@ the nodes' log tails. Nothing here touches a process it did not start: ``kill_ma
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import shutil
 import signal
@@ -34,7 +33,7 @@ from typing import Any
 import redis
 from redis.crc import key_slot
 
-from tests.redis_process import HOST
+from tests.redis_process import HOST, end_process
 
 __all__ = ["SLOTS", "ClusterNode", "NodeView", "RedisCluster", "redis_cli_binary"]
 
@@ -187,14 +186,7 @@ class ClusterNode:
     def kill(self, sig: int = signal.SIGKILL, grace_s: float = 5.0) -> None:
         """Signal our own process by its PID and reap it (SIGKILL after ``grace_s``)."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.kill(proc.pid, sig)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+        end_process(proc, sig, grace_s)
 
     def call(self, *args: Any, timeout_s: float = 2.0) -> Any:
         """One command on this node alone (no redirection followed)."""

@@ -39,6 +39,20 @@ def ping(port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def end_process(
+    proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, grace_s: float = 5.0
+) -> None:
+    """Signal a process we started, by its PID, and reap it (SIGKILL after ``grace_s``)."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.kill(proc.pid, sig)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+
+
 class RedisProcess:
     """One redis-server process without persistence; ``restart()`` keeps the port."""
 
@@ -79,14 +93,7 @@ class RedisProcess:
     def stop(self, sig: int = signal.SIGTERM, grace_s: float = 5.0) -> None:
         """Stop the process this object started, by its PID (SIGKILL after ``grace_s``)."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.kill(proc.pid, sig)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+        end_process(proc, sig, grace_s)
 
     def restart(self) -> None:
         """Kill hard (no shutdown save) and start again on the same port: all data and every

@@ -14,7 +14,6 @@ only the PIDs of our own ``Popen`` objects.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -26,7 +25,7 @@ from typing import Any
 
 import redis
 
-from tests.redis_process import HOST, free_port, redis_server_binary
+from tests.redis_process import HOST, end_process, free_port, redis_server_binary
 
 __all__ = ["DOWN_AFTER_MS", "FAILOVER_TIMEOUT_MS", "SERVICE", "RedisSentinel"]
 
@@ -104,14 +103,7 @@ class RedisSentinel:
     def kill(self, port: int, sig: int = signal.SIGKILL, grace_s: float = 5.0) -> None:
         """Signal our own process on ``port`` by its PID and reap it (SIGKILL after ``grace_s``)."""
         proc = self._procs.pop(port, None)
-        if proc is None or proc.poll() is not None:
-            return
-        os.kill(proc.pid, sig)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+        end_process(proc, sig, grace_s)
 
     def cleanup(self) -> None:
         for port in list(self._procs):

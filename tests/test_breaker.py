@@ -15,8 +15,8 @@ from gateway.errors import StoreCircuitOpen, StoreScriptError, StoreTimeout, Sto
 from gateway.metrics import Metrics
 from gateway.store import TakePlan
 from gateway.store.breaker import BreakerState, CircuitBreaker
-from gateway.store.guard import CallGuard
-from gateway.store.redis import RedisStore, new_breaker
+from gateway.store.guard import CallGuard, new_breaker
+from gateway.store.redis import RedisStore
 from tests.redis_process import HOST, free_port
 
 

@@ -38,7 +38,8 @@ def store_from_config(config: StoreConfig, *, metrics: Metrics | None = None) ->
     """Build (without connecting) the store ``config`` names: ``memory://``, one Redis, the
     master Redis Sentinels name, or a Redis Cluster; with ``metrics``, every call's latency and
     errors and the circuit breaker's state are shown there."""
-    from gateway.store.redis import RedisStore, new_breaker
+    from gateway.store.guard import new_breaker
+    from gateway.store.redis import RedisStore
 
     breaker = new_breaker(config.breaker_failures, config.breaker_cooldown_s, metrics)
     options: dict[str, Any] = {

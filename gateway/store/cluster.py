@@ -32,10 +32,10 @@ from redis.exceptions import NoScriptError
 from gateway.errors import StoreError
 from gateway.requestid import current_request_id
 from gateway.store.base import BucketState, Claim, LeaseTerms, RateDecision, StoredResponse, TakePlan
-from gateway.store.breaker import BreakerState, CircuitBreaker
-from gateway.store.guard import CallGuard
-from gateway.store.layout import KeyLayout, claim_from_reply, decision_from_reply
-from gateway.store.redis import MAX_CONNECTIONS, new_breaker
+from gateway.store.breaker import CircuitBreaker
+from gateway.store.guard import ScriptStoreBase
+from gateway.store.layout import claim_from_reply, decision_from_reply
+from gateway.store.redis import MAX_CONNECTIONS
 from gateway.store.resp import ScriptCall
 from gateway.store.scripts import read_script
 
@@ -50,7 +50,7 @@ _log = logging.getLogger("gateway.store")
 CLUSTER_RETRIES = 2
 
 
-class ClusterStore:
+class ClusterStore(ScriptStoreBase):
     """A ``Store`` on a Redis Cluster; ``url`` names any one of its nodes.
 
     Args:
@@ -72,10 +72,8 @@ class ClusterStore:
         max_connections: int = MAX_CONNECTIONS,
         breaker: CircuitBreaker | None = None,
     ) -> None:
+        super().__init__(key_prefix=key_prefix, timeout_s=timeout_s, metrics=metrics, breaker=breaker)
         self._client = client
-        self._keys = KeyLayout(key_prefix)
-        self._guard = CallGuard(timeout_s=timeout_s, metrics=metrics,
-                                breaker=breaker or new_breaker(5, 1.0, metrics))
         # redis-py's per-node pools raise instead of waiting when full: calls wait here instead
         self._slots = asyncio.Semaphore(max_connections)
         self._take = ScriptCall("ratelimit_take", read_script("ratelimit_take"))
@@ -112,17 +110,6 @@ class ClusterStore:
     def client(self) -> RedisCluster:
         """The redis-py cluster client, for diagnostics and tests."""
         return self._client
-
-    def key(self, tag: str, policy: str) -> str:
-        """The store key of one policy's bucket for one tag."""
-        return self._keys.buckets([tag], [policy.encode()])[0].decode()
-
-    def record_key(self, record: str) -> str:
-        """The store key of one idempotency record."""
-        return self._keys.record(record).decode()
-
-    def breaker_state(self) -> BreakerState:
-        return self._guard.breaker.state
 
     async def open(self) -> None:
         await self._guard.run("open", self._load_scripts())

@@ -27,14 +27,15 @@ from redis.exceptions import (
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import StoreCircuitOpen, StoreError, StoreScriptError, StoreTimeout, StoreUnavailable
-from gateway.store.breaker import CircuitBreaker
+from gateway.store.breaker import BreakerState, CircuitBreaker
+from gateway.store.layout import KeyLayout
 
 if TYPE_CHECKING:
     from prometheus_client import Counter, Histogram
 
     from gateway.metrics import Metrics
 
-__all__ = ["CallGuard", "store_error"]
+__all__ = ["CallGuard", "ScriptStoreBase", "new_breaker", "store_error"]
 
 _T = TypeVar("_T")
 
@@ -119,3 +120,38 @@ class CallGuard:
                 self._latency[operation].observe(time.perf_counter() - start)
         breaker.succeeded()
         return result
+
+
+def new_breaker(failures: int, cooldown_s: float, metrics: Metrics | None) -> CircuitBreaker:
+    """A store's circuit breaker, its state shown in ``metrics`` when given."""
+    return CircuitBreaker(failures=failures, cooldown_s=cooldown_s,
+                          on_change=metrics.breaker_changed if metrics else None)
+
+
+class ScriptStoreBase:
+    """What the Redis and Redis Cluster stores share: key names and the guard on every call.
+
+    Args:
+        key_prefix: ``store.key_prefix``.
+        timeout_s: ``store.timeout``, the bound on one call.
+        metrics: where call latency, errors and the breaker state are shown.
+        breaker: the circuit breaker (a new one, 5 failures / 1 s, when None).
+    """
+
+    def __init__(
+        self, *, key_prefix: str, timeout_s: float, metrics: Metrics | None, breaker: CircuitBreaker | None
+    ) -> None:
+        self._keys = KeyLayout(key_prefix)
+        self._guard = CallGuard(timeout_s=timeout_s, metrics=metrics,
+                                breaker=breaker or new_breaker(5, 1.0, metrics))
+
+    def key(self, tag: str, policy: str) -> str:
+        """The store key of one policy's bucket for one tag."""
+        return self._keys.buckets([tag], [policy.encode()])[0].decode()
+
+    def record_key(self, record: str) -> str:
+        """The store key of one idempotency record."""
+        return self._keys.record(record).decode()
+
+    def breaker_state(self) -> BreakerState:
+        return self._guard.breaker.state

@@ -28,16 +28,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
 from gateway.store.base import Claim, LeaseTerms, RateDecision, StoredResponse, TakePlan
-from gateway.store.breaker import BreakerState, CircuitBreaker
-from gateway.store.guard import CallGuard
-from gateway.store.layout import KeyLayout, claim_from_reply, decision_from_reply
+from gateway.store.breaker import CircuitBreaker
+from gateway.store.guard import ScriptStoreBase
+from gateway.store.layout import claim_from_reply, decision_from_reply
 from gateway.store.resp import ScriptCall, bulk, command
 from gateway.store.scripts import read_script
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
 
-__all__ = ["MAX_CONNECTIONS", "RedisStore", "connection_options", "new_breaker"]
+__all__ = ["MAX_CONNECTIONS", "RedisStore", "connection_options"]
 
 #: Connections a store uses at once by default (``store.max_connections``); past it a call
 #: waits (within its timeout) for one.
@@ -56,12 +56,6 @@ def connection_options(timeout_s: float, max_connections: int = MAX_CONNECTIONS)
         "retry": Retry(NoBackoff(), retries=0),
         "max_connections": max_connections,
     }
-
-
-def new_breaker(failures: int, cooldown_s: float, metrics: Metrics | None) -> CircuitBreaker:
-    """A store's circuit breaker, its state shown in ``metrics`` when given."""
-    return CircuitBreaker(failures=failures, cooldown_s=cooldown_s,
-                          on_change=metrics.breaker_changed if metrics else None)
 
 
 class _Lane:
@@ -137,7 +131,7 @@ class _Lane:
             await conn.disconnect(nowait=True)
 
 
-class RedisStore:
+class RedisStore(ScriptStoreBase):
     """A ``Store`` on one Redis server (or the master Sentinels name; or fakeredis, for ``memory://``).
 
     Args:
@@ -159,10 +153,8 @@ class RedisStore:
         max_connections: int = MAX_CONNECTIONS,
         breaker: CircuitBreaker | None = None,
     ) -> None:
+        super().__init__(key_prefix=key_prefix, timeout_s=timeout_s, metrics=metrics, breaker=breaker)
         self._client = client
-        self._keys = KeyLayout(key_prefix)
-        self._guard = CallGuard(timeout_s=timeout_s, metrics=metrics,
-                                breaker=breaker or new_breaker(5, 1.0, metrics))
         pool: ConnectionPool = client.connection_pool
         self._lane = _Lane(pool.make_connection, max_connections)
         self._take = ScriptCall("ratelimit_take", read_script("ratelimit_take"))
@@ -225,17 +217,6 @@ class RedisStore:
     def client(self) -> Redis:
         """A plain redis-py client on the same server, for diagnostics and tests."""
         return self._client
-
-    def key(self, tag: str, policy: str) -> str:
-        """The store key of one policy's bucket for one tag."""
-        return self._keys.buckets([tag], [policy.encode()])[0].decode()
-
-    def record_key(self, record: str) -> str:
-        """The store key of one idempotency record."""
-        return self._keys.record(record).decode()
-
-    def breaker_state(self) -> BreakerState:
-        return self._guard.breaker.state
 
     async def open(self) -> None:
         for script in self._scripts:
