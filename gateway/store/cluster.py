@@ -33,11 +33,10 @@ from gateway.errors import StoreError
 from gateway.requestid import current_request_id
 from gateway.store.base import BucketState, Claim, LeaseTerms, RateDecision, StoredResponse, TakePlan
 from gateway.store.breaker import CircuitBreaker
-from gateway.store.guard import ScriptStoreBase
 from gateway.store.layout import claim_from_reply, decision_from_reply
 from gateway.store.redis import MAX_CONNECTIONS
 from gateway.store.resp import ScriptCall
-from gateway.store.scripts import read_script
+from gateway.store.scripted import ScriptStoreBase, script_call
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
@@ -76,12 +75,7 @@ class ClusterStore(ScriptStoreBase):
         self._client = client
         # redis-py's per-node pools raise instead of waiting when full: calls wait here instead
         self._slots = asyncio.Semaphore(max_connections)
-        self._take = ScriptCall("ratelimit_take", read_script("ratelimit_take"))
-        self._refund = ScriptCall("ratelimit_refund", read_script("ratelimit_refund"))
-        self._claim = ScriptCall("idempotency_claim", read_script("idempotency_claim"))
-        self._complete = ScriptCall("idempotency_complete", read_script("idempotency_complete"))
-        self._release = ScriptCall("idempotency_release", read_script("idempotency_release"))
-        self._renew = ScriptCall("idempotency_renew", read_script("idempotency_renew"))
+        self._refund = script_call("ratelimit_refund")
         self._scripts = (self._take, self._refund, self._claim, self._complete, self._release,
                          self._renew)
 

@@ -27,15 +27,14 @@ from redis.exceptions import (
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import StoreCircuitOpen, StoreError, StoreScriptError, StoreTimeout, StoreUnavailable
-from gateway.store.breaker import BreakerState, CircuitBreaker
-from gateway.store.layout import KeyLayout
+from gateway.store.breaker import CircuitBreaker
 
 if TYPE_CHECKING:
     from prometheus_client import Counter, Histogram
 
     from gateway.metrics import Metrics
 
-__all__ = ["CallGuard", "ScriptStoreBase", "new_breaker", "store_error"]
+__all__ = ["CallGuard", "new_breaker", "store_error"]
 
 _T = TypeVar("_T")
 
@@ -92,8 +91,7 @@ class CallGuard:
         breaker = self.breaker
         if not breaker.admit():
             call.close()  # never started: no "never awaited" warning
-            if self._errors is not None and (operation, "circuit_open") in self._errors:
-                self._errors[operation, "circuit_open"].inc()
+            self._count_error(operation, "circuit_open")
             wait = breaker.retry_in_s()
             msg = f"the store is failing; calls fail fast (circuit breaker open, next try in {wait:.2g}s)"
             raise StoreCircuitOpen(msg)
@@ -110,16 +108,21 @@ class CallGuard:
                 breaker.failed()
             else:
                 breaker.succeeded()  # an error reply is still an answer
-            if self._errors is not None and (operation, "script") in self._errors:
-                self._errors[operation, _kind(error)].inc()
+            self._count_error(operation, _kind(error))
             if error is exc:
                 raise
             raise error from exc
         finally:
-            if self._latency is not None and operation in self._latency:
-                self._latency[operation].observe(time.perf_counter() - start)
+            latency = self._latency.get(operation) if self._latency is not None else None
+            if latency is not None:
+                latency.observe(time.perf_counter() - start)
         breaker.succeeded()
         return result
+
+    def _count_error(self, operation: str, kind: str) -> None:
+        counter = self._errors.get((operation, kind)) if self._errors is not None else None
+        if counter is not None:
+            counter.inc()
 
 
 def new_breaker(failures: int, cooldown_s: float, metrics: Metrics | None) -> CircuitBreaker:
@@ -127,31 +130,3 @@ def new_breaker(failures: int, cooldown_s: float, metrics: Metrics | None) -> Ci
     return CircuitBreaker(failures=failures, cooldown_s=cooldown_s,
                           on_change=metrics.breaker_changed if metrics else None)
 
-
-class ScriptStoreBase:
-    """What the Redis and Redis Cluster stores share: key names and the guard on every call.
-
-    Args:
-        key_prefix: ``store.key_prefix``.
-        timeout_s: ``store.timeout``, the bound on one call.
-        metrics: where call latency, errors and the breaker state are shown.
-        breaker: the circuit breaker (a new one, 5 failures / 1 s, when None).
-    """
-
-    def __init__(
-        self, *, key_prefix: str, timeout_s: float, metrics: Metrics | None, breaker: CircuitBreaker | None
-    ) -> None:
-        self._keys = KeyLayout(key_prefix)
-        self._guard = CallGuard(timeout_s=timeout_s, metrics=metrics,
-                                breaker=breaker or new_breaker(5, 1.0, metrics))
-
-    def key(self, tag: str, policy: str) -> str:
-        """The store key of one policy's bucket for one tag."""
-        return self._keys.buckets([tag], [policy.encode()])[0].decode()
-
-    def record_key(self, record: str) -> str:
-        """The store key of one idempotency record."""
-        return self._keys.record(record).decode()
-
-    def breaker_state(self) -> BreakerState:
-        return self._guard.breaker.state

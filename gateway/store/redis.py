@@ -29,10 +29,9 @@ from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
 from gateway.store.base import Claim, LeaseTerms, RateDecision, StoredResponse, TakePlan
 from gateway.store.breaker import CircuitBreaker
-from gateway.store.guard import ScriptStoreBase
 from gateway.store.layout import claim_from_reply, decision_from_reply
 from gateway.store.resp import ScriptCall, bulk, command
-from gateway.store.scripts import read_script
+from gateway.store.scripted import ScriptStoreBase
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
@@ -74,7 +73,7 @@ class _Lane:
         await self._slots.acquire()
         try:
             if not self._idle:
-                return await self._exchange(self._open(), packed)
+                return await self._exchange(await self._open(), packed)
             try:
                 return await self._exchange(self._idle.pop(), packed)
             except (RedisConnectionError, OSError):
@@ -83,16 +82,12 @@ class _Lane:
                 # error; nothing ran, a replica takes no writes): the other idle ones share its
                 # fate; once more on a new connection, which asks the sentinels afresh
                 await self._drop_idle()
-            return await self._exchange(self._open(), packed)
+            return await self._exchange(await self._open(), packed)
         finally:
             self._slots.release()
 
     async def _exchange(self, conn: AbstractConnection, packed: bytes) -> Any:
         try:
-            if not conn.is_connected:
-                # connect() itself, not send's implicit connect: only connect() makes a
-                # Sentinel-managed connection ask the sentinels where the master is
-                await conn.connect()  # type: ignore[no-untyped-call]
             await conn.send_packed_command(packed, check_health=False)
             reply = await conn.read_response()
         except ReadOnlyError:
@@ -110,9 +105,18 @@ class _Lane:
         self._idle.append(conn)
         return reply
 
-    def _open(self) -> AbstractConnection:
-        conn = self._make()  # connected by its first exchange
+    async def _open(self) -> AbstractConnection:
+        """A new connection, connected. By ``connect()`` itself, not send's implicit connect:
+        only ``connect()`` makes a Sentinel-managed connection ask the sentinels for the master.
+        Reused connections are never reconnected here: one the server closed fails its send
+        and is dropped."""
+        conn = self._make()
         self._live.add(conn)
+        try:
+            await conn.connect()  # type: ignore[no-untyped-call]
+        except BaseException:
+            await self._drop(conn)
+            raise
         return conn
 
     async def _drop(self, conn: AbstractConnection) -> None:
@@ -157,11 +161,6 @@ class RedisStore(ScriptStoreBase):
         self._client = client
         pool: ConnectionPool = client.connection_pool
         self._lane = _Lane(pool.make_connection, max_connections)
-        self._take = ScriptCall("ratelimit_take", read_script("ratelimit_take"))
-        self._claim = ScriptCall("idempotency_claim", read_script("idempotency_claim"))
-        self._complete = ScriptCall("idempotency_complete", read_script("idempotency_complete"))
-        self._release = ScriptCall("idempotency_release", read_script("idempotency_release"))
-        self._renew = ScriptCall("idempotency_renew", read_script("idempotency_renew"))
         self._scripts = (self._take, self._claim, self._complete, self._release, self._renew)
 
     @classmethod
