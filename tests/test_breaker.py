@@ -34,6 +34,14 @@ def breaker(clock: Clock) -> tuple[CircuitBreaker, list[BreakerState]]:
     return CircuitBreaker(failures=3, cooldown_s=2.0, on_change=seen.append, clock=clock), seen
 
 
+def trip(b: CircuitBreaker) -> None:
+    """Three admitted calls fail in a row: the breaker of ``breaker()`` opens."""
+    for _ in range(3):
+        assert b.admit()
+        b.failed()
+    assert b.state == "open"
+
+
 class TestStateMachine:
     def test_opens_after_consecutive_failures_only(self) -> None:
         """Failures open the circuit only when ``failures`` of them come in a row: a success in
@@ -57,9 +65,7 @@ class TestStateMachine:
         (half-open) and the others are still refused while it is out."""
         clock = Clock()
         b, seen = breaker(clock)
-        for _ in range(3):
-            b.admit()
-            b.failed()
+        trip(b)
         clock.now += 1.999
         assert not b.admit()
         assert b.retry_in_s() == pytest.approx(0.001)
@@ -75,9 +81,7 @@ class TestStateMachine:
         """A probe that fails opens the circuit again, for a whole new cool-down from then."""
         clock = Clock()
         b, seen = breaker(clock)
-        for _ in range(3):
-            b.admit()
-            b.failed()
+        trip(b)
         clock.now += 5
         assert b.admit()
         b.failed()
@@ -92,9 +96,7 @@ class TestStateMachine:
         instead of leaving the circuit half-open and refusing forever."""
         clock = Clock()
         b, _ = breaker(clock)
-        for _ in range(3):
-            b.admit()
-            b.failed()
+        trip(b)
         clock.now += 2
         assert b.admit()
         assert not b.admit()
@@ -123,9 +125,7 @@ class TestStateMachine:
         """A call admitted before the circuit opened that fails afterwards changes nothing."""
         clock = Clock()
         b, _ = breaker(clock)
-        for _ in range(3):
-            b.admit()
-            b.failed()
+        trip(b)
         clock.now += 1.5
         b.failed()
         clock.now += 0.5
