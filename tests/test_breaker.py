@@ -34,12 +34,21 @@ def breaker(clock: Clock) -> tuple[CircuitBreaker, list[BreakerState]]:
     return CircuitBreaker(failures=3, cooldown_s=2.0, on_change=seen.append, clock=clock), seen
 
 
-def trip(b: CircuitBreaker) -> None:
-    """Three admitted calls fail in a row: the breaker of ``breaker()`` opens."""
-    for _ in range(3):
-        assert b.admit()
-        b.failed()
+def admitted(b: CircuitBreaker) -> int:
+    """The ticket of a call the breaker lets through (failing when it refuses)."""
+    ticket = b.admit()
+    assert ticket is not None
+    return ticket
+
+
+def trip(b: CircuitBreaker) -> int:
+    """Three admitted calls fail in a row: the breaker of ``breaker()`` opens. Returns the
+    ticket those calls had."""
+    tickets = [admitted(b) for _ in range(3)]
+    for ticket in tickets:
+        b.failed(ticket)
     assert b.state == "open"
+    return tickets[0]
 
 
 class TestStateMachine:
@@ -49,16 +58,15 @@ class TestStateMachine:
         clock = Clock()
         b, seen = breaker(clock)
         for failed in (True, True, False, True, True):
-            assert b.admit()
+            ticket = admitted(b)
             if failed:
-                b.failed()
+                b.failed(ticket)
             else:
-                b.succeeded()
+                b.succeeded(ticket)
         assert b.state == "closed"
-        assert b.admit()
-        b.failed()
+        b.failed(admitted(b))
         assert (b.state, seen) == ("open", ["open"])
-        assert not b.admit()
+        assert b.admit() is None
 
     def test_open_refuses_until_the_cooldown_then_admits_one_probe(self) -> None:
         """While open every call is refused; after the cool-down exactly one call goes through
@@ -67,15 +75,15 @@ class TestStateMachine:
         b, seen = breaker(clock)
         trip(b)
         clock.now += 1.999
-        assert not b.admit()
+        assert b.admit() is None
         assert b.retry_in_s() == pytest.approx(0.001)
         clock.now += 0.001
-        assert b.admit()
+        probe = admitted(b)
         assert b.state == "half_open"
-        assert [b.admit() for _ in range(5)] == [False] * 5
-        b.succeeded()
+        assert [b.admit() for _ in range(5)] == [None] * 5
+        b.succeeded(probe)
         assert (b.state, seen) == ("closed", ["open", "half_open", "closed"])
-        assert all(b.admit() for _ in range(5))
+        assert all(b.admit() is not None for _ in range(5))
 
     def test_failed_probe_opens_for_another_cooldown(self) -> None:
         """A probe that fails opens the circuit again, for a whole new cool-down from then."""
@@ -83,12 +91,11 @@ class TestStateMachine:
         b, seen = breaker(clock)
         trip(b)
         clock.now += 5
-        assert b.admit()
-        b.failed()
+        b.failed(admitted(b))
         assert b.state == "open"
         assert b.retry_in_s() == pytest.approx(2.0)
         clock.now += 1.5
-        assert not b.admit()
+        assert b.admit() is None
         assert seen == ["open", "half_open", "open"]
 
     def test_a_cancelled_probe_frees_the_probe_slot(self) -> None:
@@ -98,10 +105,10 @@ class TestStateMachine:
         b, _ = breaker(clock)
         trip(b)
         clock.now += 2
-        assert b.admit()
-        assert not b.admit()
-        b.abandoned()
-        assert b.admit()
+        probe = admitted(b)
+        assert b.admit() is None
+        b.abandoned(probe)
+        admitted(b)
         assert b.state == "half_open"
 
     def test_late_success_while_open_does_not_cut_the_cooldown(self) -> None:
@@ -109,27 +116,41 @@ class TestStateMachine:
         does not close it: the cool-down runs its course, then one probe decides."""
         clock = Clock()
         b, seen = breaker(clock)
-        for _ in range(4):
-            assert b.admit()
-        for _ in range(3):
-            b.failed()
-        b.succeeded()  # the fourth call, sent while closed, answers late
+        tickets = [admitted(b) for _ in range(4)]
+        for ticket in tickets[:3]:
+            b.failed(ticket)
+        b.succeeded(tickets[3])  # the fourth call, sent while closed, answers late
         assert (b.state, seen) == ("open", ["open"])
-        assert not b.admit()
+        assert b.admit() is None
         clock.now += 2
-        assert b.admit()
-        b.succeeded()
+        b.succeeded(admitted(b))
         assert seen == ["open", "half_open", "closed"]
+
+    def test_late_success_while_half_open_does_not_close_it(self) -> None:
+        """While the probe is out, a late answer to a call sent before the circuit opened does
+        not close it (the store may still be down): only the probe's outcome decides."""
+        clock = Clock()
+        b, seen = breaker(clock)
+        tickets = [admitted(b) for _ in range(4)]
+        for ticket in tickets[:3]:
+            b.failed(ticket)
+        clock.now += 2
+        probe = admitted(b)
+        b.succeeded(tickets[3])
+        assert b.state == "half_open"
+        assert b.admit() is None
+        b.failed(probe)
+        assert seen == ["open", "half_open", "open"]
 
     def test_late_failure_while_open_does_not_extend_the_cooldown(self) -> None:
         """A call admitted before the circuit opened that fails afterwards changes nothing."""
         clock = Clock()
         b, _ = breaker(clock)
-        trip(b)
+        before = trip(b)
         clock.now += 1.5
-        b.failed()
+        b.failed(before)
         clock.now += 0.5
-        assert b.admit()
+        admitted(b)
 
 
 def closed_port_guard(clock: Clock, metrics: Metrics) -> CallGuard:
@@ -216,8 +237,7 @@ class TestGuard:
         clock = Clock()
         b = CircuitBreaker(failures=1, cooldown_s=1.0, clock=clock)
         guard = CallGuard(timeout_s=5, metrics=None, breaker=b)
-        b.admit()
-        b.failed()
+        b.failed(admitted(b))
         clock.now += 1
         task = asyncio.ensure_future(guard.run("ping", asyncio.sleep(10)))
         await asyncio.sleep(0.01)
@@ -225,7 +245,7 @@ class TestGuard:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert b.admit()
+        admitted(b)
 
 
 class TestRedisStoreBreaker:

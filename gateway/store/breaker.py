@@ -8,8 +8,10 @@ While open, and while a half-open probe is in flight, calls are refused at once 
 the network (``StoreCircuitOpen``), so the policies' ``on_store_error`` answers come back in
 microseconds instead of after ``store.timeout``. Any answer from the store counts as success
 (an error reply is still an answer); only timeouts and refused or broken connections count as
-failures. Outcomes of calls sent before the circuit opened do not shorten or lengthen its
-cool-down: a slow store that still answers some calls must not make it flap. A probe that is
+failures. Only outcomes of calls admitted since the circuit last opened count (each call
+carries a ticket, the era that admitted it): a late answer to a call sent before it opened
+neither cuts the cool-down nor closes it while the probe is out, and a slow store that still
+answers some calls cannot make it flap. A probe that is
 cancelled (its client left) frees the probe slot for the next call.
 
 One breaker per store per process: workers and machines each learn on their own. It runs on one
@@ -41,8 +43,8 @@ class CircuitBreaker:
         clock: monotonic seconds; tests pass their own.
     """
 
-    __slots__ = ("_clock", "_cooldown_s", "_failures", "_on_change", "_opened_at", "_probing",
-                 "_streak", "state")
+    __slots__ = ("_clock", "_cooldown_s", "_failures", "_generation", "_on_change", "_opened_at",
+                 "_probing", "_streak", "state")
 
     def __init__(
         self,
@@ -60,21 +62,24 @@ class CircuitBreaker:
         self._streak = 0  # consecutive failures while closed
         self._opened_at = 0.0
         self._probing = False  # half-open: the one probe is out
+        # bumped each time the circuit opens: a call's ticket says which era admitted it
+        self._generation = 1
 
-    def admit(self) -> bool:
-        """True when a call may go to the store now; False to fail it fast.
+    def admit(self) -> int | None:
+        """A ticket (pass it back with the call's outcome) when a call may go to the store
+        now; None to fail it fast.
 
         The first call after the cool-down is admitted as the half-open probe."""
         if self.state == "closed":
-            return True
+            return self._generation
         if self.state == "open":
             if self._clock() - self._opened_at < self._cooldown_s:
-                return False
+                return None
             self._move("half_open")
         if self._probing:
-            return False
+            return None
         self._probing = True
-        return True
+        return self._generation
 
     def retry_in_s(self) -> float:
         """Seconds until an open circuit lets its probe through (0 when it would now)."""
@@ -82,10 +87,10 @@ class CircuitBreaker:
             return 0.0
         return max(0.0, self._opened_at + self._cooldown_s - self._clock())
 
-    def succeeded(self) -> None:
-        """The store answered."""
-        if self.state == "open":
-            return  # a late answer to a call sent before it opened: the cool-down runs its course
+    def succeeded(self, ticket: int) -> None:
+        """The store answered the call ``ticket`` admitted."""
+        if ticket != self._generation:
+            return  # a late answer to a call sent before the circuit opened
         self._streak = 0
         self._probing = False
         if self.state == "half_open":
@@ -93,8 +98,10 @@ class CircuitBreaker:
             _log.info("store answering again; circuit breaker closed",
                       extra={"event": "store.breaker_closed"})
 
-    def failed(self) -> None:
-        """A call timed out or could not reach the store."""
+    def failed(self, ticket: int) -> None:
+        """The call ``ticket`` admitted timed out or could not reach the store."""
+        if ticket != self._generation:
+            return  # a late failure of a call sent before the circuit opened
         if self.state == "half_open":
             self._open()  # still down: quietly, the outage was logged when it began
         elif self.state == "closed":
@@ -106,15 +113,17 @@ class CircuitBreaker:
                     extra={"event": "store.breaker_opened", "failures": self._failures,
                            "cooldown_s": self._cooldown_s},
                 )
-        # open: a late failure of a call admitted before it opened changes nothing
 
-    def abandoned(self) -> None:
-        """An admitted call was cancelled before it had an outcome: free the probe slot."""
-        self._probing = False
+    def abandoned(self, ticket: int) -> None:
+        """The call ``ticket`` admitted was cancelled before it had an outcome: if it was the
+        probe, the next call probes instead."""
+        if ticket == self._generation and self.state == "half_open":
+            self._probing = False
 
     def _open(self) -> None:
         self._streak = 0
         self._probing = False
+        self._generation += 1
         self._opened_at = self._clock()
         self._move("open")
 

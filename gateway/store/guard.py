@@ -89,7 +89,8 @@ class CallGuard:
 
         ``operation`` names it in the metrics; one they do not list (``"open"``) is not counted."""
         breaker = self.breaker
-        if not breaker.admit():
+        ticket = breaker.admit()
+        if ticket is None:
             call.close()  # never started: no "never awaited" warning
             self._count_error(operation, "circuit_open")
             wait = breaker.retry_in_s()
@@ -102,12 +103,12 @@ class CallGuard:
         except BaseException as exc:
             error = store_error(exc, self._timeout_s)
             if error is None:
-                breaker.abandoned()  # cancelled (or a bug): no verdict on the store
+                breaker.abandoned(ticket)  # cancelled (or a bug): no verdict on the store
                 raise
             if isinstance(error, StoreUnavailable):
-                breaker.failed()
+                breaker.failed(ticket)
             else:
-                breaker.succeeded()  # an error reply is still an answer
+                breaker.succeeded(ticket)  # an error reply is still an answer
             self._count_error(operation, _kind(error))
             if error is exc:
                 raise
@@ -116,7 +117,7 @@ class CallGuard:
             latency = self._latency.get(operation) if self._latency is not None else None
             if latency is not None:
                 latency.observe(time.perf_counter() - start)
-        breaker.succeeded()
+        breaker.succeeded(ticket)
         return result
 
     def _count_error(self, operation: str, kind: str) -> None:
