@@ -4,7 +4,8 @@
     ├── ConfigError (ValueError)      every problem of a config at once, each naming its key
     └── StoreError                    the store could not decide; the caller applies on_store_error
         ├── StoreUnavailable          no connection, or it broke (refused, reset, pool exhausted)
-        │   ├── StoreTimeout          no answer within store.timeout
+        │   ├── StoreUnanswered       sent, but no answer came: the call may have run
+        │   │   └── StoreTimeout      no answer within store.timeout
         │   └── StoreCircuitOpen      not even tried: the circuit breaker is open (a recent outage)
         └── StoreScriptError          the store answered with an error (a bug or a foreign key type)
 
@@ -21,6 +22,7 @@ __all__ = [
     "StoreError",
     "StoreScriptError",
     "StoreTimeout",
+    "StoreUnanswered",
     "StoreUnavailable",
 ]
 
@@ -49,7 +51,12 @@ class StoreUnavailable(StoreError):
     """The store could not be reached, or the connection broke."""
 
 
-class StoreTimeout(StoreUnavailable):
+class StoreUnanswered(StoreUnavailable):
+    """The call was sent but no answer came back (the connection broke or time ran out): it
+    may have run in the store, so a caller holding a claim must treat it as possibly granted."""
+
+
+class StoreTimeout(StoreUnanswered):
     """The store did not answer within ``store.timeout``."""
 
 

@@ -536,10 +536,14 @@ async def test_paused_redis_is_bounded_by_the_timeout(dedicated_redis: RedisProc
     timeouts = m.value("gateway_store_errors_total", kind="timeout")
     probes = math.ceil(elapsed / COOLDOWN_S) + 1
     bound = BREAKER_FAILURES + len(KINDS) * PER_ROUND + probes
-    print(f"[faults] paused   store attempts={attempts:g} (timeouts {timeouts:g}, bound {bound}) "
-          f"circuit_open={m.value('gateway_store_errors_total', kind='circuit_open'):g} "
+    # the first call on the silent connection times out; the calls waiting behind it on the
+    # same (pipelined) connection fail with it as soon as it is given up (kind "unavailable")
+    lost = m.value("gateway_store_errors_total", kind="unavailable")
+    print(f"[faults] paused   store attempts={attempts:g} (timeouts {timeouts:g}, lost {lost:g}, "
+          f"bound {bound}) circuit_open={m.value('gateway_store_errors_total', kind='circuit_open'):g} "
           f"over {elapsed:.1f}s")
-    assert timeouts >= BREAKER_FAILURES
+    assert timeouts >= 1
+    assert timeouts + lost >= BREAKER_FAILURES
     assert attempts <= bound
     assert m.value("gateway_store_errors_total", kind="circuit_open") > 0
     assert m.value("gateway_store_breaker_opened_total") >= 1

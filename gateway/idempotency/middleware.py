@@ -31,7 +31,7 @@ from gateway._asgi import ASGIApp, Receive, Scope, Send
 from gateway._paths import PathPrefixes
 from gateway._settings import StoreSetting, resolve
 from gateway.config import IdempotencyConfig, IdentityConfig
-from gateway.errors import StoreError, StoreTimeout
+from gateway.errors import StoreError, StoreUnanswered
 from gateway.idempotency import problems
 from gateway.idempotency.capture import Capture, send_replay
 from gateway.idempotency.lease import Lease
@@ -204,7 +204,7 @@ class IdempotencyMiddleware:
             claim = await self._store.idempotency_claim(record, fingerprint(scope, body), owner, self._terms)
         except StoreError as exc:
             self._count("store_error")
-            if isinstance(exc, StoreTimeout):  # sent, and maybe granted: only the reply was late
+            if isinstance(exc, StoreUnanswered):  # sent, and maybe granted: only the reply was lost
                 self._in_background(self._free_unanswered_claim(record, owner))
             await self._store_failed(exc, scope, replaying(body, receive), send)
             return

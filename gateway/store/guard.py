@@ -26,8 +26,16 @@ from redis.exceptions import (
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.errors import StoreCircuitOpen, StoreError, StoreScriptError, StoreTimeout, StoreUnavailable
+from gateway.errors import (
+    StoreCircuitOpen,
+    StoreError,
+    StoreScriptError,
+    StoreTimeout,
+    StoreUnanswered,
+    StoreUnavailable,
+)
 from gateway.store.breaker import CircuitBreaker
+from gateway.store.pipeline import ReplyLost
 
 if TYPE_CHECKING:
     from prometheus_client import Counter, Histogram
@@ -50,6 +58,8 @@ def store_error(exc: BaseException, timeout_s: float) -> StoreError | None:
         return exc
     if isinstance(exc, RedisTimeoutError | TimeoutError):
         return StoreTimeout(f"the store did not answer within {timeout_s:g}s")
+    if isinstance(exc, ReplyLost):
+        return StoreUnanswered(str(exc))
     if isinstance(exc, _UNAVAILABLE_REPLIES):
         return StoreUnavailable(str(exc))
     if isinstance(exc, ResponseError):

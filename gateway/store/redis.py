@@ -6,9 +6,13 @@ Every call goes through ``CallGuard`` (``guard.py``): the circuit breaker, one d
 included), and the translation of every foreign exception into ``gateway.errors.StoreError``.
 
 Decisions skip redis-py's generic client path (its pool takes a lock, probes the socket and
-records metrics on every command) and go through ``_Lane``: redis-py ``Connection`` objects
-(URL parsing, AUTH/SELECT/TLS, the hiredis parser) reused LIFO, at most ``MAX_CONNECTIONS`` at
-once, with the command framed once per plan (``resp.py``). Scripts are named by their SHA1,
+records metrics on every command). On a Redis server they are auto-pipelined (``pipeline.py``):
+the commands of every request in one event-loop turn leave in one write on one connection, and
+the replies come back to their callers in order. redis-py still makes that connection (URL
+parsing, AUTH/SELECT/TLS, Sentinel). On fakeredis (``memory://``), whose connections are not
+sockets, they go through ``_Lane``: connections reused LIFO, one command at a time, at most
+``store.max_connections`` at once. Commands are framed once per plan where they can be
+(``resp.py``). Scripts are named by their SHA1,
 computed locally; after NOSCRIPT (a restarted Redis, ``SCRIPT FLUSH``, a failover) the script is
 loaded on that connection and the call sent once more. Key names: ``layout.py``.
 """
@@ -30,6 +34,7 @@ from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 from gateway.store.base import Claim, LeaseTerms, RateDecision, StoredResponse, TakePlan
 from gateway.store.breaker import CircuitBreaker
 from gateway.store.layout import claim_from_reply, decision_from_reply
+from gateway.store.pipeline import Pipeline
 from gateway.store.resp import ScriptCall, bulk, command
 from gateway.store.scripted import ScriptStoreBase
 
@@ -143,8 +148,11 @@ class RedisStore(ScriptStoreBase):
         key_prefix: ``store.key_prefix``.
         timeout_s: ``store.timeout``, the bound on one call.
         metrics: where call latency, errors and the breaker state are shown.
-        max_connections: ``store.max_connections``.
+        max_connections: ``store.max_connections`` (for the lane; a pipelined store uses one).
         breaker: the circuit breaker (a new one, 5 failures / 1 s, when None).
+        pipelined: auto-pipeline the calls over one connection; False sends them one at a
+            time over a lane of connections. None (the default) pipelines unless the client is
+            fakeredis, whose connections are not sockets.
     """
 
     def __init__(
@@ -156,11 +164,17 @@ class RedisStore(ScriptStoreBase):
         metrics: Metrics | None = None,
         max_connections: int = MAX_CONNECTIONS,
         breaker: CircuitBreaker | None = None,
+        pipelined: bool | None = None,
     ) -> None:
         super().__init__(key_prefix=key_prefix, timeout_s=timeout_s, metrics=metrics, breaker=breaker)
         self._client = client
         pool: ConnectionPool = client.connection_pool
-        self._lane = _Lane(pool.make_connection, max_connections)
+        if pipelined is None:
+            pipelined = not pool.connection_class.__module__.startswith("fakeredis")
+        self._lane: Pipeline | _Lane = (
+            Pipeline(pool.make_connection, connect_timeout_s=timeout_s, stall_s=timeout_s * 0.9)
+            if pipelined else _Lane(pool.make_connection, max_connections)
+        )
         self._scripts = (self._take, self._claim, self._complete, self._release, self._renew)
 
     @classmethod

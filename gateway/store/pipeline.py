@@ -1,0 +1,198 @@
+"""Auto-pipelining: every command sent in one event-loop turn leaves in one write on one
+connection, and the replies, read as they come, are handed to their callers in order.
+
+Why: an awaited round trip of its own costs a Python server more CPU per request than the
+decision it carries (a write, a read, and the wake-ups between them). Concurrent requests
+share those here, while each still gets its own reply or its own error: Redis answers the
+commands of one connection in the order they were sent, so the n-th reply is the n-th
+caller's, and an error reply (NOSCRIPT, a script error) fails that caller alone.
+
+A broken connection fails every caller still waiting on it (nothing is resent: any of those
+commands may have run) and the next call opens a new one. A connection that stays silent for a
+whole call timeout while commands wait on it is given up the same way, so a black-holed Redis
+never holds callers past their bound. ``READONLY`` (the server was demoted) gives the
+connection up too: a new one finds the master (through Sentinel, when configured).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import hiredis
+from redis._parsers.base import BaseParser
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError
+
+__all__ = ["Pipeline", "ReplyLost"]
+
+_READ_SIZE = 1 << 16
+
+
+class ReplyLost(RedisConnectionError):
+    """The connection broke after this command was written: it may have run."""
+
+
+class _Connection:
+    """One connected Redis connection and the callers waiting on it, oldest first."""
+
+    __slots__ = ("_conn", "_loop", "_out", "_reader_task", "_waiting", "_writer", "answered", "broken")
+
+    def __init__(self, conn: AbstractConnection) -> None:
+        self._conn = conn
+        self._loop = asyncio.get_running_loop()
+        # redis-py made the connection (URL, AUTH, SELECT, TLS, Sentinel); its streams carry it
+        self._writer: asyncio.StreamWriter = conn._writer  # type: ignore[assignment]
+        reader: asyncio.StreamReader = conn._reader  # type: ignore[assignment]
+        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self._out: list[bytes] = []
+        self.answered = 0  # replies read so far: a caller sees whether any came while it waited
+        self.broken: BaseException | None = None
+        self._reader_task = self._loop.create_task(self._read(reader))
+
+    def send(self, packed: bytes) -> asyncio.Future[Any]:
+        """Queue one framed command for this turn's write; the future gets its reply."""
+        if self.broken is not None:
+            raise RedisConnectionError(str(self.broken))
+        future = self._loop.create_future()
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.append(packed)
+        self._waiting.append(future)
+        return future
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self.broken is None and out:
+            try:
+                self._writer.write(out[0] if len(out) == 1 else b"".join(out))
+            except Exception as exc:  # the transport is gone: the reader sees it too
+                self.fail(exc)
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        parser = hiredis.Reader()
+        waiting = self._waiting
+        try:
+            while data := await reader.read(_READ_SIZE):
+                parser.feed(data)
+                reply = parser.gets()
+                while reply is not False:
+                    self.answered += 1
+                    future = waiting.popleft()  # a reply nobody waits for: out of step, IndexError
+                    if isinstance(reply, hiredis.ReplyError):
+                        error: Exception = BaseParser.parse_error(str(reply))  # type: ignore[no-untyped-call]
+                        if not future.done():
+                            future.set_exception(error)
+                        if isinstance(error, ReadOnlyError):
+                            # a demoted master: its other callers get READONLY too; a new
+                            # connection finds the master
+                            self.fail(error)
+                            return
+                    elif not future.done():  # done = its caller gave up (timed out, cancelled)
+                        future.set_result(reply)
+                    reply = parser.gets()
+            self.fail(RedisConnectionError("the store closed the connection"))
+        except asyncio.CancelledError:
+            self.fail(RedisConnectionError("the store connection was closed"))
+            raise
+        except Exception as exc:  # any failure of the stream ends this connection
+            self.fail(exc)
+
+    def fail(self, exc: BaseException) -> None:
+        """Give this connection up: every caller still waiting gets a connection error."""
+        if self.broken is not None:
+            return
+        self.broken = exc
+        unsent = len(self._out)  # the newest callers' commands, not written yet
+        self._out.clear()
+        self._writer.transport.abort()
+        self._conn._writer = self._conn._reader = None  # closed here, not (later) by redis-py
+        if not self._reader_task.done() and asyncio.current_task() is not self._reader_task:
+            self._reader_task.cancel()
+        waiting, self._waiting = self._waiting, deque()
+        message = f"the store connection was lost: {exc or type(exc).__name__}"
+        written = len(waiting) - unsent
+        for i, future in enumerate(waiting):
+            if not future.done():
+                future.set_exception(ReplyLost(message) if i < written else RedisConnectionError(message))
+
+    def close(self) -> None:
+        self.fail(RedisConnectionError("the store was closed"))
+
+
+def _retrieve(task: asyncio.Task[_Connection]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+class Pipeline:
+    """Commands of concurrent callers over one shared connection, opened when first needed.
+
+    Args:
+        make: builds a redis-py connection (not yet connected).
+        connect_timeout_s: the bound on opening one, handshake included.
+        stall_s: how long a connection may stay silent while a caller waits before it is given up.
+    """
+
+    __slots__ = ("_current", "_make", "_opening", "_stall_s", "_timeout_s")
+
+    def __init__(
+        self, make: Callable[[], AbstractConnection], *, connect_timeout_s: float, stall_s: float
+    ) -> None:
+        self._make = make
+        self._timeout_s = connect_timeout_s
+        self._stall_s = stall_s
+        self._current: _Connection | None = None
+        self._opening: asyncio.Task[_Connection] | None = None
+
+    async def call(self, packed: bytes) -> Any:
+        """Send one framed command (with this turn's others) and return its reply; an error
+        reply is raised, as redis-py's exception for it."""
+        conn = self._current
+        if conn is None or conn.broken is not None:
+            conn = await self._connection()
+        answered = conn.answered
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
+        try:
+            return await conn.send(packed)
+        except asyncio.CancelledError:
+            if conn.answered == answered and loop.time() - sent_at >= self._stall_s:
+                # nothing at all came back for a whole timeout: this connection is dead or
+                # black-holed, and every caller on it would wait out its timeout too
+                conn.fail(RedisConnectionError("the store did not answer on this connection"))
+            raise
+
+    async def _connection(self) -> _Connection:
+        """The live connection; callers arriving while one is being opened share that attempt."""
+        if self._opening is None:
+            self._opening = asyncio.get_running_loop().create_task(self._open())
+            # its callers may all have given up (timed out) before it fails: not an orphan error
+            self._opening.add_done_callback(_retrieve)
+        return await asyncio.shield(self._opening)
+
+    async def _open(self) -> _Connection:
+        try:
+            conn = self._make()
+            try:
+                # by connect() itself: only that makes a Sentinel-managed connection ask the
+                # sentinels where the master is; bounded, as a paused server may never answer
+                async with asyncio.timeout(self._timeout_s):
+                    await conn.connect()  # type: ignore[no-untyped-call]
+            except BaseException:
+                await conn.disconnect(nowait=True)
+                raise
+            self._current = _Connection(conn)
+            return self._current
+        finally:
+            self._opening = None
+
+    async def close(self) -> None:
+        if self._opening is not None:
+            self._opening.cancel()
+        current, self._current = self._current, None
+        if current is not None:
+            current.close()

@@ -1,0 +1,156 @@
+"""Auto-pipelining on one Redis: concurrent calls share one write and one connection, and each
+still gets its own reply or its own error (real redis-server: fakeredis has no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio
+import redis.exceptions
+
+from gateway.errors import StoreScriptError, StoreTimeout, StoreUnanswered, StoreUnavailable
+from gateway.store import BucketSpec, TakePlan
+from gateway.store.guard import new_breaker
+from gateway.store.pipeline import ReplyLost
+from gateway.store.redis import RedisStore
+from tests.conftest import unique_prefix
+from tests.redis_process import RedisProcess
+
+PLAN = TakePlan.of([BucketSpec("p", unit=60_000, refill=1, burst=1000, cost=1)])  # 1 token a minute
+
+
+class CountingWriter:
+    """Wraps a connection's StreamWriter: counts the writes and the bytes."""
+
+    def __init__(self, inner: asyncio.StreamWriter) -> None:
+        self.inner = inner
+        self.writes = 0
+
+    @property
+    def transport(self) -> asyncio.BaseTransport:
+        return self.inner.transport
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        self.inner.write(data)
+
+
+@pytest.fixture
+async def store(redis_server: RedisProcess) -> AsyncIterator[RedisStore]:
+    # a breaker that does not open over the few failures these tests cause on purpose
+    s = RedisStore.from_url(redis_server.url, key_prefix=unique_prefix(), timeout_s=2.0,
+                            breaker=new_breaker(100, 1.0, None))
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def counting_writer(store: RedisStore) -> CountingWriter:
+    conn: Any = store._lane._current  # type: ignore[union-attr]
+    writer = conn._writer = CountingWriter(conn._writer)
+    return writer
+
+
+async def test_concurrent_calls_leave_in_one_write_and_get_their_own_replies(store: RedisStore) -> None:
+    """200 calls made in one event-loop turn go out in one write, and call i gets the reply for
+    its own key: key i was charged i % 7 times before, so its remaining count says whose it is."""
+    await asyncio.gather(*(store.ratelimit_take(PLAN, [f"k{i}"]) for i in range(200) for _ in range(i % 7)))
+    writer = counting_writer(store)
+    decisions = await asyncio.gather(*(store.ratelimit_take(PLAN, [f"k{i}"]) for i in range(200)))
+    assert writer.writes == 1
+    assert [d.buckets[0].remaining for d in decisions] == [999 - i % 7 for i in range(200)]
+
+
+async def test_an_error_reply_fails_its_own_caller_only(store: RedisStore) -> None:
+    """One key of the wrong type among 50 concurrent calls: that call gets StoreScriptError
+    (WRONGTYPE), the 49 others their decisions, all in one write; the connection stays usable."""
+    await store.client.set(store.key("bad", "p"), "not a hash", ex=60)
+    writer = counting_writer(store)
+    tags = [f"ok{i}" if i != 17 else "bad" for i in range(50)]
+    try:
+        results = await asyncio.gather(*(store.ratelimit_take(PLAN, [t]) for t in tags),
+                                       return_exceptions=True)
+    finally:  # the session's Redis is shared: other tests read every key as a hash
+        await store.client.delete(store.key("bad", "p"))
+    assert writer.writes == 1
+    assert isinstance(results[17], StoreScriptError)
+    assert "WRONGTYPE" in str(results[17])
+    assert all(not isinstance(r, BaseException) and r.allowed for i, r in enumerate(results) if i != 17)
+    assert (await store.ratelimit_take(PLAN, ["after"])).allowed
+
+
+async def test_a_broken_connection_fails_written_calls_as_unanswered_and_reconnects(
+    store: RedisStore,
+) -> None:
+    """When the connection breaks, calls already written may have run (StoreUnanswered, so a
+    claim is withdrawn); calls not yet written certainly did not (plain StoreUnavailable); the
+    next call opens a new connection."""
+    await store.ping()
+    conn: Any = store._lane._current  # type: ignore[union-attr]
+    written = [asyncio.ensure_future(store.ratelimit_take(PLAN, [f"w{i}"])) for i in range(5)]
+    for _ in range(50):  # until they are written (the flush runs one loop turn later)
+        await asyncio.sleep(0)
+        if not conn._out and len(conn._waiting) == 5:
+            break
+    assert not conn._out
+    assert len(conn._waiting) == 5
+    unsent = [conn.send(b"*1\r\n$4\r\nPING\r\n") for _ in range(3)]  # queued for this turn's write
+    conn.fail(ConnectionResetError("reset by test"))
+    results = await asyncio.gather(*written, return_exceptions=True)
+    assert all(isinstance(r, StoreUnanswered) for r in results), results
+    for future in unsent:
+        with pytest.raises(redis.exceptions.ConnectionError) as err:
+            await future
+        assert not isinstance(err.value, ReplyLost)
+    assert (await store.ratelimit_take(PLAN, ["next"])).allowed
+    assert store._lane._current is not conn  # type: ignore[union-attr]
+
+
+async def test_a_killed_connection_is_replaced_without_a_failed_call(store: RedisStore,
+                                                                      redis_server: RedisProcess) -> None:
+    """CLIENT KILL of the pipeline's connection while idle: the reader sees the close, and the
+    next call goes out on a new connection and succeeds."""
+    await store.ping()
+    conn: Any = store._lane._current  # type: ignore[union-attr]
+    admin = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        killed = await admin.client_kill_filter(_type="normal", skipme=True)
+        assert killed >= 1
+        for _ in range(200):  # bounded: the reader sees EOF within a few loop turns
+            if conn.broken is not None:
+                break
+            await asyncio.sleep(0.005)
+        assert conn.broken is not None
+        assert (await store.ratelimit_take(PLAN, ["after-kill"])).allowed
+    finally:
+        await admin.aclose()
+
+
+async def test_a_silent_connection_is_given_up_after_a_timeout(dedicated_redis: RedisProcess) -> None:
+    """Redis paused: the calls waiting on the connection time out (StoreTimeout) and the
+    connection is given up, so after the pause a new one serves without waiting for the backlog."""
+    store = RedisStore.from_url(dedicated_redis.url, key_prefix=unique_prefix(), timeout_s=0.2)
+    try:
+        await store.ping()
+        conn: Any = store._lane._current  # type: ignore[union-attr]
+        with dedicated_redis.paused():
+            results = await asyncio.gather(*(store.ratelimit_take(PLAN, [f"s{i}"]) for i in range(10)),
+                                           return_exceptions=True)
+            assert conn.broken is not None
+        assert all(isinstance(r, StoreUnavailable) for r in results), results
+        assert any(isinstance(r, StoreTimeout) for r in results)
+        for _ in range(100):  # the breaker may be cooling (5 failures): bounded retries
+            try:
+                assert (await store.ratelimit_take(PLAN, ["after"])).allowed
+                break
+            except StoreUnavailable:
+                await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the store never answered again after the pause")
+    finally:
+        await store.close()
