@@ -28,9 +28,11 @@ async def run_lifespan(
     store: Store,
     *,
     before_close: Callable[[], Awaitable[object]] | None = None,
+    after_startup: Callable[[], object] | None = None,
 ) -> None:
     """Run ``app``'s lifespan, opening ``store`` at startup and closing it at shutdown
-    (after ``before_close``, which lets work that still needs the store finish)."""
+    (after ``before_close``, which lets work that still needs the store finish);
+    ``after_startup`` runs once the app's own startup has completed."""
 
     async def receive_opening() -> Message:
         message = await receive()
@@ -45,6 +47,8 @@ async def run_lifespan(
         return message
 
     async def send_closing(message: Message) -> None:
+        if message["type"] == "lifespan.startup.complete" and after_startup is not None:
+            after_startup()
         if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
             if before_close is not None:
                 await before_close()

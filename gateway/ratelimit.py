@@ -10,20 +10,24 @@ and on the response the IETF fields (draft-ietf-httpapi-ratelimit-headers):
     RateLimit: "per-client";r=42;t=35
 
 A denial is a 429 problem+json with ``Retry-After`` and ``violated-policies``; the app never
-sees it. When the store fails, each policy's ``on_store_error`` decides: any ``deny`` among the
-matched policies answers 503, otherwise the request passes and the failure is logged.
+sees it. The same client's requests are then answered 429 locally, without a store call, until
+the store could allow them again (``denials.py``). When the store fails, each policy's
+``on_store_error`` decides: any ``deny`` among the matched policies answers 503, otherwise the
+request passes and the failure is logged.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from gateway._asgi import ASGIApp, Headers, Message, Receive, Scope, Send
 from gateway._paths import PathPrefixes
 from gateway._settings import StoreSetting, resolve
 from gateway.config import IdentityConfig, RateLimitPolicy
+from gateway.denials import LocalDenials
 from gateway.errors import StoreError
 from gateway.identity import IdentityResolver
 from gateway.lifespan import run_lifespan
@@ -131,6 +135,7 @@ class RateLimitMiddleware:
         self._plans: dict[tuple[int, ...], _Plan] = {}
         self._everywhere = all(p.paths.everything and not p.methods for p in self._policies)
         self._all = self._plan(tuple(range(len(self._policies)))) if self._policies else None
+        self._denials = LocalDenials()
 
     @property
     def store(self) -> Store:
@@ -161,18 +166,26 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         tags = self._resolver.tags(scope, plan.distinct_keys)
+        values = [tags[k] for k in plan.keys]
+        sent_at = monotonic()
+        if self._denials:  # a client the store denied is answered here until it could pass
+            known = self._denials.answer((plan, *values), sent_at)
+            if known is not None:
+                await self._deny(plan, known, send, local=True)
+                return
         try:
-            decision = await self._store.ratelimit_take(plan.take, [tags[k] for k in plan.keys])
+            decision = await self._store.ratelimit_take(plan.take, values)
         except StoreError as exc:
             await self._store_failed(plan, exc, scope, receive, send)
+            return
+        if not decision.allowed:
+            self._denials.remember((plan, *values), decision, sent_at)
+            await self._deny(plan, decision, send, local=False)
             return
         fields: Headers = [
             (_POLICY_HEADER, plan.policy_field),
             (_LIMIT_HEADER, plan.ratelimit_field(decision)),
         ]
-        if not decision.allowed:
-            await self._deny(plan, decision, fields, send)
-            return
         for counter in plan.allowed:
             counter.inc()
 
@@ -183,7 +196,12 @@ class RateLimitMiddleware:
 
         await self.app(scope, receive, send_with_fields)
 
-    async def _deny(self, plan: _Plan, decision: RateDecision, fields: Headers, send: Send) -> None:
+    async def _deny(self, plan: _Plan, decision: RateDecision, send: Send, *, local: bool) -> None:
+        """429 for a denial: the store's own, or (``local``) one it made earlier, aged."""
+        fields: Headers = [
+            (_POLICY_HEADER, plan.policy_field),
+            (_LIMIT_HEADER, plan.ratelimit_field(decision)),
+        ]
         violated = [n for n, b in zip(plan.names, decision.buckets, strict=True) if b.wait_ms]
         for counter, b in zip(plan.denied, decision.buckets, strict=False):
             if b.wait_ms:
@@ -192,7 +210,7 @@ class RateLimitMiddleware:
         _log.info(
             "rate limit denied",
             extra={"event": "ratelimit.denied", "request_id": current_request_id(),
-                   "policies": violated, "retry_after_s": retry_after},
+                   "policies": violated, "retry_after_s": retry_after, "local": local},
         )
         await send_problem(
             send,

@@ -7,8 +7,8 @@ character outside ``A-Z a-z 0-9 . _ ~ : / + = @ -``) is replaced, which keeps lo
 
 from __future__ import annotations
 
-import os
 from contextvars import ContextVar
+from random import getrandbits
 
 from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,8 +26,10 @@ def current_request_id() -> str | None:
 
 
 def new_request_id() -> str:
-    """128 random bits, hex: unique without coordination between processes."""
-    return os.urandom(16).hex()
+    """128 random bits, hex: unique without coordination between processes. From ``random``
+    (seeded from the OS, and again in each forked worker), not ``os.urandom``: an id is no
+    secret, and a system call per request is measurable on the hot path."""
+    return "%032x" % getrandbits(128)  # noqa: UP031 - the fastest spelling
 
 
 def valid_request_id(value: bytes) -> bool:

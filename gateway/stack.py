@@ -3,13 +3,15 @@
 Order of a request (DESIGN.md "One request, in order"): request id, then ``/_gateway/*`` and the
 counts and timings (``ops.py``), then rate limit, then the Idempotency-Key gate, then the app: a
 denied request is never claimed, and a replay still counts against the client's rate limit and
-carries its current RateLimit fields. Lifespan opens the store at startup; at shutdown, settles
-that outlived their requests finish before the store closes. Other non-HTTP scopes pass through
+carries its current RateLimit fields. Lifespan opens the store at startup (and, once the app has
+started, freezes the heap built so far out of the garbage collector's scans); at shutdown,
+settles that outlived their requests finish before the store closes. Other non-HTTP scopes pass through
 untouched.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -24,7 +26,7 @@ from gateway.ratelimit import RateLimitMiddleware
 from gateway.requestid import RequestIdMiddleware
 from gateway.store import Store, store_from_config
 
-__all__ = ["SHUTDOWN_DRAIN_S", "GatewayMiddleware"]
+__all__ = ["SHUTDOWN_DRAIN_S", "GatewayMiddleware", "freeze_startup_heap"]
 
 #: At shutdown, how long settles that outlived their requests may still take before the store closes.
 SHUTDOWN_DRAIN_S = 10.0
@@ -79,9 +81,18 @@ class GatewayMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan" and self._owns_store:
-            await run_lifespan(self._chain, scope, receive, send, self.store, before_close=self._drain)
+            await run_lifespan(self._chain, scope, receive, send, self.store, before_close=self._drain,
+                               after_startup=freeze_startup_heap)
             return
         await self._chain(scope, receive, send)
 
     async def _drain(self) -> None:
         await self._idempotency.drain(SHUTDOWN_DRAIN_S)
+
+
+def freeze_startup_heap() -> None:
+    """Once startup is done, what is alive (modules, config, the app) lives as long as the
+    process: ``gc.freeze()`` takes it out of the collector's sight, so the collections that
+    per-request garbage triggers stop rescanning it (measured in loadtests/RESULTS.md: it was
+    ~10 µs of CPU per keyed request). Objects made later are collected as before."""
+    gc.freeze()

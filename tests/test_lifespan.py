@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
@@ -46,6 +47,18 @@ async def test_owned_store_opens_at_startup_and_closes_after_shutdown(
     assert spy.events == ["open", "serving", "close"]
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     assert app.lifespan_events == ["lifespan.startup", "lifespan.shutdown"]
+
+
+async def test_startup_freezes_the_heap_built_so_far(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the app has started, what exists is frozen out of the collector's scans (gc.freeze)."""
+    spy = SpyStore()
+    monkeypatch.setattr(gateway.stack, "store_from_config", lambda config, **_: spy)
+    gw = GatewayMiddleware(CountingApp(), {"rate_limit": [POLICY]})
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    frozen_while_serving: list[int] = []
+    await run_lifespan(gw, between=lambda: frozen_while_serving.append(gc.get_freeze_count()))
+    assert frozen_while_serving[0] > 1000  # modules, config, the app: thousands of objects
 
 
 async def test_shared_store_is_left_to_its_owner() -> None:

@@ -94,10 +94,12 @@ class CallGuard:
         self._latency: Mapping[str, Histogram] | None = metrics.store_latency if metrics else None
         self._errors: Mapping[tuple[str, str], Counter] | None = metrics.store_error if metrics else None
 
-    async def run(self, operation: str, call: Coroutine[Any, Any, _T]) -> _T:
+    async def run(self, operation: str, call: Coroutine[Any, Any, _T], *, bounded: bool = False) -> _T:
         """Await ``call`` (one store operation) within the timeout, or raise ``StoreError``.
 
-        ``operation`` names it in the metrics; one they do not list (``"open"``) is not counted."""
+        ``operation`` names it in the metrics; one they do not list (``"open"``) is not counted.
+        ``bounded``: the call keeps to the timeout itself (the pipeline does, more cheaply),
+        so no timeout context is put around it here."""
         breaker = self.breaker
         ticket = breaker.admit()
         if ticket is None:
@@ -108,8 +110,11 @@ class CallGuard:
             raise StoreCircuitOpen(msg)
         start = time.perf_counter()
         try:
-            async with asyncio.timeout(self._timeout_s):
+            if bounded:
                 result = await call
+            else:
+                async with asyncio.timeout(self._timeout_s):
+                    result = await call
         except BaseException as exc:
             error = store_error(exc, self._timeout_s)
             if error is None:

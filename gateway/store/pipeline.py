@@ -7,18 +7,20 @@ share those here, while each still gets its own reply or its own error: Redis an
 commands of one connection in the order they were sent, so the n-th reply is the n-th
 caller's, and an error reply (NOSCRIPT, a script error) fails that caller alone.
 
-A broken connection fails every caller still waiting on it (nothing is resent: any of those
-commands may have run) and the next call opens a new one. A connection that stays silent for a
-whole call timeout while commands wait on it is given up the same way, so a black-holed Redis
-never holds callers past their bound. ``READONLY`` (the server was demoted) gives the
-connection up too: a new one finds the master (through Sentinel, when configured).
+Each call is bounded by ``store.timeout`` here, with one timer per write rather than a timeout
+context per call. A broken connection fails every caller still waiting on it (nothing is
+resent: any of those commands may have run) and the next call opens a new one. A connection
+that stays silent for a whole timeout while commands wait on it is given up the same way, so a
+black-holed Redis never holds the callers behind the first past their own bound. ``READONLY``
+(the server was demoted) gives the connection up too: a new one finds the master (through
+Sentinel, when configured).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import hiredis
@@ -37,19 +39,25 @@ class ReplyLost(RedisConnectionError):
 
 
 class _Connection:
-    """One connected Redis connection and the callers waiting on it, oldest first."""
+    """One connected Redis connection and the callers waiting on it, oldest first.
 
-    __slots__ = ("_conn", "_loop", "_out", "_reader_task", "_waiting", "_writer", "answered", "broken")
+    Each turn's write arms one timer: the callers of that write still waiting ``timeout_s``
+    later get ``TimeoutError`` (one timer per write, not per call, keeps the bound cheap)."""
 
-    def __init__(self, conn: AbstractConnection) -> None:
+    __slots__ = ("_batch", "_conn", "_loop", "_out", "_reader_task", "_timeout_s", "_waiting", "_writer",
+                 "answered", "broken")
+
+    def __init__(self, conn: AbstractConnection, timeout_s: float) -> None:
         self._conn = conn
+        self._timeout_s = timeout_s
         self._loop = asyncio.get_running_loop()
         # redis-py made the connection (URL, AUTH, SELECT, TLS, Sentinel); its streams carry it
         self._writer: asyncio.StreamWriter = conn._writer  # type: ignore[assignment]
         reader: asyncio.StreamReader = conn._reader  # type: ignore[assignment]
         self._waiting: deque[asyncio.Future[Any]] = deque()
-        self._out: list[bytes] = []
-        self.answered = 0  # replies read so far: a caller sees whether any came while it waited
+        self._out: list[bytes] = []  # this turn's commands, not written yet
+        self._batch: list[asyncio.Future[Any]] = []  # and their callers
+        self.answered = 0  # replies read so far
         self.broken: BaseException | None = None
         self._reader_task = self._loop.create_task(self._read(reader))
 
@@ -61,16 +69,34 @@ class _Connection:
         if not self._out:
             self._loop.call_soon(self._flush)
         self._out.append(packed)
+        self._batch.append(future)
         self._waiting.append(future)
         return future
 
     def _flush(self) -> None:
         out, self._out = self._out, []
-        if self.broken is None and out:
-            try:
-                self._writer.write(out[0] if len(out) == 1 else b"".join(out))
-            except Exception as exc:  # the transport is gone: the reader sees it too
-                self.fail(exc)
+        batch, self._batch = self._batch, []
+        if self.broken is not None or not out:
+            return
+        try:
+            self._writer.write(out[0] if len(out) == 1 else b"".join(out))
+        except Exception as exc:  # the transport is gone
+            self.fail(exc)
+            return
+        self._loop.call_at(self._loop.time() + self._timeout_s, self._expire, batch, self.answered)
+
+    def _expire(self, batch: list[asyncio.Future[Any]], answered_then: int) -> None:
+        """A write's timeout is up: its callers still waiting get ``TimeoutError``. When not a
+        single reply came in all that time, the connection is dead or black-holed: give it up,
+        so the callers behind them do not each wait out their own timeout."""
+        late = [f for f in batch if not f.done()]
+        if not late:
+            return
+        error = f"the store did not answer within {self._timeout_s:g}s"
+        for future in late:
+            future.set_exception(TimeoutError(error))
+        if self.answered == answered_then:
+            self.fail(RedisConnectionError("the store did not answer on this connection"))
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         parser = hiredis.Reader()
@@ -102,12 +128,14 @@ class _Connection:
             self.fail(exc)
 
     def fail(self, exc: BaseException) -> None:
-        """Give this connection up: every caller still waiting gets a connection error."""
+        """Give this connection up: every caller still waiting gets a connection error, one
+        whose command was written ``ReplyLost`` (it may have run)."""
         if self.broken is not None:
             return
         self.broken = exc
         unsent = len(self._out)  # the newest callers' commands, not written yet
         self._out.clear()
+        self._batch = []
         self._writer.transport.abort()
         self._conn._writer = self._conn._reader = None  # closed here, not (later) by redis-py
         if not self._reader_task.done() and asyncio.current_task() is not self._reader_task:
@@ -131,40 +159,35 @@ def _retrieve(task: asyncio.Task[_Connection]) -> None:
 class Pipeline:
     """Commands of concurrent callers over one shared connection, opened when first needed.
 
+    Every call is bounded by ``timeout_s``, here rather than by a timeout context per call:
+    on a live connection by its write's timer, otherwise (the connection is being opened) by a
+    deadline around opening it and the reply.
+
     Args:
         make: builds a redis-py connection (not yet connected).
-        connect_timeout_s: the bound on opening one, handshake included.
-        stall_s: how long a connection may stay silent while a caller waits before it is given up.
+        timeout_s: ``store.timeout``.
     """
 
-    __slots__ = ("_current", "_make", "_opening", "_stall_s", "_timeout_s")
+    __slots__ = ("_current", "_make", "_opening", "_timeout_s")
 
-    def __init__(
-        self, make: Callable[[], AbstractConnection], *, connect_timeout_s: float, stall_s: float
-    ) -> None:
+    def __init__(self, make: Callable[[], AbstractConnection], *, timeout_s: float) -> None:
         self._make = make
-        self._timeout_s = connect_timeout_s
-        self._stall_s = stall_s
+        self._timeout_s = timeout_s
         self._current: _Connection | None = None
         self._opening: asyncio.Task[_Connection] | None = None
 
-    async def call(self, packed: bytes) -> Any:
-        """Send one framed command (with this turn's others) and return its reply; an error
-        reply is raised, as redis-py's exception for it."""
+    def call(self, packed: bytes) -> Awaitable[Any]:
+        """Send one framed command (with this turn's others); awaiting it gives its reply, or
+        raises: redis-py's exception for an error reply, ``TimeoutError``, a connection error."""
         conn = self._current
         if conn is None or conn.broken is not None:
+            return self._call_opening(packed)
+        return conn.send(packed)
+
+    async def _call_opening(self, packed: bytes) -> Any:
+        async with asyncio.timeout(self._timeout_s):
             conn = await self._connection()
-        answered = conn.answered
-        loop = asyncio.get_running_loop()
-        sent_at = loop.time()
-        try:
             return await conn.send(packed)
-        except asyncio.CancelledError:
-            if conn.answered == answered and loop.time() - sent_at >= self._stall_s:
-                # nothing at all came back for a whole timeout: this connection is dead or
-                # black-holed, and every caller on it would wait out its timeout too
-                conn.fail(RedisConnectionError("the store did not answer on this connection"))
-            raise
 
     async def _connection(self) -> _Connection:
         """The live connection; callers arriving while one is being opened share that attempt."""
@@ -185,7 +208,7 @@ class Pipeline:
             except BaseException:
                 await conn.disconnect(nowait=True)
                 raise
-            self._current = _Connection(conn)
+            self._current = _Connection(conn, self._timeout_s)
             return self._current
         finally:
             self._opening = None

@@ -172,9 +172,10 @@ class RedisStore(ScriptStoreBase):
         if pipelined is None:
             pipelined = not pool.connection_class.__module__.startswith("fakeredis")
         self._lane: Pipeline | _Lane = (
-            Pipeline(pool.make_connection, connect_timeout_s=timeout_s, stall_s=timeout_s * 0.9)
+            Pipeline(pool.make_connection, timeout_s=timeout_s)
             if pipelined else _Lane(pool.make_connection, max_connections)
         )
+        self._bounded = pipelined  # the pipeline bounds every call itself, cheaper than the guard
         self._scripts = (self._take, self._claim, self._complete, self._release, self._renew)
 
     @classmethod
@@ -233,7 +234,7 @@ class RedisStore(ScriptStoreBase):
 
     async def open(self) -> None:
         for script in self._scripts:
-            await self._guard.run("open", self._lane.call(script.load))
+            await self._guard.run("open", self._send(script.load), bounded=self._bounded)
 
     async def close(self) -> None:
         await self._lane.close()
@@ -243,7 +244,7 @@ class RedisStore(ScriptStoreBase):
             await pool.sentinel_manager.aclose()  # the clients that ask the sentinels
 
     async def ping(self) -> None:
-        await self._guard.run("ping", self._lane.call(_PING))
+        await self._guard.run("ping", self._send(_PING), bounded=self._bounded)
 
     async def ratelimit_take(
         self, plan: TakePlan, tags: Sequence[str], *, clock_offset_ms: int = 0
@@ -279,15 +280,20 @@ class RedisStore(ScriptStoreBase):
         return bool(await self._run(self._renew, packed))
 
     def _run(self, script: ScriptCall, packed: bytes) -> Any:
-        return self._guard.run(script.name, self._evalsha(script, packed))
+        return self._guard.run(script.name, self._evalsha(script, packed), bounded=self._bounded)
+
+    async def _send(self, packed: bytes) -> Any:
+        return await self._lane.call(packed)
 
     async def _evalsha(self, script: ScriptCall, packed: bytes) -> Any:
-        """One EVALSHA; after NOSCRIPT the script is loaded and the call sent once more."""
+        """One EVALSHA; after NOSCRIPT the script is loaded and the call sent once more, both
+        within one more ``store.timeout``."""
         try:
             return await self._lane.call(packed)
         except NoScriptError:
-            await self._lane.call(script.load)
-            return await self._lane.call(packed)
+            async with asyncio.timeout(self._timeout_s):
+                await self._lane.call(script.load)
+                return await self._lane.call(packed)
 
 
 def _host_port(address: str) -> tuple[str, int]:

@@ -40,6 +40,7 @@ class ScriptStoreBase:
         self, *, key_prefix: str, timeout_s: float, metrics: Metrics | None, breaker: CircuitBreaker | None
     ) -> None:
         self._keys = KeyLayout(key_prefix)
+        self._timeout_s = timeout_s
         self._guard = CallGuard(timeout_s=timeout_s, metrics=metrics,
                                 breaker=breaker or new_breaker(5, 1.0, metrics))
         self._take = script_call("ratelimit_take")

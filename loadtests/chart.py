@@ -1,0 +1,66 @@
+"""``chart.png``: latency percentiles (p50, p95, p99) per route, direct vs gateway.
+
+One group of bars per percentile, one bar per route (for the overhead scenario the direct route
+and the gateway route; for the others the gateway's routes alone), each labelled with its value,
+the title naming the scenario, users and duration. matplotlib (the ``load`` extra) draws it on
+its file-only Agg backend, imported here lazily so nothing else of the runner pays for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["write_chart"]
+
+PERCENTILES = ("p50", "p95", "p99")
+COLOURS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860")
+
+
+def _values(route: Mapping[str, Any]) -> list[float]:
+    fine = route.get("fine_ms") or {}
+    values = [fine.get(p, route.get(f"{p}_ms")) for p in PERCENTILES]
+    return [float(v) if v is not None else 0.0 for v in values]
+
+
+def write_chart(summary: Mapping[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    routes: Mapping[str, Mapping[str, Any]] = summary.get("routes", {})
+    names = list(routes)
+    settings = summary.get("settings", {})
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+    try:
+        width = 0.8 / max(1, len(names))
+        for i, name in enumerate(names):
+            values = _values(routes[name])
+            xs = [x + (i - (len(names) - 1) / 2) * width for x in range(len(PERCENTILES))]
+            bars = ax.bar(xs, values, width * 0.95, label=name, color=COLOURS[i % len(COLOURS)])
+            ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=8, padding=2)
+        ax.set_xticks(range(len(PERCENTILES)), PERCENTILES)
+        ax.set_ylabel("response time (ms)")
+        ax.set_xlabel("percentile (client side, 10 µs resolution)")
+        overhead = summary.get("overhead")
+        added = ""
+        if overhead:
+            added = "\nadded by the gateway: " + ", ".join(
+                f"{p} {'-' if v is None else f'{v:+.2f}'} ms"
+                for p, v in overhead["added_latency_ms"].items())
+        ax.set_title(f"{summary.get('scenario')}: latency percentiles"
+                     f"{', direct vs gateway' if overhead else ''}\n"
+                     f"{settings.get('users')} users, {settings.get('duration_s')} s, "
+                     f"{settings.get('cpu_count')} CPUs{added}", fontsize=11)
+        ax.margins(y=0.12)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+        # below the plot, where it can never cover a bar
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=min(3, max(1, len(names))),
+                  fontsize=9, frameon=False)
+        fig.tight_layout()
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)

@@ -1,0 +1,153 @@
+"""The invariants a run must keep, checked from the journal, the upstream's record and the stats.
+
+Each check returns ``Invariant(name, ok, detail)``; a run is ok when all are. The payments checks
+trust the upstream's own record of what it executed, not the gateway's word: a key the record
+shows twice was executed twice, whatever the gateway answered. The rate-limit bound is exact for
+a token bucket: a key first used at ``t0`` (client clock, before the store saw it) and last
+answered at ``t1`` can have had at most ``burst + rate * (t1 - t0)`` requests allowed.
+
+Pure Python over plain dicts, so the unit tests can feed crafted records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = [
+    "RATE_FLOOR",
+    "Invariant",
+    "check_payments",
+    "check_ratelimit",
+    "check_requests",
+    "rate_bounds",
+]
+
+RATE_FLOOR = 0.8  # a saturated key must be allowed at least this share of its bound
+RATE_TOLERANCE = 1.0  # tokens: rounding of the store's millisecond clock
+MAX_LISTED = 5  # offenders named in a detail
+
+
+@dataclass(frozen=True, slots=True)
+class Invariant:
+    name: str
+    ok: bool
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _listed(items: Iterable[str]) -> str:
+    items = list(items)
+    more = f" (+{len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else ""
+    return ", ".join(items[:MAX_LISTED]) + more
+
+
+def _violations(journal: Mapping[str, Any], kinds: Iterable[str]) -> dict[str, int]:
+    seen: Mapping[str, int] = journal.get("violations", {})
+    return {k: seen[k] for k in kinds if seen.get(k)}
+
+
+def _examples(journal: Mapping[str, Any], kinds: Iterable[str]) -> list[str]:
+    prefixes = tuple(f"{k}:" for k in kinds)
+    return [e for e in journal.get("examples", []) if e.startswith(prefixes)]
+
+
+def _no_violations(name: str, journal: Mapping[str, Any], kinds: tuple[str, ...],
+                   passed: str) -> Invariant:
+    found = _violations(journal, kinds)
+    if not found:
+        return Invariant(name, True, passed)
+    counts = ", ".join(f"{k}={n}" for k, n in found.items())
+    return Invariant(name, False, f"{counts}; e.g. {_listed(_examples(journal, kinds))}")
+
+
+# ------------------------------------------------------------------------------ every scenario
+def check_requests(routes: Mapping[str, Mapping[str, Any]], expected: Iterable[str]) -> list[Invariant]:
+    """Every expected route was exercised, and no request failed (Locust's failures)."""
+    missing = [name for name in expected if not routes.get(name, {}).get("count")]
+    served = Invariant("every route was exercised", not missing,
+                       f"no requests on {_listed(missing)}" if missing else
+                       ", ".join(f"{n}: {r['count']}" for n, r in routes.items()))
+    failed = {n: int(r.get("failures", 0)) for n, r in routes.items() if r.get("failures")}
+    total = sum(int(r.get("count", 0)) for r in routes.values())
+    failures = Invariant("no request failed", not failed,
+                         f"{sum(failed.values())} of {total} failed: "
+                         + _listed(f"{n}: {c}" for n, c in failed.items())
+                         if failed else f"0 of {total} failed")
+    return [served, failures]
+
+
+# ------------------------------------------------------------------------------ rate limits
+def rate_bounds(journal: Mapping[str, Any], rate_per_s: float, burst: int) -> dict[str, dict[str, Any]]:
+    """Per API key: allowed, denied, the window in seconds, the bound and allowed/bound."""
+    table: dict[str, dict[str, Any]] = {}
+    for key, rec in sorted(journal.get("api_keys", {}).items()):
+        elapsed = max(0.0, float(rec["last_received"]) - float(rec["first_sent"]))
+        bound = burst + rate_per_s * elapsed + RATE_TOLERANCE
+        allowed = int(rec["allowed"])
+        table[key] = {"allowed": allowed, "denied": int(rec["denied"]), "other": int(rec["other"]),
+                      "elapsed_s": round(elapsed, 3), "bound": round(bound, 1),
+                      "share_of_bound": round(allowed / bound, 3)}
+    return table
+
+
+def check_ratelimit(journal: Mapping[str, Any], rate_per_s: float, burst: int) -> list[Invariant]:
+    table = rate_bounds(journal, rate_per_s, burst)
+    if not table:
+        return [Invariant("rate limit: keys were exercised", False, "no rate-limited answers")]
+    over = [f"{k}: {r['allowed']} > {r['bound']}" for k, r in table.items() if r["allowed"] > r["bound"]]
+    unsaturated = [k for k, r in table.items() if not r["denied"]]
+    low = [f"{k}: {r['allowed']} < {RATE_FLOOR:.0%} of {r['bound']}" for k, r in table.items()
+           if r["denied"] and r["share_of_bound"] < RATE_FLOOR]
+    shares = ", ".join(f"{k} {r['allowed']}/{r['bound']}" for k, r in table.items())
+    return [
+        Invariant("rate limit: allowed <= burst + rate * elapsed, per key", not over,
+                  _listed(over) if over else f"allowed/bound: {shares}"),
+        Invariant("rate limit: every key was driven past its limit", not unsaturated,
+                  f"never denied: {_listed(unsaturated)}" if unsaturated else
+                  ", ".join(f"{k} {r['denied']} denied" for k, r in table.items())),
+        Invariant(f"rate limit: allowed >= {RATE_FLOOR:.0%} of the bound, per key", not low,
+                  _listed(low) if low else
+                  "lowest share " + str(min(r["share_of_bound"] for r in table.values()))),
+        _no_violations("rate limit: 200s carry RateLimit fields, 429s Retry-After too", journal,
+                       ("ratelimit_fields_missing", "retry_after_malformed"), "every answer had them"),
+    ]
+
+
+# ------------------------------------------------------------------------------ idempotency
+def check_payments(journal: Mapping[str, Any], record: Mapping[str, Any]) -> list[Invariant]:
+    executions: Mapping[str, int] = record.get("executions", {})
+    keys: Mapping[str, Mapping[str, int]] = journal.get("keys", {})
+    twice = sorted(k for k, n in executions.items() if n > 1)
+    answered = [k for k, kinds in keys.items() if kinds.get("fresh") or kinds.get("replayed")]
+    not_once = sorted(f"{k} ran {executions.get(k, 0)}x" for k in answered if executions.get(k, 0) != 1)
+    unknown = sorted(set(executions) - set(keys))
+    counts: Mapping[str, int] = journal.get("counts", {})
+    unexercised = [what for what in ("new", "retry", "burst", "reuse") if not counts.get(what)]
+    most = max(executions.values(), default=0)
+    return [
+        Invariant("no key executed twice (upstream record)", not twice,
+                  f"{len(twice)} keys: {_listed(f'{k} ran {executions[k]}x' for k in twice)}" if twice
+                  else f"{len(executions)} keys executed, at most {most} time each"),
+        Invariant("every key answered 201 executed exactly once (upstream record)", not not_once,
+                  _listed(not_once) if not_once else f"{len(answered)} keys answered 201, each ran once"),
+        Invariant("the upstream ran only keys the clients sent", not unknown,
+                  _listed(unknown) if unknown else f"{len(keys)} keys sent"),
+        _no_violations("every new key's first request ran (201)", journal, ("first_not_fresh",),
+                       f"{counts.get('new', 0)} new keys"),
+        _no_violations("retries replayed byte for byte with Idempotent-Replayed", journal,
+                       ("ran_again", "replay_missing", "replay_differs"),
+                       f"{counts.get('retry', 0)} retries"),
+        _no_violations("duplicate bursts: one execution, the rest 409 (Retry-After) or a replay",
+                       journal, ("burst_not_one_fresh", "burst_unexpected",
+                                 "conflict_without_retry_after"),
+                       f"{counts.get('burst', 0)} bursts"),
+        _no_violations("a key reused with another body got 422", journal, ("reuse_not_422",),
+                       f"{counts.get('reuse', 0)} reuses"),
+        Invariant("every payment behaviour was exercised", not unexercised,
+                  f"never: {', '.join(unexercised)}" if unexercised else
+                  ", ".join(f"{w} {counts[w]}" for w in ("new", "retry", "burst", "reuse"))),
+    ]

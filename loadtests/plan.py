@@ -1,0 +1,173 @@
+"""What one load-test run is: the scenario catalog, the gateway config each scenario needs, and
+the ``Plan`` the runner hands to the Locust process.
+
+The runner and the Locust users must agree on the numbers (the rate limit the checks verify is
+the one the gateway enforces and the users hammer), so they live here once. The plan crosses
+the process boundary as one JSON environment variable; this module imports nothing of Locust.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = [
+    "CHARGE_BURST",
+    "CHARGE_NEW",
+    "CHARGE_RETRY",
+    "CHARGE_REUSE",
+    "CHARGE_UNKEYED",
+    "DIRECT_HELLO",
+    "ENV_PLAN",
+    "GATEWAY_HELLO",
+    "RATE_BURST",
+    "RATE_PER_S",
+    "SCENARIOS",
+    "Plan",
+    "Scenario",
+    "api_key_count",
+    "gateway_config",
+    "toml",
+]
+
+#: The environment variable that carries the plan (JSON) into the Locust process.
+ENV_PLAN = "LOADTESTS_PLAN"
+
+#: ratelimit and mixed: each API key gets a bucket of RATE_BURST refilled at RATE_PER_S.
+RATE_PER_S = 20
+RATE_BURST = 20
+MAX_API_KEYS = 5
+
+# overhead: a per-client policy that nothing in a run of at most an hour drains, so every request
+# pays for a real decision and none is denied; refilled within the hour, so the bucket keys expire
+# (a huge per-second rate would make every bucket full again, hence absent, within a millisecond)
+HUGE_LIMIT, HUGE_PERIOD = 1_000_000, "1h"
+# the store bound the runs use: a loaded 2-core machine runs Redis, the gateway, the upstream and
+# Locust side by side, and the 100 ms default would turn scheduling stalls into 503s
+STORE_TIMEOUT = "1s"
+
+
+# request names, as Locust's statistics and the report show them
+DIRECT_HELLO, GATEWAY_HELLO = "direct GET /hello", "gateway GET /hello"
+CHARGE_NEW, CHARGE_RETRY = "gateway POST /charges", "gateway POST /charges (retry)"
+CHARGE_BURST, CHARGE_REUSE = "gateway POST /charges (burst)", "gateway POST /charges (reused key)"
+CHARGE_UNKEYED = "gateway POST /charges (no key)"
+_PAYMENT_ROUTES = (CHARGE_NEW, CHARGE_RETRY, CHARGE_BURST, CHARGE_REUSE)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Scenario:
+    """One scenario: the Locust user classes it runs, and what the report compares."""
+
+    name: str
+    user_classes: tuple[str, ...]
+    routes: tuple[str, ...]  # the request names a run must have exercised
+    description: str
+    direct: bool = False  # it also calls the upstream directly (the overhead comparison)
+    payments: bool = False  # the at-most-once checks apply
+    ratelimit: bool = False  # the allowed-rate checks apply
+    min_users: int = 1  # fewer could not exercise every route
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario(name="overhead", user_classes=("OverheadUser",), direct=True,
+                 routes=(DIRECT_HELLO, GATEWAY_HELLO),
+                 description="GET /hello direct to the upstream and through the gateway, same users"),
+        Scenario(name="ratelimit", user_classes=("RateLimitedUser",), ratelimit=True,
+                 routes=(GATEWAY_HELLO,),
+                 description=f"GET /hello hammered over API keys limited to {RATE_PER_S}/s, "
+                             f"burst {RATE_BURST}"),
+        Scenario(name="payments", user_classes=("PaymentUser",), payments=True,
+                 routes=_PAYMENT_ROUTES,
+                 description="POST /charges with Idempotency-Key: retries, duplicate bursts, "
+                             "reused keys"),
+        Scenario(name="mixed", user_classes=("MixedRateLimitedUser", "MixedPaymentUser",
+                                             "UnkeyedPostUser"),
+                 ratelimit=True, payments=True, min_users=3,
+                 routes=(GATEWAY_HELLO, *_PAYMENT_ROUTES, CHARGE_UNKEYED),
+                 description="rate-limited GETs, idempotent payments and unkeyed POSTs together"),
+    )
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    """What the Locust users need to know about the run (read in the Locust process)."""
+
+    scenario: str
+    gateway_url: str
+    direct_url: str
+    journal_path: str
+    seed: int
+    rate_per_s: int = RATE_PER_S
+    burst: int = RATE_BURST
+    api_keys: int = 1
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Plan:
+        text = environ.get(ENV_PLAN)
+        if not text:
+            msg = f"{ENV_PLAN} is not set: run the scenarios through `python -m loadtests run`"
+            raise RuntimeError(msg)
+        data: dict[str, Any] = json.loads(text)
+        return cls(**data)
+
+
+def api_key_count(scenario: Scenario, users: int) -> int:
+    """How many API keys (buckets) the rate-limited users share: every key needs a user or more
+    hammering it, or its bucket never runs dry and the allowed rate cannot be checked."""
+    if scenario.name == "mixed":
+        users = (users - 1) * 5 // 9  # one UnkeyedPostUser, then MixedRateLimitedUser 5 : 4
+    return max(1, min(users, MAX_API_KEYS))
+
+
+def gateway_config(scenario: Scenario, *, upstream_url: str, store_url: str,
+                   key_prefix: str) -> dict[str, Any]:
+    """The ``gateway serve`` config of a scenario (CONTRACT section 4), as a dict."""
+    config: dict[str, Any] = {
+        "upstream": {"url": upstream_url, "connect_timeout": "2s", "timeout": "10s"},
+        "store": {"url": store_url, "key_prefix": key_prefix, "timeout": STORE_TIMEOUT},
+        "identity": {"sources": ["header:x-api-key", "ip"]},
+        # records outlive the run by minutes, not the default day, in a Redis someone else owns
+        "idempotency": {"ttl": "10m"},
+    }
+    if scenario.ratelimit:
+        config["rate_limit"] = [{"name": "per-key", "limit": RATE_PER_S, "period": "1s",
+                                 "burst": RATE_BURST, "key": "identity", "paths": ["/hello"],
+                                 "methods": ["GET"]}]
+    elif scenario.direct:
+        config["rate_limit"] = [{"name": "per-client", "limit": HUGE_LIMIT, "period": HUGE_PERIOD,
+                                 "key": "identity"}]
+    return config
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    msg = f"no TOML for {value!r}"
+    raise TypeError(msg)
+
+
+def toml(config: Mapping[str, Any]) -> str:
+    """TOML for a config of tables of scalars, or lists of such tables (``[[rate_limit]]``)."""
+    lines: list[str] = []
+    for section, body in config.items():
+        tables = body if isinstance(body, list) else [body]
+        for table in tables:
+            lines.append(f"[[{section}]]" if isinstance(body, list) else f"[{section}]")
+            lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
+            lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,327 @@
+"""One load-test run, start to finish: Redis (unless given), the upstream, ``gateway serve``,
+Locust headless in a process of its own, then the report.
+
+The order is fixed: start and wait for each process (bounded: Redis 10 s, upstream and gateway
+30 s each), run Locust for the duration (it gets ``--run-time`` and ``--stop-timeout``; past
+duration + ``LOCUST_MARGIN_S`` the runner stops it), fetch the upstream's record and the
+gateway's metrics, then stop everything it started, in reverse order, by PID (15 s grace each).
+Whatever fails, the ``finally`` stops the children; a Redis given with ``--redis-url`` is only
+used, under a key prefix of the run's own, with records that expire in minutes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from loadtests import checks, report
+from loadtests.journal import Journal
+from loadtests.plan import (
+    DIRECT_HELLO,
+    ENV_PLAN,
+    GATEWAY_HELLO,
+    SCENARIOS,
+    Plan,
+    Scenario,
+    api_key_count,
+    gateway_config,
+    toml,
+)
+from loadtests.processes import HOST, Child, StartError, free_port, http_get, http_json
+
+__all__ = ["EXIT_FAILED", "EXIT_INVARIANT", "EXIT_OK", "Options", "run"]
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+EXIT_OK, EXIT_INVARIANT, EXIT_FAILED = 0, 1, 3
+REDIS_START_S, SERVER_START_S, STOP_GRACE_S = 10.0, 30.0, 15.0
+LOCUST_STOP_TIMEOUT_S = 5  # users get this long to finish their task at the end
+LOCUST_MARGIN_S = 40.0  # Locust's own start and report writing, beyond the duration
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Options:
+    scenario: str
+    users: int
+    duration_s: int
+    spawn_rate: float
+    redis_url: str | None
+    out: Path
+    seed: int
+
+
+def _say(message: str) -> None:
+    print(f"loadtests: {message}", file=sys.stderr, flush=True)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """The children's environment: no GATEWAY_* overrides or metrics dir of the caller's,
+    the checkout importable, the loopback never proxied."""
+    from gateway.config import ENV_OVERRIDES
+
+    drop = {*ENV_OVERRIDES, "GATEWAY_CONFIG", "PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    env.update(extra)
+    return env
+
+
+def _versions() -> dict[str, str]:
+    found: dict[str, str] = {"python": platform.python_version()}
+    for name, dist in (("gateway", "gateway"), ("locust", "locust"), ("uvicorn", "uvicorn"),
+                       ("redis-py", "redis"), ("matplotlib", "matplotlib")):
+        try:
+            found[name] = version(dist)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def _redis_version(binary: str) -> str:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10,
+                             check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return next((w[2:] for w in out.split() if w.startswith("v=")), out.strip() or "unknown")
+
+
+class _Run:
+    """The state of one run: its children (stopped in reverse order) and its files."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.scenario: Scenario = SCENARIOS[options.scenario]
+        self.out = options.out
+        self.logs = options.out / "logs"
+        self.children: list[Child] = []
+        self.settings: dict[str, Any] = {}
+
+    def start_redis(self) -> str:
+        if self.options.redis_url:
+            self.settings["redis"] = "given (--redis-url)"
+            return self.options.redis_url
+        binary = shutil.which("redis-server")
+        if binary is None:
+            msg = "redis-server is not installed (apt-get install redis-server), and no --redis-url"
+            raise StartError(msg)
+        port = free_port()
+        data = self.logs / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        child = Child("redis", [binary, "--port", str(port), "--bind", HOST, "--save", "",
+                                "--appendonly", "no", "--dir", str(data), "--daemonize", "no"],
+                      self.logs)
+        self.children.append(child)
+        child.wait_redis(port, REDIS_START_S)
+        self.settings["redis"] = f"started: redis-server {_redis_version(binary)}, no persistence"
+        _say(f"redis-server on {HOST}:{port} (pid {child.pid})")
+        return f"redis://{HOST}:{port}/0"
+
+    def start_upstream(self) -> str:
+        port = free_port()
+        child = Child("upstream", [sys.executable, "-m", "uvicorn", "loadtests.upstream:create_app",
+                                   "--factory", "--host", HOST, "--port", str(port), "--loop", "uvloop",
+                                   "--http", "httptools", "--no-access-log", "--log-level", "warning",
+                                   "--no-server-header", "--no-date-header", "--backlog", "2048"],
+                      self.logs, env=_env(), cwd=ROOT)
+        self.children.append(child)
+        url = f"http://{HOST}:{port}"
+        child.wait_http(f"{url}/hello", SERVER_START_S)
+        _say(f"upstream on {url} (pid {child.pid})")
+        return url
+
+    def start_gateway(self, upstream_url: str, store_url: str) -> str:
+        port = free_port()
+        config = gateway_config(self.scenario, upstream_url=upstream_url, store_url=store_url,
+                                key_prefix=f"lt{secrets.token_hex(4)}")
+        self.settings["gateway_config"] = config
+        path = self.out / "gateway.toml"
+        path.write_text(toml(config))
+        child = Child("gateway", [sys.executable, "-m", "gateway", "serve", "--config", str(path),
+                                  "--host", HOST, "--port", str(port)], self.logs, env=_env(), cwd=ROOT)
+        self.children.append(child)
+        url = f"http://{HOST}:{port}"
+        child.wait_http(f"{url}/_gateway/readyz", SERVER_START_S)
+        _say(f"gateway on {url} (pid {child.pid}) -> {upstream_url}")
+        return url
+
+    def run_locust(self, plan: Plan) -> int:
+        o = self.options
+        command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+                   "-u", str(o.users), "-r", f"{o.spawn_rate:g}", "-t", f"{o.duration_s}s",
+                   "--host", plan.gateway_url, "--csv", str(self.out / "locust"),
+                   "--html", str(self.out / "locust.html"), "--only-summary",
+                   "--stop-timeout", str(LOCUST_STOP_TIMEOUT_S), "--exit-code-on-error", "0",
+                   *self.scenario.user_classes]
+        _say(f"locust: {o.users} users ({', '.join(self.scenario.user_classes)}) for {o.duration_s} s")
+        servers = {c.name: c.cpu_seconds() for c in self.children}
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.monotonic()
+        child = Child("locust", command, self.logs, env=_env(**{ENV_PLAN: plan.to_env()}), cwd=ROOT)
+        self.children.append(child)
+        status = child.wait(o.duration_s + LOCUST_STOP_TIMEOUT_S + LOCUST_MARGIN_S)
+        self._cpu_use(servers, reaped, time.monotonic() - started, o.duration_s)
+        if status is None:
+            child.stop(STOP_GRACE_S)
+            msg = f"locust overstayed {o.duration_s} s + {LOCUST_MARGIN_S:.0f} s and was stopped"
+            raise StartError(msg)
+        if status != 0 or not (self.out / "locust_stats.csv").exists():
+            msg = f"locust exited with {status}: {child.stderr_tail()}"
+            raise StartError(msg)
+        return status
+
+    def _cpu_use(self, before: dict[str, float | None], reaped: resource.struct_rusage,
+                 wall_s: float, run_s: int) -> None:
+        """CPU seconds each process spent while Locust ran, and that over the run's duration (the
+        servers idle while Locust starts and stops): on a small machine whoever sits at 100 % of
+        a CPU is what the latencies measure. Locust's figure includes its own start and stop."""
+        used: dict[str, float | None] = {}
+        for child in self.children:
+            now, then = child.cpu_seconds(), before.get(child.name)
+            used[child.name] = None if now is None or then is None else now - then
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # Locust, reaped by now
+        used["locust"] = (after.ru_utime + after.ru_stime) - (reaped.ru_utime + reaped.ru_stime)
+        table: dict[str, Any] = {"wall_s": round(wall_s, 1)}
+        for name, cpu in used.items():
+            table[name] = None if cpu is None else {"cpu_s": round(cpu, 2),
+                                                    "share_of_one_cpu": round(cpu / run_s, 2)}
+        self.settings["cpu_while_locust_ran"] = table
+
+    def stop_all(self) -> None:
+        while self.children:
+            child = self.children.pop()
+            child.stop(STOP_GRACE_S)
+
+
+def run(options: Options) -> int:
+    """Run the scenario, write the report into ``options.out``; the exit status."""
+    started = dt.datetime.now(dt.UTC)
+    t0 = time.monotonic()
+    options.out.mkdir(parents=True, exist_ok=True)
+    state = _Run(options)
+    scenario = state.scenario
+    journal_path = options.out / "journal.json"
+    try:
+        store_url = state.start_redis()
+        upstream_url = state.start_upstream()
+        gateway_url = state.start_gateway(upstream_url, store_url)
+        plan = Plan(scenario=scenario.name, gateway_url=gateway_url, direct_url=upstream_url,
+                    journal_path=str(journal_path), seed=options.seed,
+                    api_keys=api_key_count(scenario, options.users))
+        locust_status = state.run_locust(plan)
+        record = http_json(f"{upstream_url}/_record")
+        metrics_status, metrics_text = http_get(f"{gateway_url}/_gateway/metrics", timeout_s=10.0)
+    except StartError as exc:
+        _say(f"run failed: {exc}")
+        return EXIT_FAILED
+    finally:
+        state.stop_all()
+    journal: dict[str, Any] = (json.loads(journal_path.read_text()) if journal_path.exists()
+                               else Journal().to_dict())
+    (options.out / "record.json").write_text(json.dumps(record))
+    summary = _summary(state, plan, journal, record,
+                       metrics_text.decode() if metrics_status == 200 else "")
+    summary["settings"]["locust_exit_status"] = locust_status
+    summary["started_at"] = started.isoformat(timespec="seconds").replace("+00:00", "Z")
+    summary["wall_s"] = round(time.monotonic() - t0, 1)
+    try:
+        from loadtests.chart import write_chart
+
+        write_chart(summary, options.out / "chart.png")
+    except ImportError as exc:  # the load extra without matplotlib: the rest of the report stands
+        _say(f"no chart: {exc} (pip install -e '.[load]')")
+    files = sorted(p.name for p in options.out.iterdir() if p.is_file())
+    summary["files"] = sorted({*files, "summary.json"})
+    report.write_summary(options.out / "summary.json", summary)
+    print(report.format_table(summary), flush=True)
+    return EXIT_OK if summary["ok"] else EXIT_INVARIANT
+
+
+def _summary(state: _Run, plan: Plan, journal: dict[str, Any], record: dict[str, Any],
+             metrics_text: str) -> dict[str, Any]:
+    o, scenario = state.options, state.scenario
+    rows = report.read_stats_csv(o.out / "locust_stats.csv")
+    routes = report.route_stats(rows, journal.get("latency"))
+    invariants = checks.check_requests(routes, scenario.routes)
+    summary: dict[str, Any] = {
+        "scenario": scenario.name, "description": scenario.description, "ok": False,
+        "out": str(o.out),
+        "settings": {"users": o.users, "spawn_rate": o.spawn_rate, "duration_s": o.duration_s,
+                     "seed": o.seed, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+                     "versions": _versions(), **state.settings},
+        "routes": routes,
+        "totals": {k: round(sum(r[k] for r in routes.values()), 1) for k in ("count", "failures", "rps")},
+    }
+    if scenario.direct and {DIRECT_HELLO, GATEWAY_HELLO} <= set(routes):
+        direct, via = routes[DIRECT_HELLO], routes[GATEWAY_HELLO]
+        summary["overhead"] = {
+            "added_latency_ms": report.added_latency(direct, via),
+            "added_latency_ms_locust": report.added_latency(direct, via, fine=False),
+            "gateway_rps_share": round(via["rps"] / direct["rps"], 3) if direct["rps"] else None,
+            "note": "same users, one request each way per iteration: equal counts by design",
+        }
+    if scenario.ratelimit:
+        invariants += checks.check_ratelimit(journal, plan.rate_per_s, plan.burst)
+        summary["ratelimit"] = {"rate_per_s": plan.rate_per_s, "burst": plan.burst,
+                                "per_key": checks.rate_bounds(journal, plan.rate_per_s, plan.burst)}
+    if scenario.payments:
+        invariants += checks.check_payments(journal, record)
+        kinds: dict[str, int] = {}
+        for answers in journal.get("keys", {}).values():
+            for kind, n in answers.items():
+                kinds[kind] = kinds.get(kind, 0) + n
+        summary["payments"] = {"behaviours": journal.get("counts", {}), "answers": kinds,
+                               "keys_sent": len(journal.get("keys", {})),
+                               "keys_executed": len(record.get("executions", {})),
+                               "upstream_charges": record.get("charges"),
+                               "upstream_unkeyed": record.get("unkeyed")}
+    summary["errors"] = {
+        "failures": summary["totals"]["failures"],
+        "failures_csv": _csv_rows(o.out / "locust_failures.csv"),
+        "exceptions_csv": _csv_rows(o.out / "locust_exceptions.csv"),
+        "client_violations": journal.get("violations", {}),
+        "examples": journal.get("examples", []),
+    }
+    summary["gateway"] = report.gateway_counters(metrics_text) if metrics_text else None
+    summary["notes"] = _notes(routes, journal, _text(state.logs / "locust.err"))
+    summary["invariants"] = [i.to_dict() for i in invariants]
+    summary["ok"] = all(i.ok for i in invariants)
+    return summary
+
+
+def _notes(routes: dict[str, Any], journal: dict[str, Any], locust_log: str) -> list[str]:
+    """What a reader of the numbers should know about how they were taken."""
+    notes = []
+    if "CPU usage" in locust_log:
+        notes.append("Locust warned that its process used over 90% of a CPU: its own scheduling "
+                     "adds to every response time it measures, on both routes alike")
+    for name, route in routes.items():
+        counted = sum(journal.get("latency", {}).get(name, {}).values())
+        if counted != route["count"]:
+            notes.append(f"{name}: Locust's CSV counts {route['count']} requests, the journal "
+                         f"{counted} (the CSV is rewritten once a second)")
+    return notes
+
+
+def _csv_rows(path: Path, limit: int = 20) -> list[dict[str, str]]:
+    return report.read_stats_csv(path)[:limit] if path.exists() else []
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""

@@ -1,0 +1,310 @@
+"""The load-test runner (``python -m loadtests run``) and the pure parts of its report.
+
+The runs are real: the runner starts Redis, the upstream, ``gateway serve`` and Locust as
+processes of its own (short runs: a few seconds, ten users) and the tests read its
+``summary.json``. Locust is never imported here (gevent would monkey-patch the test process):
+only the runner's child imports it. The unit tests feed the summary and the invariant checks
+crafted rows and records, including ones that must fail.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadtests.checks import check_payments, check_ratelimit, check_requests, rate_bounds
+from loadtests.cli import main, parse_duration
+from loadtests.journal import Journal, percentile
+from loadtests.plan import SCENARIOS, gateway_config, toml
+from loadtests.report import added_latency, format_table, route_stats
+from tests.redis_process import redis_server_binary
+from tests.serve_process import REPO_ROOT, child_env
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+RUN_MARGIN_S = 150.0  # the runner's own bounds: startup waits, Locust's margin, stops
+
+
+# ------------------------------------------------------------------------------ pure parts
+def test_the_pure_modules_do_not_import_locust() -> None:
+    """Importing the runner's pure modules leaves Locust (and gevent's patching) out."""
+    assert "locust" not in sys.modules
+    assert "gevent" not in sys.modules
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("60s", 60), ("90", 90), ("2m", 120), ("1m30s", 90), ("1h", 3600), (" 5s ", 5),
+])
+def test_durations_are_parsed_to_whole_seconds(text: str, seconds: int) -> None:
+    """Durations take Locust's forms and a plain number of seconds."""
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0s", "fast", "5 s", "1.5s", "2h", "s", "-3"])
+def test_bad_durations_are_refused(text: str) -> None:
+    """A duration that is not 1 s to an hour in a known form is refused."""
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(("argv", "option"), [
+    (["run", "--scenario", "overhead", "--users", "0"], "--users"),
+    (["run", "--scenario", "overhead", "--duration", "soon"], "--duration"),
+    (["run", "--scenario", "nope"], "--scenario"),
+    (["run", "--scenario", "payments", "--spawn-rate", "-1"], "--spawn-rate"),
+    (["run", "--scenario", "payments", "--redis-url", "http://x"], "--redis-url"),
+    (["run", "--scenario", "payments", "--seed", "one"], "--seed"),
+    (["run", "--scenario", "mixed", "--users", "2"], "--users"),
+])
+def test_a_bad_option_is_exit_2_with_one_line_naming_it(
+        argv: list[str], option: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad option is exit 2 and one line on stderr that names the option."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert option in err
+
+
+def test_an_out_folder_that_is_not_empty_is_refused(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """--out never overwrites an earlier report."""
+    (tmp_path / "summary.json").write_text("{}")
+    assert main(["run", "--scenario", "overhead", "--out", str(tmp_path)]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+STATS_CSV = """\
+Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,Min Response Time,\
+Max Response Time,Average Content Size,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,99%,99.9%,\
+99.99%,100%
+GET,direct GET /hello,1000,0,1,0.8,0.2,9.5,19,500.25,0.0,1,1,1,1,2,2,3,3,8,9,9
+GET,gateway GET /hello,1000,2,2,2.3,0.9,40.1,19,499.9,1.0,2,3,3,3,3,4,5,6,30,40,40
+POST,gateway POST /charges,0,0,0,0,0,0,0,0.0,0.0,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A
+,Aggregated,2000,2,2,1.5,0.2,40.1,19,1000.15,1.0,1,2,2,2,3,3,4,5,20,40,40
+"""
+
+
+def _rows(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_route_stats_come_from_the_csv_rows_without_the_aggregate() -> None:
+    """Per-route counts, failures, rps and percentiles are read from Locust's stats rows."""
+    routes = route_stats(_rows(STATS_CSV))
+    assert set(routes) == {"direct GET /hello", "gateway GET /hello", "gateway POST /charges"}
+    via = routes["gateway GET /hello"]
+    assert (via["count"], via["failures"], via["rps"]) == (1000, 2, 499.9)
+    assert (via["p50_ms"], via["p95_ms"], via["p99_ms"], via["max_ms"]) == (2.0, 4.0, 6.0, 40.1)
+    assert routes["gateway POST /charges"]["p99_ms"] is None  # N/A when nothing was sent
+
+
+def test_fine_percentiles_and_added_latency_come_from_the_journal_histogram() -> None:
+    """The journal's 10 us histogram gives the fine percentiles; added = gateway - direct."""
+    journal = Journal()
+    for i in range(100):
+        journal.latency_ms("direct GET /hello", 0.5 + i * 0.01)  # 0.50 .. 1.49 ms
+        journal.latency_ms("gateway GET /hello", 1.5 + i * 0.01)  # 1.50 .. 2.49 ms
+    routes = route_stats(_rows(STATS_CSV), journal.to_dict()["latency"])
+    assert routes["direct GET /hello"]["fine_ms"] == {"p50": 0.99, "p95": 1.44, "p99": 1.48}
+    added = added_latency(routes["direct GET /hello"], routes["gateway GET /hello"])
+    assert added == {"p50": 1.0, "p95": 1.0, "p99": 1.0}
+    coarse = added_latency(routes["direct GET /hello"], routes["gateway GET /hello"], fine=False)
+    assert coarse == {"p50": 1.0, "p95": 2.0, "p99": 3.0}
+
+
+def test_percentile_is_nearest_rank_and_none_when_empty() -> None:
+    """Nearest rank over the histogram; an empty one has no percentile."""
+    assert percentile({"100": 1, "200": 98, "900": 1}, 99) == 2.0
+    assert percentile({"100": 1, "200": 98, "900": 1}, 100) == 9.0
+    assert percentile({}, 50) is None
+
+
+def test_failed_requests_fail_the_run() -> None:
+    """Any Locust failure, or a route never exercised, is a failed invariant."""
+    routes = route_stats(_rows(STATS_CSV))
+    results = {i.name: i for i in check_requests(routes, ["direct GET /hello", "gateway POST /charges"])}
+    assert not results["no request failed"].ok
+    assert "gateway GET /hello: 2" in results["no request failed"].detail
+    assert not results["every route was exercised"].ok
+
+
+def _payments_journal(keys: dict[str, dict[str, int]]) -> dict[str, Any]:
+    journal = Journal()
+    for key, answers in keys.items():
+        journal.key_sent(key)
+        for kind, n in answers.items():
+            for _ in range(n):
+                journal.key_answer(key, kind)
+    for what in ("new", "retry", "burst", "reuse"):
+        journal.count(what)
+    return journal.to_dict()
+
+
+def test_payments_checks_pass_when_every_key_ran_once() -> None:
+    """A record where each answered key ran once keeps every payments invariant."""
+    journal = _payments_journal({"k1": {"fresh": 1, "replayed": 2}, "k2": {"fresh": 1, "conflict": 4}})
+    results = check_payments(journal, {"executions": {"k1": 1, "k2": 1}})
+    assert all(i.ok for i in results), results
+
+
+def test_payments_checks_fail_on_a_key_executed_twice() -> None:
+    """The upstream's record of a key executed twice fails "no key executed twice"."""
+    journal = _payments_journal({"k1": {"fresh": 1, "replayed": 1}, "k2": {"fresh": 1}})
+    results = {i.name: i for i in check_payments(journal, {"executions": {"k1": 2, "k2": 1}})}
+    twice = results["no key executed twice (upstream record)"]
+    assert not twice.ok
+    assert "k1 ran 2x" in twice.detail
+    assert not results["every key answered 201 executed exactly once (upstream record)"].ok
+
+
+def test_payments_checks_fail_on_an_answered_key_that_never_ran_or_an_unknown_key() -> None:
+    """A 201 for a key the upstream never ran, or a run of a key no client sent, fails."""
+    journal = _payments_journal({"k1": {"fresh": 1}})
+    results = {i.name: i for i in check_payments(journal, {"executions": {"stranger": 1}})}
+    assert not results["every key answered 201 executed exactly once (upstream record)"].ok
+    assert not results["the upstream ran only keys the clients sent"].ok
+
+
+def test_payments_checks_fail_on_client_side_violations() -> None:
+    """What the users saw on the wire (a replay that differs, a second execution) fails the run."""
+    journal = Journal()
+    journal.key_sent("k1")
+    journal.key_answer("k1", "fresh")
+    journal.violation("replay_differs", "k1: body differs")
+    journal.violation("ran_again", "k1: a retry was answered by a new execution")
+    results = {i.name: i for i in check_payments(journal.to_dict(), {"executions": {"k1": 1}})}
+    replay = results["retries replayed byte for byte with Idempotent-Replayed"]
+    assert not replay.ok
+    assert "ran_again=1" in replay.detail
+    assert not results["every payment behaviour was exercised"].ok
+
+
+def test_rate_limit_checks_bound_the_allowed_count_by_burst_plus_rate_times_elapsed() -> None:
+    """Allowed above burst + rate * elapsed fails; far below it (when saturated) fails too."""
+    journal = Journal()
+    journal.rate("ok", "allowed", 0.0, 0.0)
+    for _ in range(114):
+        journal.rate("ok", "allowed", 1.0, 5.0)
+    journal.rate("ok", "denied", 1.0, 5.0)
+    for _ in range(140):
+        journal.rate("over", "allowed", 0.0, 5.0)
+    journal.rate("over", "denied", 0.0, 5.0)
+    for _ in range(50):
+        journal.rate("low", "allowed", 0.0, 5.0)
+    journal.rate("low", "denied", 0.0, 5.0)
+    data = journal.to_dict()
+    table = rate_bounds(data, rate_per_s=20, burst=20)
+    assert table["ok"]["bound"] == 121.0  # 20 + 20 * 5 + 1
+    results = check_ratelimit(data, rate_per_s=20, burst=20)
+    by_name = {i.name.split(",")[0]: i for i in results}
+    assert not by_name["rate limit: allowed <= burst + rate * elapsed"].ok
+    assert "over: 140 > 121.0" in by_name["rate limit: allowed <= burst + rate * elapsed"].detail
+    floor = next(i for i in results if i.name.startswith("rate limit: allowed >= "))
+    assert not floor.ok
+    assert "low" in floor.detail
+    assert not floor.detail.startswith("ok")
+
+
+def test_the_table_shows_a_failed_invariant() -> None:
+    """The printed table marks a failed invariant and the run as FAILED."""
+    summary = {"scenario": "payments", "settings": {"users": 1, "duration_s": 1}, "routes": {},
+               "ok": False, "out": "x",
+               "invariants": [{"name": "no key executed twice", "ok": False, "detail": "k1 ran 2x"}]}
+    table = format_table(summary)
+    assert "[FAIL] no key executed twice: k1 ran 2x" in table
+    assert "FAILED" in table
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_every_scenarios_gateway_config_is_valid(name: str, tmp_path: Path) -> None:
+    """The config the runner writes for each scenario passes ``gateway check``."""
+    from gateway.config import load_config
+
+    config = gateway_config(SCENARIOS[name], upstream_url="http://127.0.0.1:9", key_prefix="lt",
+                            store_url="redis://127.0.0.1:6379/0")
+    path = tmp_path / "gateway.toml"
+    path.write_text(toml(config))
+    load_config(str(path))
+
+
+# ------------------------------------------------------------------------------ real runs
+def _require_tools() -> None:
+    missing = [what for what, ok in (("locust (pip install -e '.[load]')",
+                                      importlib.util.find_spec("locust") is not None),
+                                     ("redis-server", redis_server_binary() is not None)) if not ok]
+    if missing:
+        message = f"{', '.join(missing)} not installed"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}: in CI that is a failure, not a skip")
+        pytest.skip(message)
+
+
+def _run(tmp_path: Path, scenario: str, duration: str, users: int = 10) -> dict[str, Any]:
+    _require_tools()
+    out = tmp_path / scenario
+    seconds = parse_duration(duration)
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtests", "run", "--scenario", scenario, "--users", str(users),
+         "--duration", duration, "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO_ROOT, env=child_env(), check=False,
+        timeout=seconds + RUN_MARGIN_S)
+    assert (out / "summary.json").exists(), result.stderr[-3000:]
+    summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
+    failed = [i for i in summary["invariants"] if not i["ok"]]
+    assert result.returncode == 0, (failed, result.stdout[-3000:], result.stderr[-3000:])
+    assert not failed
+    assert summary["ok"]
+    for name in ("locust.html", "locust_stats.csv", "locust_failures.csv", "gateway.toml"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "chart.png").read_bytes()[:8] == PNG_MAGIC
+    assert summary["totals"]["count"] > 0
+    assert all(route["count"] > 0 for route in summary["routes"].values())
+    assert summary["scenario"] in result.stdout  # the short table
+    return summary
+
+
+@pytest.mark.slow
+def test_overhead_run_reports_both_routes_and_the_added_latency(tmp_path: Path) -> None:
+    """overhead: the same route direct and via the gateway, equal counts, added latency known."""
+    summary = _run(tmp_path, "overhead", "4s")
+    direct, via = summary["routes"]["direct GET /hello"], summary["routes"]["gateway GET /hello"]
+    assert direct["count"] == via["count"] > 0
+    assert direct["failures"] == via["failures"] == 0
+    added = summary["overhead"]["added_latency_ms"]
+    assert set(added) == {"p50", "p95", "p99"}
+    assert all(isinstance(v, float) for v in added.values())
+    assert summary["gateway"]["gateway_requests_total"]["200"] >= via["count"]
+
+
+@pytest.mark.slow
+def test_payments_run_keeps_at_most_once(tmp_path: Path) -> None:
+    """payments: no key executed twice by the upstream's own record, every behaviour exercised."""
+    summary = _run(tmp_path, "payments", "4s")
+    names = {i["name"] for i in summary["invariants"]}
+    assert "no key executed twice (upstream record)" in names
+    payments = summary["payments"]
+    assert payments["keys_executed"] == payments["keys_sent"] > 0
+    assert payments["answers"]["replayed"] > 0
+    assert payments["answers"]["conflict"] > 0
+    assert payments["answers"]["mismatch"] > 0
+    outcomes = summary["gateway"]["gateway_idempotency_outcomes_total"]
+    assert outcomes["executed"] == payments["upstream_charges"]
+
+
+@pytest.mark.slow
+def test_ratelimit_run_holds_every_key_to_its_rate(tmp_path: Path) -> None:
+    """ratelimit: every key driven past its limit, allowed within burst + rate * elapsed."""
+    summary = _run(tmp_path, "ratelimit", "3s")
+    per_key = summary["ratelimit"]["per_key"]
+    assert per_key
+    assert all(k["denied"] > 0 and k["allowed"] <= k["bound"] for k in per_key.values())
