@@ -54,7 +54,32 @@ def build_full_app() -> Any:
     return GatewayMiddleware(endpoint_app(), config)
 
 
-_BUILDERS = {"rl_app": build_rl_app, "idem_app": build_idem_app, "full_app": build_full_app}
+def build_rl_mw_app() -> Any:
+    """GET /hello behind RateLimitMiddleware alone (one per-client bucket, no request id or
+    metrics), the single middleware as ``add_middleware`` would add it: the row to set beside
+    the peers, which are single middlewares too."""
+    from apps import endpoint_app
+
+    from gateway import RateLimitMiddleware
+
+    return RateLimitMiddleware(
+        endpoint_app(),
+        rate_limit=[{"name": "per-client", "limit": HUGE_PER_MINUTE, "period": "1m"}],
+        store=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
+    )
+
+
+def build_idem_mw_app() -> Any:
+    """POST /charge behind IdempotencyMiddleware alone (claim, complete; no request id or metrics)."""
+    from apps import endpoint_app
+
+    from gateway import IdempotencyMiddleware
+
+    return IdempotencyMiddleware(endpoint_app(), store=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
+
+
+_BUILDERS = {"rl_app": build_rl_app, "idem_app": build_idem_app, "full_app": build_full_app,
+             "rl_mw_app": build_rl_mw_app, "idem_mw_app": build_idem_mw_app}
 
 
 def __getattr__(name: str) -> Any:

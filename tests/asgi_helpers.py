@@ -76,7 +76,8 @@ async def run_lifespan(app: ASGIApp, between: Callable[[], Any] | None = None) -
     inbox.put_nowait({"type": "lifespan.startup"})
     scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
     task = asyncio.ensure_future(app(scope, receive, send))
-    async with asyncio.timeout(10):
+    # the block in between, then shutdown, which may drain settles for up to SHUTDOWN_DRAIN_S
+    async with asyncio.timeout(30):
         await started.wait()
         if between is not None:
             result = between()

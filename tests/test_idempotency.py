@@ -1287,7 +1287,7 @@ class TestTime:
         """A holder that stops renewing loses its claim after lock_ttl: with "unknown" retries get a
         replayed 502 outcome-unknown for good; with "retry" the key runs again. The dead holder's
         late completion is refused either way (only the claim's holder completes it)."""
-        monkeypatch.setattr(Lease, "_due", lambda self: None)
+        monkeypatch.setattr(Lease, "renew_now", lambda self: None)
         app = App(hold_first=True)
         async with client_for(idem(app, store, lock_ttl="300ms", on_lost_claim=mode)) as c:
             first = asyncio.create_task(c.post("/", content=b"x", headers=keyed()))
@@ -1324,10 +1324,10 @@ class TestTime:
         """With on_lost_claim = "retry", a dead holder finishing while the new holder still runs
         is refused: the record ends with the new holder's response."""
         leases: list[Lease] = []
-        init, due = Lease.__init__, Lease._due
+        init, due = Lease.__init__, Lease.renew_now
 
-        def tracking_init(self: Lease, *args: Any) -> None:
-            init(self, *args)
+        def tracking_init(self: Lease, *args: Any, **kwargs: Any) -> None:
+            init(self, *args, **kwargs)
             leases.append(self)
 
         def first_holder_dead(self: Lease) -> None:
@@ -1335,7 +1335,7 @@ class TestTime:
                 due(self)
 
         monkeypatch.setattr(Lease, "__init__", tracking_init)
-        monkeypatch.setattr(Lease, "_due", first_holder_dead)
+        monkeypatch.setattr(Lease, "renew_now", first_holder_dead)
         app = App(hold=(1, 2))
         async with client_for(idem(app, store, lock_ttl="300ms", on_lost_claim="retry")) as c:
             first = asyncio.create_task(c.post("/", content=b"x", headers=keyed()))

@@ -705,3 +705,34 @@ async def test_a_request_cancelled_during_its_completion_retry_is_still_settled(
     assert retry.headers["idempotent-replayed"] == "true"
     assert retry.status_code in (201, 502)
     assert app.calls == 1
+
+
+async def test_one_renewal_timer_serves_every_lease_in_order() -> None:
+    """Renewals fires each lease when due, oldest first, skips a lease settled before it is
+    due, and fires a lease again after it is re-added (one timer for all of them)."""
+    from gateway.idempotency.lease import Renewals
+
+    fired: list[str] = []
+    two, three = asyncio.Event(), asyncio.Event()
+
+    class Due:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def renew_now(self) -> None:
+            fired.append(self.name)
+            (two if len(fired) == 2 else three).set()
+
+    renewals = Renewals()
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    a, b, c = Due("a"), Due("b"), Due("c")
+    renewals.add(a, now + 0.03)  # type: ignore[arg-type]
+    renewals.add(b, now + 0.06)  # type: ignore[arg-type]
+    renewals.add(c, now + 0.09)  # type: ignore[arg-type]
+    renewals.discard(b)  # settled before it was due
+    async with asyncio.timeout(DEADLINE_S):
+        await two.wait()
+        renewals.add(a, loop.time() + 0.03)  # type: ignore[arg-type]
+        await three.wait()
+    assert fired == ["a", "c", "a"]

@@ -1,8 +1,9 @@
 """A claim's life after ``new``: renewed while its request runs, then settled exactly once.
 
 Renewal: every ``lock_ttl / 3`` the holder extends its lease, so a request may run however long
-it takes; a holder that dies stops renewing and its claim is lost ``lock_ttl`` later. The timer
-costs nothing for requests shorter than a third of ``lock_ttl`` (it is only armed).
+it takes; a holder that dies stops renewing and its claim is lost ``lock_ttl`` later. One timer
+(``Renewals``) serves every lease of a middleware, so a request shorter than a third of
+``lock_ttl`` costs no timer of its own.
 
 Settling: ``complete`` stores the outcome, ``release`` frees the key (the request never reached
 the upstream). A store error is retried with backoff for as long as the claim is surely still
@@ -21,7 +22,7 @@ from gateway.errors import StoreError
 from gateway.requestid import current_request_id
 from gateway.store import LeaseTerms, Store, StoredResponse
 
-__all__ = ["Lease"]
+__all__ = ["Lease", "Renewals"]
 
 _log = logging.getLogger("gateway.idempotency")
 _MAX_ATTEMPTS = 20
@@ -29,13 +30,51 @@ _FIRST_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 2.0
 
 
+class Renewals:
+    """When each live lease is next due for renewal, behind one timer.
+
+    Leases share one interval and are added in time order, so they fall due in the order they
+    were added: the timer waits for the oldest only, and a lease settled before it is due costs
+    a dict entry, not a timer."""
+
+    __slots__ = ("_due", "_timer")
+
+    def __init__(self) -> None:
+        self._due: dict[Lease, float] = {}  # insertion order is due order
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, lease: Lease, due_at: float) -> None:
+        self._due[lease] = due_at
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_at(due_at, self._fire)
+
+    def discard(self, lease: Lease) -> None:
+        self._due.pop(lease, None)
+
+    def _fire(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        due = self._due
+        while due:  # bounded: each turn removes a lease, or returns
+            lease, at = next(iter(due.items()))
+            if at > now:
+                self._timer = loop.call_at(at, self._fire)
+                return
+            del due[lease]
+            lease.renew_now()
+
+
 class Lease:
     """The claim ``owner`` holds on ``record``, from the moment the store granted it."""
 
-    __slots__ = ("_interval_s", "_loop", "_owner", "_record", "_renewing", "_store", "_terms",
-                 "_timer", "held_until", "lost", "settled")
+    __slots__ = ("_interval_s", "_loop", "_owner", "_record", "_renewals", "_renewing", "_store", "_terms",
+                 "held_until", "lost", "settled")
 
-    def __init__(self, store: Store, record: str, owner: bytes, terms: LeaseTerms, granted_at: float) -> None:
+    def __init__(
+        self, store: Store, record: str, owner: bytes, terms: LeaseTerms, *, granted_at: float,
+        renewals: Renewals,
+    ) -> None:
         self._store = store
         self._record = record
         self._owner = owner
@@ -45,12 +84,13 @@ class Lease:
         # the local clock's view of the lease end: it started no earlier than the claim was sent
         self.held_until = granted_at + terms.lock_ttl_ms / 1000
         self._renewing: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = self._loop.call_later(self._interval_s, self._due)
+        self._renewals = renewals
+        renewals.add(self, self._loop.time() + self._interval_s)
         self.lost = False
         self.settled = False
 
-    def _due(self) -> None:
-        self._timer = None
+    def renew_now(self) -> None:
+        """Extend the lease (``Renewals`` calls this when it is due)."""
         self._renewing = self._loop.create_task(self._renew())
 
     async def _renew(self) -> None:
@@ -70,7 +110,7 @@ class Lease:
                 self._lost()
             return
         if not self.settled:
-            self._timer = self._loop.call_later(self._interval_s, self._due)
+            self._renewals.add(self, self._loop.time() + self._interval_s)
 
     def _lost(self) -> None:
         self.lost = True
@@ -80,9 +120,7 @@ class Lease:
     def stop(self) -> None:
         """Stop renewing (the request is settled, or it is abandoned to lapse)."""
         self.settled = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._renewals.discard(self)
         if self._renewing is not None:
             self._renewing.cancel()
             self._renewing = None

@@ -23,8 +23,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 from collections.abc import Coroutine, Mapping
+from random import getrandbits
 from typing import TYPE_CHECKING, Any
 
 from gateway._asgi import ASGIApp, Receive, Scope, Send
@@ -34,7 +34,7 @@ from gateway.config import IdempotencyConfig, IdentityConfig
 from gateway.errors import StoreError, StoreUnanswered
 from gateway.idempotency import problems
 from gateway.idempotency.capture import Capture, send_replay
-from gateway.idempotency.lease import Lease
+from gateway.idempotency.lease import Lease, Renewals
 from gateway.idempotency.request import (
     BodyTooLarge,
     ClientGone,
@@ -128,6 +128,7 @@ class IdempotencyMiddleware:
         self._resolver = IdentityResolver(config.identity, ("identity",))
         # settles that outlive their request (shielded, or cancelled mid-settle)
         self._settling: set[asyncio.Task[Any]] = set()
+        self._renewals = Renewals()
         self._outcomes: Mapping[str, Counter] = metrics.outcome if metrics is not None else {}
 
     @property
@@ -198,7 +199,7 @@ class IdempotencyMiddleware:
         except ClientGone:
             return  # nothing was claimed and nothing ran
         record = record_name(identity, key)
-        owner = os.urandom(16).hex().encode()
+        owner = b"%032x" % getrandbits(128)  # unique, never shown to a client: no syscall needed
         sent_at = asyncio.get_running_loop().time()
         try:
             claim = await self._store.idempotency_claim(record, fingerprint(scope, body), owner, self._terms)
@@ -211,7 +212,8 @@ class IdempotencyMiddleware:
         outcome = claim.outcome
         self._count(_OUTCOME_METRIC[outcome])
         if outcome == "new":
-            lease = Lease(self._store, record, owner, self._terms, sent_at)
+            lease = Lease(self._store, record, owner, self._terms, granted_at=sent_at,
+                          renewals=self._renewals)
             await self._run(scope, replaying(body, receive), send, lease)
         elif outcome == "done":
             assert claim.response is not None
