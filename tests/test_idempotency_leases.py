@@ -721,7 +721,10 @@ async def test_one_renewal_timer_serves_every_lease_in_order() -> None:
 
         def renew_now(self) -> None:
             fired.append(self.name)
-            (two if len(fired) == 2 else three).set()
+            if len(fired) == 2:
+                two.set()
+            elif len(fired) == 3:
+                three.set()
 
     renewals = Renewals()
     loop = asyncio.get_running_loop()
