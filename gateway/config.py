@@ -117,6 +117,7 @@ class IdempotencyConfig:
     ttl_s: float = 86_400.0
     lock_ttl_s: float = 60.0
     on_lost_claim: OnLostClaim = "unknown"
+    completion_timeout_s: float = 10.0
     required_paths: tuple[str, ...] = ()
     max_body_bytes: int = 1_048_576
     on_store_error: OnStoreError = "deny"
@@ -310,6 +311,7 @@ def _idempotency(t: Table) -> IdempotencyConfig:
         ttl_s=t.duration("ttl", d.ttl_s),
         lock_ttl_s=t.duration("lock_ttl", d.lock_ttl_s, low=0.1),  # renewed every third of it
         on_lost_claim=t.choice("on_lost_claim", d.on_lost_claim, _ON_LOST_CLAIM),
+        completion_timeout_s=t.duration("completion_timeout", d.completion_timeout_s, low=0.1, high=600.0),
         required_paths=t.paths("required_paths", d.required_paths, empty_ok=True),
         max_body_bytes=t.integer("max_body_bytes", d.max_body_bytes, low=0, high=2**31),
         on_store_error=t.choice("on_store_error", d.on_store_error, _ON_STORE_ERROR),

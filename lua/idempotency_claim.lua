@@ -29,7 +29,9 @@ Returns    {"new"}                        claimed by ARGV[2]; also when ARGV[2] 
            {"withdrawn"}                  ARGV[2] withdrew this claim before it arrived: nothing
                                           is written (its caller has long given up on the reply)
            A lost claim (lease ended, state p) is settled here, by the first claim to see it:
-           "unknown" turns it into state u; "retry" hands it to ARGV[2] ({"new"}).
+           "unknown" turns it into state u, which keeps its owner: the holder's late
+           completion still replaces it (idempotency_complete); "retry" hands it to ARGV[2]
+           ({"new"}), and the old holder can no longer complete it.
 
 TTL        a claim: lock_ttl + linger (renewed by idempotency_renew; lasts past the lease so a
            lost claim can be recognised); a record turned `u`: what is left of linger after its

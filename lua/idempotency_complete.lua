@@ -1,5 +1,12 @@
 --[[
-idempotency_complete: store the response of a claimed request, for its owner only (fencing).
+idempotency_complete: store the response of a claimed request, for its holder only (fencing).
+
+The holder's outcome is the truth, however late it arrives: it is accepted while the claim is
+still the holder's (`p`, also past its lease: nobody else has run it) and when the holder's
+lapsed claim was settled as outcome unknown (`u`, same owner, on_lost_claim = "unknown"): the
+real response replaces the 502 for every later retry. It never overwrites a record another
+attempt owns (a lapsed claim handed to a retry with on_lost_claim = "retry", or a key claimed
+afresh after its record was gone).
 
 KEYS[1]    the record hash (fields: see idempotency_claim.lua)
 ARGV[1]    owner token of the attempt that claimed it
@@ -9,8 +16,8 @@ ARGV[4]    body
 ARGV[5]    ttl, ms: how long the completed record is replayed
 
 Returns    1 stored (or already stored by this owner: a resent completion is the same one)
-           0 refused: the record is not this owner's claim any more (a lost claim settled
-             by a retry, or gone); nothing is written
+           0 refused: the record is not this owner's (another's claim or record, withdrawn,
+             or gone); nothing is written
 
 TTL        the completed record: ttl, from now.
 ]]
@@ -22,7 +29,7 @@ end
 if rec[1] == 'd' then
   return 1
 end
-if rec[1] ~= 'p' then
+if rec[1] ~= 'p' and rec[1] ~= 'u' then
   return 0
 end
 redis.call('HSET', KEYS[1], 'st', 'd', 's', ARGV[2], 'h', ARGV[3], 'b', ARGV[4])

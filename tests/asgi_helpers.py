@@ -54,8 +54,45 @@ async def answer_lifespan(receive: Receive, send: Send, events: list[str]) -> No
             return
 
 
+class _Unfinished(Exception):
+    """The app returned without finishing its response (a server closes the connection)."""
+
+
+def finishing(app: ASGIApp) -> ASGIApp:
+    """``app``, raising ``_Unfinished`` when an HTTP response it started was never finished."""
+
+    async def watched(scope: Scope, receive: Receive, send: Send) -> None:
+        finished = False
+
+        async def watching(message: Message) -> None:
+            nonlocal finished
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                finished = True
+
+        await app(scope, receive, watching)
+        if scope["type"] == "http" and not finished:
+            raise _Unfinished
+
+    return watched
+
+
+class CuttingTransport(httpx.ASGITransport):
+    """An ASGI transport on which an unfinished response is what a client of a real server sees:
+    the connection closes mid-response (``httpx.RemoteProtocolError``)."""
+
+    def __init__(self, app: ASGIApp, **kwargs: Any) -> None:
+        super().__init__(app=finishing(app), **kwargs)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await super().handle_async_request(request)
+        except _Unfinished:
+            raise httpx.RemoteProtocolError("the response was cut off", request=request) from None
+
+
 def client_for(app: ASGIApp, client_ip: str = "203.0.113.7") -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=app, client=(client_ip, 4321))
+    transport = CuttingTransport(app, client=(client_ip, 4321))
     return httpx.AsyncClient(transport=transport, base_url="http://gateway.test")
 
 

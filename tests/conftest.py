@@ -44,10 +44,11 @@ def require_redis_server() -> None:
         pytest.skip(message)
 
 
-def running_redis() -> Iterator[RedisProcess]:
-    """A started redis-server on a free loopback port, stopped (by PID) afterwards."""
+def running_redis(args: tuple[str, ...] = ()) -> Iterator[RedisProcess]:
+    """A started redis-server on a free loopback port (``args`` on its command line), stopped
+    (by PID) afterwards."""
     require_redis_server()
-    server = RedisProcess().start()
+    server = RedisProcess(args=args).start()
     try:
         yield server
     finally:

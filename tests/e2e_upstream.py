@@ -23,6 +23,13 @@ Endpoints (any method unless said):
 - ``/gzip``: a gzip-encoded body (``GZIP_BODY``) with ``Content-Encoding: gzip``.
 - ``/redirect``: 302 to ``/echo``.
 - ``/seen?rid=R``: how many requests carrying ``X-Request-Id: R`` reached this upstream.
+- ``POST /soak/pay`` (the chaos soak's payment, ``tests/chaos_soak.py``): counts the arrival
+  under its ``Idempotency-Key`` (else the body's ``payment``), waits ``SOAK_PAY_S`` plus a little
+  jitter, records the execution with the exact body it answers, then answers 200 with a body
+  unique to this execution (the payment, a random charge id, the execution's number).
+  ``GET /soak/records`` returns ``{key: {"started": n, "finished": n, "bodies": [...]}}``: the
+  soak's verdict is judged from these. ``GET /soak/in-flight`` returns ``{forwarded host: n}``,
+  the payments being executed now, by the ``X-Forwarded-Host`` (the gateway) they came through.
 """
 
 from __future__ import annotations
@@ -31,8 +38,10 @@ import asyncio
 import contextlib
 import gzip
 import hashlib
+import itertools
 import json
 import os
+import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -58,6 +67,11 @@ _finished: Counter[str] = Counter()
 _progress: dict[str, int] = {}
 _releases: dict[str, asyncio.Event] = {}
 _seen_request_ids: Counter[str] = Counter()
+SOAK_PAY_S = 0.5
+SOAK_JITTER_S = 0.1
+_soak_records: dict[str, dict[str, Any]] = {}
+_soak_in_flight: Counter[str] = Counter()
+_soak_executions = itertools.count(1)
 
 
 def chunk(i: int) -> bytes:
@@ -250,6 +264,53 @@ async def seen(scope: Scope, receive: Receive, send: Send) -> None:
     await _json(send, 200, {"count": _seen_request_ids[_query(scope).get("rid", "")]})
 
 
+async def soak_pay(scope: Scope, receive: Receive, send: Send) -> None:
+    """One payment execution, recorded at arrival and when it answers (see the module doc)."""
+    if scope["method"] != "POST":
+        await _read_body(receive)
+        await _json(send, 405, {"error": "POST only"})
+        return
+    host = _header(scope, b"x-forwarded-host") or ""
+    key = _header(scope, b"idempotency-key")
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    try:
+        payment = json.loads(b"".join(chunks))
+    except ValueError:
+        payment = {}
+    payment = payment if isinstance(payment, dict) else {}
+    key = key or str(payment.get("payment", ""))
+    record = _soak_records.setdefault(key, {"started": 0, "finished": 0, "bodies": []})
+    record["started"] += 1
+    number = next(_soak_executions)
+    _soak_in_flight[host] += 1
+    try:
+        await asyncio.sleep(SOAK_PAY_S + random.uniform(0.0, SOAK_JITTER_S))
+        body = json.dumps({"payment": payment.get("payment"), "key": key,
+                           "amount": payment.get("amount"), "execution": number,
+                           "charge": f"ch_{random.getrandbits(64):016x}"},
+                          separators=(",", ":")).encode()
+        record["finished"] += 1
+        record["bodies"].append(body.decode())
+    finally:
+        _soak_in_flight[host] -= 1
+    await _respond(send, 200, body)
+
+
+async def soak_records(scope: Scope, receive: Receive, send: Send) -> None:
+    await _json(send, 200, _soak_records)
+
+
+async def soak_in_flight(scope: Scope, receive: Receive, send: Send) -> None:
+    await _json(send, 200, {host: n for host, n in _soak_in_flight.items() if n})
+
+
 async def health(scope: Scope, receive: Receive, send: Send) -> None:
     await _respond(send, 200, b"ok", content_type=b"text/plain")
 
@@ -273,6 +334,9 @@ ROUTES: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]] = {
     "/seen": seen,
     "/gzip": gzipped,
     "/redirect": redirect,
+    "/soak/pay": soak_pay,
+    "/soak/records": soak_records,
+    "/soak/in-flight": soak_in_flight,
 }
 
 

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,15 +54,22 @@ def end_process(
 
 
 class RedisProcess:
-    """One redis-server process without persistence; ``restart()`` keeps the port."""
+    """One redis-server process, without persistence unless ``args`` ask for it; ``restart()``
+    keeps the port.
 
-    def __init__(self, port: int | None = None) -> None:
+    ``args`` go on the command line after the defaults, so they override them: e.g.
+    ``("--appendonly", "yes", "--appendfsync", "always")`` makes the server durable, and since
+    its dir is kept across ``kill()``/``start()``, a restart on the same port reloads the data.
+    """
+
+    def __init__(self, port: int | None = None, *, args: Sequence[str] = ()) -> None:
         binary = redis_server_binary()
         if binary is None:
             raise FileNotFoundError("redis-server is not installed (apt-get install redis-server)")
         self.binary = binary
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="gw-redis-"))
+        self.args = tuple(args)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -76,7 +83,7 @@ class RedisProcess:
     def start(self, deadline_s: float = 10.0) -> RedisProcess:
         cmd = [self.binary, "--port", str(self.port), "--bind", HOST, "--save", "",
                "--appendonly", "no", "--dir", str(self.dir), "--daemonize", "no",
-               "--logfile", str(self.dir / "redis.log")]
+               "--logfile", str(self.dir / "redis.log"), *self.args]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         end = time.monotonic() + deadline_s
@@ -97,7 +104,8 @@ class RedisProcess:
 
     def restart(self) -> None:
         """Kill hard (no shutdown save) and start again on the same port: all data and every
-        loaded script are gone, as after a crash of a server without persistence."""
+        loaded script are gone, as after a crash of a server without persistence (with AOF in
+        ``args``, the data is reloaded; scripts still are not)."""
         self.stop(signal.SIGKILL)
         self.start()
 

@@ -384,7 +384,7 @@ async def test_a_request_longer_than_lock_ttl_keeps_its_claim(store: RedisStore)
 
 async def test_a_dead_holders_claim_becomes_outcome_unknown(store: RedisStore) -> None:
     """A claim whose holder never renews is, after lock_ttl, an outcome-unknown record: retries
-    get a replayed 502, the app never runs, and the stale holder's late completion is refused."""
+    get a replayed 502, the app never runs, and nobody but the holder can complete it."""
     scope = await keyed_scope()
     record, terms = record_of(scope), lease_terms(SETTINGS)
     claim = await store.idempotency_claim(record, fingerprint(scope, BODY), DEAD_OWNER, terms)
@@ -394,7 +394,7 @@ async def test_a_dead_holders_claim_becomes_outcome_unknown(store: RedisStore) -
     async with client_for(mw) as c:
         assert_in_flight(await post(c))  # the dead holder's claim still looks live at first
         lapsed = await first_answer_past_the_lease(c)
-        late = await store.idempotency_complete(record, DEAD_OWNER, StoredResponse(200, b"", b"late"), terms)
+        late = await store.idempotency_complete(record, b"e" * 32, StoredResponse(200, b"", b"late"), terms)
         again = await post(c)
     assert_outcome_unknown(lapsed, replayed=True)
     assert late is False
@@ -451,28 +451,69 @@ async def test_transient_completion_errors_are_retried_and_the_response_stored(s
     assert app.calls == 1
 
 
-async def test_completion_failing_for_good_lapses_into_outcome_unknown(store: RedisStore) -> None:
-    """Completion failing every time leaves the claim in flight (409 meanwhile), and after
-    lock_ttl it is outcome unknown (replayed 502): the app never runs a second time."""
+async def test_a_completion_not_stored_in_time_cuts_the_response_off(store: RedisStore) -> None:
+    """Completion failing past completion_timeout: the client's response is cut off (never a
+    whole 200 its retries would contradict); the holder keeps trying in the background, still
+    renewing its claim, so retries meanwhile get 409; when the store takes its outcome, every
+    retry replays the real response. The app ran once."""
     flaky = FlakyCompleteStore(store, failures=None)
     app = CountingApp()
-    mw = IdempotencyMiddleware(app, idempotency=SETTINGS, store=flaky)
-    record = record_of(await keyed_scope())
+    settings = {**SETTINGS, "completion_timeout": "500ms"}
+    mw = IdempotencyMiddleware(app, idempotency=settings, store=flaky)
     async with client_for(mw) as c:
         first = asyncio.ensure_future(post(c))
         await until(lambda: flaky.complete_calls >= 2, "the completion to be retried")
         while_retrying = await post(c)
         async with asyncio.timeout(DEADLINE_S):
-            answer = await first
-        calls_when_given_up = flaky.complete_calls
-        rec = await raw_record(store, record)
-        lapsed = await first_answer_past_the_lease(c)
+            answer = (await asyncio.gather(first, return_exceptions=True))[0]
+        calls_at_cut_off = flaky.complete_calls
+        await asyncio.sleep(3 * LOCK_TTL_S)
+        after_the_lease = await post(c)
+        await until(lambda: flaky.complete_calls > calls_at_cut_off + 1, "the holder to keep trying")
+        flaky.failures = 0  # the store is back
+        await until(lambda: not mw._settling, "the late completion to land")
+        replay = await post(c)
     assert_in_flight(while_retrying)
-    assert answer.status_code == 200  # the client has its answer; only the record is missing
-    assert calls_when_given_up >= 2
-    assert rec[b"st"] == b"p"
-    assert_outcome_unknown(lapsed, replayed=True)
-    assert flaky.complete_calls == calls_when_given_up  # nothing settles a given-up claim later
+    assert isinstance(answer, httpx.RemoteProtocolError)
+    assert_in_flight(after_the_lease)  # the holder lives and renews: not lost, not unknown
+    assert (replay.status_code, replay.content) == (200, b"ok")
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert app.calls == 1
+
+
+async def test_a_renewal_the_store_does_not_answer_keeps_the_claim(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Renewals failing (an outage) do not give the claim up: once they succeed again the lease
+    runs on, the request completes, and its client and its retries get the same response."""
+    failing = {"on": True}
+    inner_renew = store.idempotency_renew
+    renew_calls: list[str] = []
+
+    async def flaky_renew(*args: Any) -> bool:
+        if failing["on"]:
+            renew_calls.append("error")
+            raise StoreUnavailable("injected: connection reset")
+        renew_calls.append("ok")
+        return await inner_renew(*args)
+
+    monkeypatch.setattr(store, "idempotency_renew", flaky_renew)
+    app = SlowApp()
+    mw = IdempotencyMiddleware(app, idempotency=SETTINGS, store=store)
+    async with client_for(mw) as c:
+        first = asyncio.ensure_future(post(c))
+        await wait_for(app.started)
+        await until(lambda: renew_calls.count("error") >= 3, "renewals to fail three times")
+        failing["on"] = False
+        await until(lambda: "ok" in renew_calls, "a renewal to succeed")
+        assert_in_flight(await post(c))  # still the holder's: the failures gave nothing up
+        app.release.set()
+        async with asyncio.timeout(DEADLINE_S):
+            answer = await first
+        replay = await post(c)
+    assert (answer.status_code, answer.content) == (201, b"run-1 done")
+    assert (replay.status_code, replay.content) == (201, b"run-1 done")
+    assert replay.headers["idempotent-replayed"] == "true"
     assert app.calls == 1
 
 
@@ -513,18 +554,23 @@ async def test_a_paused_redis_across_completion_still_stores_the_outcome(
 # ---- 6. the app raises ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("when", ["before_response", "mid_response"])
+@pytest.mark.parametrize("when", ["before_response", "empty_head", "mid_response"])
 async def test_an_app_that_raises_after_acting_never_runs_again(store: RedisStore, when: str) -> None:
-    """An app that acts then raises (before or mid-response) is settled as outcome unknown: 20
-    retries, half of them concurrent, all get the replayed 502 and the side effect stays single."""
+    """An app that acts then raises (before its response, after a head that declares an empty
+    body, or mid-body) is settled as outcome unknown: 20 retries, half of them concurrent, all
+    get the replayed 502 and the side effect stays single. A head that alone would be a whole
+    response is held back, so that client, too, gets the 502 rather than a whole empty 201."""
     effects = 0
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         nonlocal effects
         await receive()
         effects += 1
+        if when != "before_response":
+            length = b"0" if when == "empty_head" else b"100"
+            await send({"type": "http.response.start", "status": 201,
+                        "headers": [(b"content-length", length)]})
         if when == "mid_response":
-            await send({"type": "http.response.start", "status": 201, "headers": []})
             await send({"type": "http.response.body", "body": b"partial", "more_body": True})
         raise RuntimeError("the upstream connection broke after the charge")
 
@@ -534,8 +580,10 @@ async def test_an_app_that_raises_after_acting_never_runs_again(store: RedisStor
         first = await post(c)
         concurrent = await asyncio.gather(*(post(c) for _ in range(10)))
         sequential = [await post(c) for _ in range(10)]
-    if when == "before_response":
+    if when != "mid_response":
         assert_outcome_unknown(first, replayed=False)
+    else:
+        assert first.status_code == 201  # its head went out before the app broke
     for r in [*concurrent, *sequential]:
         assert_outcome_unknown(r, replayed=True)
     assert effects == 1

@@ -18,7 +18,8 @@ from gateway.requestid import HEADER as REQUEST_ID_HEADER
 from gateway.requestid import current_request_id, new_request_id
 from gateway.store import StoredResponse
 
-__all__ = ["REPLAYED", "Capture", "decode_headers", "encode_headers", "send_replay", "storable_headers"]
+__all__ = ["REPLAYED", "Capture", "ResponseCutOff", "decode_headers", "encode_headers", "send_replay",
+           "storable_headers"]
 
 REPLAYED = (b"idempotent-replayed", b"true")
 _NEVER_STORED = frozenset({
@@ -31,6 +32,7 @@ _NEVER_STORED = frozenset({
     b"ratelimit", b"ratelimit-policy", REQUEST_ID_HEADER, REPLAYED[0],
 })
 _LENGTHS = struct.Struct(">II")
+_CUT_OFF = "the response was cut off: its outcome is not stored"
 
 
 def storable_headers(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
@@ -65,6 +67,17 @@ def decode_headers(blob: bytes) -> Headers:
     return out
 
 
+def _declared_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    """The body length one valid ``Content-Length`` declares; None when unframed or unclear."""
+    found = None
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            if found is not None or not value.isdigit():
+                return None
+            found = int(value)
+    return found
+
+
 async def send_replay(send: Send, response: StoredResponse) -> None:
     """Answer with a stored response: same status, headers and body, marked as a replay."""
     headers = decode_headers(response.headers)
@@ -76,49 +89,114 @@ async def send_replay(send: Send, response: StoredResponse) -> None:
     await send({"type": "http.response.body", "body": response.body})
 
 
+class ResponseCutOff(Exception):
+    """Raised to the app by ``send``: its response's outcome is not stored, so the response may
+    not end (the server then closes the connection with the response unfinished)."""
+
+
 class Capture:
     """A ``send`` that streams the app's response on and keeps it (up to ``limit`` bytes).
 
-    When the last body message arrives, ``on_end`` runs before that message goes out: by the
-    time the client has the whole response, its record is settled, so an immediate retry gets
-    the replay and not a 409. If the client has gone, the rest of the response is dropped
-    instead of failing the app, so the request still finishes and is stored.
+    What would complete the response on the wire is held back until ``on_end`` has settled the
+    record: the last message, the bytes that reach the declared ``Content-Length``, a head that
+    is a whole response by itself (``Content-Length: 0``, 204, 304). So by the time the client
+    has the whole response, every retry gets its replay, and a stream goes out as it comes.
+    When ``on_end`` says the outcome is not stored, the end never goes out (``cut_off``): the
+    client has a response that visibly lacks its end (a short body, or no last chunk) and a
+    closed connection, never a whole one its retries would contradict. If the client has gone,
+    the rest of the response is dropped instead of failing the app, so the request still
+    finishes and is stored.
     """
 
-    __slots__ = ("_chunks", "_limit", "_on_end", "_send", "_size", "client_gone", "ended",
-                 "headers", "started", "status", "too_large")
+    __slots__ = ("_chunks", "_framed", "_held", "_left", "_limit", "_on_end", "_send", "_size",
+                 "client_gone", "cut_off", "ended", "head_sent", "headers", "started", "status",
+                 "too_large", "unanswered")
 
-    def __init__(self, send: Send, limit: int, on_end: Callable[[Capture], Awaitable[None]]) -> None:
+    def __init__(self, send: Send, limit: int, on_end: Callable[[Capture], Awaitable[bool]], *,
+                 http_version: str = "1.1") -> None:
         self._send = send
         self._limit = limit
         self._on_end = on_end
         self._chunks: list[bytes] = []
         self._size = 0
+        self._held: Message | None = None  # what would complete the response, until it may
+        self._left: int | None = None  # body bytes still to come, when Content-Length says
+        # whether a head can be left visibly unfinished (HTTP/1.0 ends a body at the close)
+        self._framed = http_version != "1.0"
         self.status = 0
         self.headers: Headers = []
         self.started = False
+        self.head_sent = False
         self.ended = False
         self.too_large = False
         self.client_gone = False
+        self.cut_off = False
+        self.unanswered = False  # cut off with nothing sent, where a head alone would be whole
 
     async def send(self, message: Message) -> None:
+        if self.cut_off:
+            raise ResponseCutOff(_CUT_OFF)
         kind = message["type"]
-        if kind == "http.response.body":
-            chunk = message.get("body", b"")
-            if chunk and not self.too_large:
-                self._size += len(chunk)
-                if self._size > self._limit:
-                    self.too_large = True
-                    self._chunks.clear()
-                else:
-                    self._chunks.append(chunk)
-            if not message.get("more_body", False) and self.started and not self.ended:
-                self.ended = True
-                await self._on_end(self)
-        elif kind == "http.response.start":
+        if kind == "http.response.start":
             self.started = True
             self.status = message["status"]
-            self.headers = storable_headers(message.get("headers", ()))
+            raw = message.get("headers", ())
+            self.headers = storable_headers(raw)
+            self._left = _declared_length(raw)
+            if self._left == 0 or self.status in (204, 304):
+                self._held = message  # the head alone is the whole response
+            else:
+                await self._forward(message)
+            return
+        if kind != "http.response.body":
+            await self._forward(message)
+            return
+        chunk = message.get("body", b"")
+        if chunk:
+            self._keep(chunk)
+        if message.get("more_body", False):
+            if not chunk:
+                return
+            held = self._held
+            if held is not None:  # bytes past the declared end (the server refuses them): in order
+                if held["type"] == "http.response.start":
+                    await self._forward(held)
+                    self._held = {"type": "http.response.body", "body": chunk}
+                else:
+                    self._held = {"type": "http.response.body", "body": held["body"] + chunk}
+                return
+            if self._left is not None:
+                self._left -= len(chunk)
+                if self._left <= 0:  # these bytes complete the body: held until it is stored
+                    self._held = {"type": "http.response.body", "body": chunk}
+                    return
+            await self._forward(message)
+            return
+        if self.started and not self.ended:
+            self.ended = True
+            if not await self._on_end(self):
+                await self._cut_off()
+        held, self._held = self._held, None
+        if held is not None:
+            if held["type"] == "http.response.body":
+                message = {"type": "http.response.body", "body": held["body"] + chunk}
+            else:
+                await self._forward(held)
+        await self._forward(message)
+
+    def _keep(self, chunk: bytes) -> None:
+        if self.too_large:
+            return
+        self._size += len(chunk)
+        if self._size > self._limit:
+            self.too_large = True
+            self._chunks.clear()
+        else:
+            self._chunks.append(chunk)
+
+    async def _forward(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.head_sent = True
         if self.client_gone:
             return
         try:
@@ -126,6 +204,21 @@ class Capture:
         except OSError:
             # the client went away mid-response; the request runs on and its outcome is stored
             self.client_gone = True
+
+    async def _cut_off(self) -> None:
+        """Leave the response unfinished, then stop the app's sending (``ResponseCutOff``)."""
+        self.cut_off = True
+        held, self._held = self._held, None
+        if held is not None and held["type"] == "http.response.start":
+            # a head that alone would be whole (Content-Length: 0): sent without its length, it
+            # visibly lacks its end (no last chunk); where even that is whole (204, 304, or
+            # HTTP/1.0's body that ends at the close) nothing goes out and the caller answers
+            if self._framed and self.status not in (204, 304):
+                headers = [(n, v) for n, v in held.get("headers", ()) if n.lower() != b"content-length"]
+                await self._forward({**held, "headers": headers})
+            else:
+                self.unanswered = True
+        raise ResponseCutOff(_CUT_OFF)
 
     @property
     def body(self) -> bytes:

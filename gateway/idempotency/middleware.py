@@ -11,9 +11,11 @@ body (413 past ``max_body_bytes``), fingerprint it, and claim the record in one 
 
 Whatever happens after a claim, a retry never runs the request a second time: an exception
 from the app or a response that broke off is stored as outcome unknown (502); a response too
-large to keep is stored as its status plus a ``response-not-stored`` problem; a store failure
-while completing is retried while the claim is held, and past that the claim lapses into
-outcome unknown. Only an app that says the upstream was certainly never reached
+large to keep is stored as its status plus a ``response-not-stored`` problem. What a client
+is told is what its retries get: a store failure while completing is retried for up to
+``completion_timeout`` with the response's end held back; past that the response is cut off
+and the holder goes on trying in the background (``LATE_SETTLE_S``), its late outcome
+replacing an outcome-unknown record its lapsed claim became. Only an app that says the upstream was certainly never reached
 (``mark_not_sent``) frees the key for a retry; so does a claim call that timed out (503): it may
 have been granted or still be on its way, and nothing ran under it.
 """
@@ -21,11 +23,12 @@ have been granted or still be on its way, and nothing ran under it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from random import getrandbits
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway._asgi import ASGIApp, Receive, Scope, Send
 from gateway._paths import PathPrefixes
@@ -34,7 +37,7 @@ from gateway.config import IdempotencyConfig, IdentityConfig
 from gateway.errors import StoreError, StoreUnanswered
 from gateway.idempotency import problems
 from gateway.idempotency.capture import Capture, send_replay
-from gateway.idempotency.lease import Lease, Renewals
+from gateway.idempotency.lease import Lease, Renewals, Settled
 from gateway.idempotency.request import (
     BodyTooLarge,
     ClientGone,
@@ -63,9 +66,16 @@ ATTEMPT_SCOPE_KEY = "gateway.idempotency"
 _FREE_FIRST_BACKOFF_S = 0.05
 _FREE_MAX_BACKOFF_S = 2.0
 _FREE_MAX_TRIES = 40
+#: How long a settle goes on in the background once ``completion_timeout`` has passed (at most
+#: ``lease.MAX_ATTEMPTS`` store calls): the holder's outcome still lands after a long outage.
+LATE_SETTLE_S = 120.0
 # extensions that send a response without body messages, which Capture could not keep
 _BODYLESS_EXTENSIONS = ("http.response.pathsend", "http.response.zerocopysend")
 
+
+_T = TypeVar("_T")
+# a lease's complete (of one response) or release, given how long it may try
+_Settling = Callable[[float], Awaitable[Settled]]
 
 # gateway_idempotency_outcomes_total: what each claim outcome counts as
 _OUTCOME_METRIC = {"new": "executed", "done": "replayed", "unknown": "replayed", "in_flight": "in_flight",
@@ -125,6 +135,7 @@ class IdempotencyMiddleware:
         self._limit = settings.max_body_bytes
         self._deny_on_error = settings.on_store_error == "deny"
         self._terms = LeaseTerms.from_config(settings)
+        self._completion_timeout_s = settings.completion_timeout_s
         self._resolver = IdentityResolver(config.identity, ("identity",))
         # settles that outlive their request (shielded, or cancelled mid-settle)
         self._settling: set[asyncio.Task[Any]] = set()
@@ -200,7 +211,6 @@ class IdempotencyMiddleware:
             return  # nothing was claimed and nothing ran
         record = record_name(identity, key)
         owner = b"%032x" % getrandbits(128)  # unique, never shown to a client: no syscall needed
-        sent_at = asyncio.get_running_loop().time()
         try:
             claim = await self._store.idempotency_claim(record, fingerprint(scope, body), owner, self._terms)
         except StoreError as exc:
@@ -212,8 +222,7 @@ class IdempotencyMiddleware:
         outcome = claim.outcome
         self._count(_OUTCOME_METRIC[outcome])
         if outcome == "new":
-            lease = Lease(self._store, record, owner, self._terms, granted_at=sent_at,
-                          renewals=self._renewals)
+            lease = Lease(self._store, record, owner, self._terms, renewals=self._renewals)
             await self._run(scope, replaying(body, receive), send, lease)
         elif outcome == "done":
             assert claim.response is not None
@@ -238,35 +247,43 @@ class IdempotencyMiddleware:
             scope["extensions"] = {k: v for k, v in extensions.items() if k not in _BODYLESS_EXTENSIONS}
         limit = self._limit
 
-        async def settle(capture: Capture) -> None:
+        async def settle(capture: Capture) -> bool:
+            """Settle before the response's last message; False: it must not go out."""
             if attempt.not_sent:
-                settling = lease.release
+                settling: _Settling = lease.release
             else:
                 stored = capture.stored()
                 if stored is None:
                     stored = problems.not_stored_record(capture.status, capture.headers, limit)
                 settling = functools.partial(lease.complete, stored)
-            try:
-                await settling()
-            except asyncio.CancelledError:
-                # cancelled mid-settle: finish it in the background (a resent complete or release
-                # by the same owner is recognised), so the record does not lapse
-                self._in_background(settling())
-                raise
+            outcome = await self._settle(lease, settling)
+            if outcome != "stored":
+                # the client must not hold an answer its retries would contradict: cut it off, and
+                # a retry meets what the record says (409 while the settle goes on, then its outcome)
+                _event("idempotency.response_cut_off", f"the outcome is not stored ({outcome}); "
+                       "the response is cut off", level=logging.WARNING, status=capture.status,
+                       settle=outcome)
+            return outcome == "stored"
 
-        capture = Capture(send, limit, settle)
+        capture = Capture(send, limit, settle, http_version=scope.get("http_version", "1.1"))
         try:
             await self.app(scope, receive, capture.send)
-        except BaseException:
-            if not capture.ended:
-                await self._interrupted(attempt, capture, send, lease)
-            raise
+        except BaseException as exc:
+            # a cut-off response made the app's send raise: the server closes it unfinished
+            if not (capture.cut_off and isinstance(exc, Exception)):
+                if not capture.ended:
+                    await self._interrupted(attempt, capture, send, lease)
+                raise
         else:
             if not capture.ended:
                 # the app returned without finishing a response: whether it acted is unknown
                 await self._interrupted(attempt, capture, send, lease)
         finally:
-            lease.stop()
+            if not lease.late:
+                lease.stop()
+        if capture.unanswered:  # cut off where a head alone would have been a whole response
+            with contextlib.suppress(OSError):
+                await problems.send_outcome_unknown(send, replayed=False)
 
     async def _interrupted(self, attempt: _Attempt, capture: Capture, send: Send, lease: Lease) -> None:
         """Settle a request that ended without a whole response: outcome unknown, for good
@@ -274,15 +291,15 @@ class IdempotencyMiddleware:
 
         The store call runs in its own task, shielded, so a cancelled request still settles."""
         if attempt.not_sent:
-            settling = lease.release()
+            settling: _Settling = lease.release
         else:
-            settling = lease.complete(problems.outcome_unknown_record())
+            settling = functools.partial(lease.complete, problems.outcome_unknown_record())
             _event("idempotency.outcome_unknown", "the request ended without a whole response",
                    level=logging.WARNING)
         # a cancellation goes on up (the caller asked for it); the settle runs on in its task
-        await asyncio.shield(self._in_background(settling))
-        if capture.started or capture.client_gone:
-            return
+        await asyncio.shield(self._in_background(self._settle(lease, settling)))
+        if capture.head_sent or capture.client_gone:
+            return  # too late for an answer of its own: the response is left broken off
         try:
             if attempt.not_sent:
                 await problems.send_not_sent(send)
@@ -291,7 +308,36 @@ class IdempotencyMiddleware:
         except OSError:
             pass  # the client is gone; the outcome is stored for its retry
 
-    def _in_background(self, settling: Coroutine[Any, Any, bool]) -> asyncio.Task[bool]:
+    async def _settle(self, lease: Lease, settling: _Settling) -> Settled:
+        """Settle within ``completion_timeout``; a settle the store has not answered by then (or
+        that is cancelled) goes on in the background, for ``LATE_SETTLE_S`` more."""
+        try:
+            outcome = await settling(self._completion_timeout_s)
+        except asyncio.CancelledError:
+            self._settle_late(lease, settling)
+            raise
+        if outcome == "unanswered":
+            self._settle_late(lease, settling)
+        return outcome
+
+    def _settle_late(self, lease: Lease, settling: _Settling) -> None:
+        lease.late = True  # renewals go on until the late settle ends
+
+        async def late() -> bool:
+            try:
+                outcome = await settling(LATE_SETTLE_S)
+            finally:
+                lease.stop()
+            if outcome == "unanswered":
+                _event("idempotency.settle_abandoned", f"the outcome could not be stored within "
+                       f"{LATE_SETTLE_S:g}s more; the claim lapses", level=logging.ERROR)
+            else:
+                _event("idempotency.settled_late", f"the outcome is settled late ({outcome})")
+            return outcome == "stored"
+
+        self._in_background(late())
+
+    def _in_background(self, settling: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
         """Run a settle as its own task, referenced until it ends, beyond the request's life."""
         task = asyncio.ensure_future(settling)
         self._settling.add(task)

@@ -253,7 +253,8 @@ async def test_non_owner_cannot_touch_a_done_record(store: RedisStore) -> None:
 async def test_complete_renew_on_a_missing_record_write_nothing(store: RedisStore) -> None:
     """On a record that does not exist, complete and renew answer 0 and create no key."""
     t = terms()
-    assert await store.idempotency_complete(REC, b"owner-1", StoredResponse(200, b"h", b"b"), t) is False
+    for other in (b"owner-2", b"owner-3"):
+        assert await store.idempotency_complete(REC, other, StoredResponse(200, b"h", b"b"), t) is False
     assert await store.idempotency_renew(REC, b"owner-1", t) is False
     assert await store.client.exists(store.record_key(REC)) == 0
 
@@ -268,7 +269,8 @@ async def test_release_of_a_claim_not_there_withdraws_it(store: RedisStore) -> N
     assert 59_000 < await store.client.pttl(store.record_key(REC)) <= 60_000
     with pytest.raises(StoreScriptError, match="withdrawn"):
         await store.idempotency_claim(REC, FP, b"owner-1", t)
-    assert await store.idempotency_complete(REC, b"owner-1", StoredResponse(200, b"h", b"b"), t) is False
+    for other in (b"owner-2", b"owner-3"):
+        assert await store.idempotency_complete(REC, other, StoredResponse(200, b"h", b"b"), t) is False
     assert await store.idempotency_renew(REC, b"owner-1", t) is False
     assert await record(store) == {b"st": b"x", b"o": b"owner-1"}
     assert (await store.idempotency_claim(REC, OTHER_FP, b"owner-2", t)).outcome == "new"
@@ -353,7 +355,8 @@ async def test_renewed_claim_stays_in_flight_past_several_leases(store: RedisSto
 # ---------------------------------------------------------------- lost claims
 async def test_lost_claim_unknown_mode_settles_to_unknown(store: RedisStore) -> None:
     """In unknown mode a lapsed claim becomes st=u at the next claim, remembered ttl after its lease
-    end (as if unsettled), and fences the old owner."""
+    end (as if unsettled): nobody but its holder can settle it, and the holder can no longer
+    renew or release it (its late completion: the next test)."""
     t = terms(lock_s=0.2, ttl_s=30, mode="unknown")
     await claimed(store, b"owner-1", t)
     end = await lease_end(store)
@@ -369,11 +372,39 @@ async def test_lost_claim_unknown_mode_settles_to_unknown(store: RedisStore) -> 
     await asyncio.sleep(0.03)
     for owner in (b"owner-3", b"owner-2", b"owner-1"):
         assert await store.idempotency_claim(REC, FP, owner, t) == Claim("unknown")
-    assert await store.idempotency_complete(REC, b"owner-1", StoredResponse(200, b"h", b"b"), t) is False
+    for other in (b"owner-2", b"owner-3"):
+        assert await store.idempotency_complete(REC, other, StoredResponse(200, b"h", b"b"), t) is False
     assert await store.idempotency_renew(REC, b"owner-1", t) is False
     assert await store.idempotency_release(REC, b"owner-1", TERMS) is False
     assert await record(store) == rec
     assert await pttl(store) <= ttl_before - 20  # neither the claims nor the refusals reset the TTL
+
+
+async def test_the_holders_late_outcome_replaces_outcome_unknown(store: RedisStore) -> None:
+    """A holder whose lapsed claim was settled as unknown (it was alive, only the store was not)
+    completes it late: the record is done with its response for ttl, and every claim replays it."""
+    t = terms(lock_s=0.2, ttl_s=30, mode="unknown")
+    await claimed(store, b"owner-1", t)
+    await wait_past(store, await lease_end(store))
+    assert await store.idempotency_claim(REC, FP, b"owner-2", t) == Claim("unknown")
+    real = StoredResponse(201, b"h", b"charged")
+    assert await store.idempotency_complete(REC, b"owner-1", real, t) is True
+    assert 29_000 < await pttl(store) <= 30_000
+    assert (await record(store))[b"st"] == b"d"
+    for owner in (b"owner-2", b"owner-3"):
+        assert await store.idempotency_claim(REC, FP, owner, t) == Claim("done", response=real)
+    # a resent completion is the same one; another response from another owner changes nothing
+    assert await store.idempotency_complete(REC, b"owner-1", real, t) is True
+    assert await store.idempotency_complete(REC, b"owner-2", StoredResponse(500, b"", b"x"), t) is False
+    assert await store.idempotency_claim(REC, FP, b"owner-4", t) == Claim("done", response=real)
+
+
+async def test_a_completion_on_a_gone_record_writes_nothing(store: RedisStore) -> None:
+    """A record the store lost (or that expired) is nobody's: a late completion writes nothing,
+    so no record without a fingerprint or TTL can appear."""
+    t = terms(lock_s=0.2, ttl_s=30, mode="unknown")
+    assert await store.idempotency_complete(REC, b"owner-1", StoredResponse(200, b"", b"ok"), t) is False
+    assert await store.client.exists(store.record_key(REC)) == 0
 
 
 async def test_lost_claim_retry_mode_is_taken_over(store: RedisStore) -> None:
