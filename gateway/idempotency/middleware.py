@@ -15,9 +15,10 @@ large to keep is stored as its status plus a ``response-not-stored`` problem. Wh
 is told is what its retries get: a store failure while completing is retried for up to
 ``completion_timeout`` with the response's end held back; past that the response is cut off
 and the holder goes on trying in the background (``LATE_SETTLE_S``), its late outcome
-replacing an outcome-unknown record its lapsed claim became. Only an app that says the upstream was certainly never reached
-(``mark_not_sent``) frees the key for a retry; so does a claim call that timed out (503): it may
-have been granted or still be on its way, and nothing ran under it.
+replacing an outcome-unknown record its lapsed claim became. Only an app that says the
+upstream was certainly never reached (``mark_not_sent``) frees the key for a retry; so does a
+claim call that timed out (503): it may have been granted or still be on its way, and nothing
+ran under it.
 """
 
 from __future__ import annotations
