@@ -127,9 +127,30 @@ async def retry_until_answered(c: httpx.AsyncClient, key: str) -> tuple[httpx.Re
     raise AssertionError(f"no settled answer within {SETTLE_DEADLINE_S}s: {seen}")
 
 
+async def first_try(c: httpx.AsyncClient, key: str) -> httpx.Response | httpx.TransportError:
+    """The client's first try of ``key``: its response, or the transport error that cut it off."""
+    try:
+        return await pay(c, key)
+    except httpx.TransportError as exc:
+        return exc
+
+
 def assert_replays(r: httpx.Response, body: bytes) -> None:
     assert (r.status_code, r.content) == (201, body)
     assert r.headers["idempotent-replayed"] == "true"
+
+
+def assert_first_then_replays(first: httpx.Response | httpx.TransportError, answered: httpx.Response,
+                              seen: list[str], body: bytes, *, whole: bool) -> None:
+    """The first try got the whole 201 ``body`` (``whole``), or was cut off, never a whole 201;
+    the settled retry replays ``body``, and no retry before it was run again."""
+    if whole:
+        assert isinstance(first, httpx.Response)
+        assert (first.status_code, first.content) == (201, body)
+    else:
+        assert isinstance(first, httpx.RemoteProtocolError), first  # cut off, not a whole 201
+    assert_replays(answered, body)
+    assert "201" not in seen  # no retry was ever run again
 
 
 async def restart(server: RedisProcess, after_s: float = 0.0) -> None:
@@ -180,10 +201,7 @@ async def test_store_killed_while_the_request_is_upstream(
     async with client_for(gw) as c:
         await store.open()
         try:
-            try:
-                first: httpx.Response | httpx.TransportError = await pay(c, "while-upstream")
-            except httpx.TransportError as exc:
-                first = exc
+            first = await first_try(c, "while-upstream")
             if not back_within_bound:
                 await restart(durable_redis)
             for task in restarting:
@@ -192,13 +210,7 @@ async def test_store_killed_while_the_request_is_upstream(
         finally:
             await store.close()
     assert len(app.answered) == 1
-    if back_within_bound:
-        assert isinstance(first, httpx.Response)
-        assert (first.status_code, first.content) == (201, app.answered[0])
-    else:
-        assert isinstance(first, httpx.RemoteProtocolError), first  # cut off, not a whole 201
-    assert_replays(answered, app.answered[0])
-    assert "201" not in seen  # no retry was ever run again
+    assert_first_then_replays(first, answered, seen, app.answered[0], whole=back_within_bound)
 
 
 @pytest.mark.parametrize("how", ["sigstop", "client-pause"])
@@ -231,10 +243,7 @@ async def test_store_paused_during_the_completion(
         async with client_for(gw) as c:
             await store.open()
             try:
-                try:
-                    first: httpx.Response | httpx.TransportError = await pay(c, "during-completion")
-                except httpx.TransportError as exc:
-                    first = exc
+                first = await first_try(c, "during-completion")
                 for task in resuming:
                     await task
                 answered, seen = await retry_until_answered(c, "during-completion")
@@ -244,13 +253,7 @@ async def test_store_paused_during_the_completion(
         durable_redis.resume()
         await admin.aclose()
     assert len(app.answered) == 1
-    if pause_s < COMPLETION_TIMEOUT_S:
-        assert isinstance(first, httpx.Response)
-        assert (first.status_code, first.content) == (201, app.answered[0])
-    else:
-        assert isinstance(first, httpx.RemoteProtocolError), first
-    assert_replays(answered, app.answered[0])
-    assert "201" not in seen
+    assert_first_then_replays(first, answered, seen, app.answered[0], whole=pause_s < COMPLETION_TIMEOUT_S)
 
 
 async def test_store_killed_right_after_the_completion(durable_redis: RedisProcess) -> None:
