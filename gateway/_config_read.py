@@ -18,7 +18,8 @@ _T = TypeVar("_T", bound=str)
 _MISSING: Any = object()
 
 # patterns are used with fullmatch: "$" would also accept a trailing newline
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*")
+# ASCII digits only ("\d" would take "٣s", and float() reads it), and no spaces anywhere
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2 token
 _POLICY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -123,8 +124,10 @@ class Table:
             return default
         return value
 
-    def duration(self, key: str, default: float, *, low: float = 0.0, high: float = 1e9) -> float:
-        """Seconds, from ``"250ms"``/``"2s"``/``"5m"``/``"24h"``/``"7d"`` or a number of seconds."""
+    def duration(self, key: str, default: float, *, low: float = 0.001, high: float = 1e9) -> float:
+        """Seconds, from ``"250ms"``/``"2s"``/``"5m"``/``"24h"``/``"7d"`` or a number of seconds,
+        between ``low`` (at least 1ms: a shorter timeout or expiry only defeats its purpose) and
+        ``high``. The same bounds hold for strings and numbers."""
         value = self._get(key)
         if value is _MISSING:
             return default
@@ -136,9 +139,8 @@ class Table:
         if seconds is None or math.isnan(seconds):
             self.problem(key, f'expected a duration like "2s", got {show(value)}')
             return default
-        if seconds <= 0 or seconds < low or seconds > high:
-            bound = f"at least {low:g}s" if low > 0 else "more than 0s"
-            self.problem(key, f"must be {bound} and at most {high:g}s, got {show(value)}")
+        if not low <= seconds <= high:  # also refuses zero, negatives and infinities
+            self.problem(key, f"must be at least {low:g}s and at most {high:g}s, got {show(value)}")
             return default
         return seconds
 

@@ -127,6 +127,7 @@ def _demo(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.demo import build_demo_app, curl_lines
+    from gateway.http_protocol import GatewayHttpProtocol
     from gateway.logs import install_json_logging, uvicorn_log_config
 
     try:
@@ -144,7 +145,7 @@ def _demo(args: argparse.Namespace) -> int:
     print("\nCtrl-C stops it.", flush=True)
     # proxy_headers off: the gateway, not uvicorn, decides whose X-Forwarded-For to believe
     config = uvicorn.Config(build_demo_app(), log_config=uvicorn_log_config(), log_level="warning",
-                            lifespan="on", proxy_headers=False)
+                            lifespan="on", proxy_headers=False, http=GatewayHttpProtocol)
     try:
         with _stopping_is_success():
             uvicorn.Server(config).run(sockets=[sock])

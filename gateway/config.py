@@ -25,6 +25,7 @@ __all__ = [
     "IdempotencyConfig",
     "IdentityConfig",
     "RateLimitPolicy",
+    "RequestConfig",
     "ServerConfig",
     "StoreConfig",
     "UpstreamConfig",
@@ -33,6 +34,8 @@ __all__ = [
 
 OnStoreError = Literal["allow", "deny"]
 OnLostClaim = Literal["unknown", "retry"]
+PathNormalization = Literal["normalize", "reject"]
+_PATH_NORMALIZATION: tuple[PathNormalization, ...] = ("normalize", "reject")
 _ON_STORE_ERROR: tuple[OnStoreError, ...] = ("allow", "deny")
 _ON_LOST_CLAIM: tuple[OnLostClaim, ...] = ("unknown", "retry")
 
@@ -49,11 +52,20 @@ _EXACT_LIMIT = 2**50
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServerConfig:
-    """``[server]``: where ``gateway serve`` listens."""
+    """``[server]``: where ``gateway serve`` listens, and what a connection may hold of it."""
 
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
+    header_timeout_s: float = 10.0  # from ready-for-a-request to a whole request head
+    max_connections: int = 1024  # open connections per worker process; past it 503 and close
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestConfig:
+    """``[request]``: which requests the gateway refuses before any decision is made."""
+
+    path_normalization: PathNormalization = "normalize"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -128,6 +140,7 @@ class Config:
     """The whole configuration; every section has defaults."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
+    request: RequestConfig = field(default_factory=RequestConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
@@ -184,6 +197,7 @@ def _parse(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
             overrides[section][key] = (env[var], f"{section}.{key} (from {var})")
 
     server = _server(root.sub("server"))
+    request = _request(root.sub("request"))
     upstream = _upstream(root.sub("upstream"), overrides["upstream"])
     store = _store(root.sub("store"), overrides["store"])
     identity = _identity(root.sub("identity"))
@@ -198,6 +212,7 @@ def _parse(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         raise ConfigError(reader.problems)
     return Config(
         server=server,
+        request=request,
         upstream=upstream,
         store=store,
         identity=identity,
@@ -212,6 +227,17 @@ def _server(t: Table) -> ServerConfig:
         host=t.string("host", d.host),
         port=t.integer("port", d.port, low=0, high=65535),
         workers=t.integer("workers", d.workers, low=1, high=512),
+        header_timeout_s=t.duration("header_timeout", d.header_timeout_s, low=0.1, high=600.0),
+        max_connections=t.integer("max_connections", d.max_connections, low=1, high=1_000_000),
+    )
+    t.finish()
+    return cfg
+
+
+def _request(t: Table) -> RequestConfig:
+    d = RequestConfig()
+    cfg = RequestConfig(
+        path_normalization=t.choice("path_normalization", d.path_normalization, _PATH_NORMALIZATION),
     )
     t.finish()
     return cfg
@@ -221,8 +247,8 @@ def _upstream(t: Table, overrides: dict[str, tuple[str, str]]) -> UpstreamConfig
     d = UpstreamConfig()
     cfg = UpstreamConfig(
         url=t.url("url", d.url, schemes=("http", "https"), override=overrides.get("url")),
-        connect_timeout_s=t.duration("connect_timeout", d.connect_timeout_s),
-        timeout_s=t.duration("timeout", d.timeout_s),
+        connect_timeout_s=t.duration("connect_timeout", d.connect_timeout_s, low=0.001, high=3600.0),
+        timeout_s=t.duration("timeout", d.timeout_s, low=0.001, high=3600.0),
     )
     t.finish()
     return cfg
@@ -243,7 +269,7 @@ def _store(t: Table, overrides: dict[str, tuple[str, str]]) -> StoreConfig:
         cluster=t.boolean("cluster", d.cluster),
         sentinels=sentinels,
         service_name=service_name,
-        timeout_s=t.duration("timeout", d.timeout_s, high=60.0),
+        timeout_s=t.duration("timeout", d.timeout_s, low=0.001, high=60.0),
         key_prefix=t.key_prefix("key_prefix", d.key_prefix),
         max_connections=t.integer("max_connections", d.max_connections, low=1, high=10_000),
         breaker_failures=t.integer("breaker_failures", d.breaker_failures, low=1, high=10_000),
@@ -308,7 +334,7 @@ def _idempotency(t: Table) -> IdempotencyConfig:
     cfg = IdempotencyConfig(
         header=t.header_name("header", d.header),
         methods=t.methods("methods", d.methods),
-        ttl_s=t.duration("ttl", d.ttl_s),
+        ttl_s=t.duration("ttl", d.ttl_s, low=1.0),  # a record gone sooner cannot dedupe a retry
         lock_ttl_s=t.duration("lock_ttl", d.lock_ttl_s, low=0.1),  # renewed every third of it
         on_lost_claim=t.choice("on_lost_claim", d.on_lost_claim, _ON_LOST_CLAIM),
         completion_timeout_s=t.duration("completion_timeout", d.completion_timeout_s, low=0.1, high=600.0),

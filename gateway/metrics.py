@@ -26,6 +26,7 @@ __all__ = [
     "CONTENT_TYPE",
     "IDEMPOTENCY_OUTCOMES",
     "RATELIMIT_DECISIONS",
+    "REFUSAL_REASONS",
     "STORE_ERROR_KINDS",
     "STORE_OPERATIONS",
     "UPSTREAM_ERRORS",
@@ -47,6 +48,8 @@ STORE_OPERATIONS = (
     "ping",
 )
 UPSTREAM_ERRORS = ("unreachable", "timeout", "broken")
+#: why a request was refused before any decision (gateway/request_check.py)
+REFUSAL_REASONS = ("http_version", "host", "duplicate_header", "expect", "path")
 #: timeout, no or broken connection, an error reply, refused by the open breaker without a call
 STORE_ERROR_KINDS = ("timeout", "unavailable", "script", "circuit_open")
 
@@ -116,7 +119,14 @@ class Metrics:
             "Times the store circuit breaker opened (a failed half-open probe opens it again).",
             registry=reg,
         )
+        refused = Counter(
+            "gateway_requests_refused",
+            "Requests refused before any decision, as ambiguous: http_version, host, "
+            "duplicate_header, expect, path.",
+            ["reason"], registry=reg,
+        )
         self.breaker_changed("closed")
+        self.refused = {r: refused.labels(reason=r) for r in REFUSAL_REASONS}
         self.outcome = {o: outcomes.labels(outcome=o) for o in IDEMPOTENCY_OUTCOMES}
         self.store_error = {(op, kind): store_errors.labels(operation=op, kind=kind)
                             for op in STORE_OPERATIONS for kind in STORE_ERROR_KINDS}

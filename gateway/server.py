@@ -8,11 +8,13 @@ shares limits and idempotency records with the others through the store.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError
+from gateway.http_protocol import GatewayHttpProtocol
 from gateway.metrics import Metrics
 from gateway.proxy import ProxyApp
 from gateway.stack import SHUTDOWN_DRAIN_S, GatewayMiddleware
@@ -48,6 +50,9 @@ def uvicorn_options(config: Config) -> dict[str, Any]:
       ``X-Forwarded-For`` whenever the peer is 127.0.0.1; the gateway believes that header only
       from ``identity.trusted_proxies`` and does the walk itself.
     * no ``server``/``date`` headers of uvicorn's own: the upstream's pass through.
+    * the connection is ``GatewayHttpProtocol`` (``gateway/http_protocol.py``): trailers never
+      become headers, a request head has ``server.header_timeout`` to arrive, and a worker holds
+      at most ``server.max_connections`` connections.
     * uvicorn's own log lines are JSON on stderr like the gateway's.
     * a graceful shutdown bounded by the upstream timeout plus the time settles may still take:
       in-flight requests finish and their idempotency records are stored before the store closes.
@@ -57,7 +62,8 @@ def uvicorn_options(config: Config) -> dict[str, Any]:
     return {
         "log_config": uvicorn_log_config(),
         "loop": "uvloop" if _has("uvloop") else "asyncio",
-        "http": "httptools" if _has("httptools") else "h11",
+        "http": functools.partial(GatewayHttpProtocol, header_timeout_s=config.server.header_timeout_s,
+                                  max_connections=config.server.max_connections),
         "lifespan": "on",
         "log_level": "warning",
         "access_log": False,

@@ -1,7 +1,8 @@
 """GatewayMiddleware: the whole stack built from one config, sharing one store and one metrics.
 
-Order of a request (DESIGN.md "One request, in order"): request id, then ``/_gateway/*`` and the
-counts and timings (``ops.py``), then rate limit, then the Idempotency-Key gate, then the app: a
+Order of a request (DESIGN.md "One request, in order"): request id, then the refusal of ambiguous
+requests and the normal path (``request_check.py``), then ``/_gateway/*`` and the counts and timings
+(``ops.py``), then rate limit, then the Idempotency-Key gate, then the app: a
 denied request is never claimed, and a replay still counts against the client's rate limit and
 carries its current RateLimit fields. Lifespan opens the store at startup (and, once the app has
 started, freezes the heap built so far out of the garbage collector's scans); at shutdown,
@@ -23,6 +24,7 @@ from gateway.lifespan import run_lifespan
 from gateway.metrics import Metrics
 from gateway.ops import OpsMiddleware, UpstreamTimer
 from gateway.ratelimit import RateLimitMiddleware
+from gateway.request_check import RequestCheckMiddleware
 from gateway.requestid import RequestIdMiddleware
 from gateway.store import Store, store_from_config
 
@@ -77,7 +79,8 @@ class GatewayMiddleware:
             )
         self.app = app
         ops = OpsMiddleware(inner, store=self.store, metrics=self.metrics)
-        self._chain: ASGIApp = RequestIdMiddleware(ops)
+        checked = RequestCheckMiddleware(ops, self.config, metrics=self.metrics)
+        self._chain: ASGIApp = RequestIdMiddleware(checked)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan" and self._owns_store:

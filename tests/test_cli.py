@@ -207,6 +207,13 @@ class TestCheckInProcess:
         assert line.startswith(f"{path}: ")
         assert "Traceback" not in captured.err
 
+    def test_duration_under_its_bound(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A ttl too short to dedupe a retry fails the check: exit 2, one line naming the key."""
+        path = write(tmp_path, "short-ttl.toml", '[idempotency]\nttl = "0.0000001ms"\n')
+        assert main(["check", str(path)]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line == 'idempotency.ttl: must be at least 1s and at most 1e+09s, got "0.0000001ms"'
+
     def test_bad_env_override(
         self, valid_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -7,6 +7,7 @@ problem naming the key"). Every call passes ``env=`` so the real environment nev
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 from pathlib import Path
@@ -305,11 +306,29 @@ DURATION_FIELDS = [
     ("upstream", "connect_timeout", "connect_timeout_s"),
     ("upstream", "timeout", "timeout_s"),
     ("store", "timeout", "timeout_s"),
+    ("store", "breaker_cooldown", "breaker_cooldown_s"),
     ("idempotency", "ttl", "ttl_s"),
     ("idempotency", "lock_ttl", "lock_ttl_s"),
+    ("idempotency", "completion_timeout", "completion_timeout_s"),
 ]
 
-BAD_DURATIONS = ["fast", "", "-1s", "0s", 0, True, "1 week", "2", "1e3s", [1], -5]
+# (section, key, attribute, lowest value in seconds, the same as written): every duration's
+# lower bound; one just under it is refused, as a string or as a number of seconds
+LOWER_BOUNDS = [
+    ("upstream", "connect_timeout", "connect_timeout_s", 0.001, "1ms"),
+    ("upstream", "timeout", "timeout_s", 0.001, "1ms"),
+    ("store", "timeout", "timeout_s", 0.001, "1ms"),
+    ("store", "breaker_cooldown", "breaker_cooldown_s", 0.001, "1ms"),
+    ("idempotency", "ttl", "ttl_s", 1.0, "1s"),
+    ("idempotency", "lock_ttl", "lock_ttl_s", 0.1, "100ms"),
+    ("idempotency", "completion_timeout", "completion_timeout_s", 0.1, "100ms"),
+]
+
+# spaces anywhere and digits other than ASCII 0-9 (Arabic-Indic, fullwidth, mathematical bold)
+UNSPACED_ASCII_ONLY = [" 5m", "5m ", "5 m", "\t5m", "5m\n", "5\u00a0m", "1.5 s", "\u0663s", "\uff15s",
+                       "\U0001d7d3s", "1.\u0665s"]
+
+BAD_DURATIONS = ["fast", "", "-1s", "0s", 0, True, "1 week", "2", "1e3s", [1], -5, *UNSPACED_ASCII_ONLY]
 
 
 class TestDurations:
@@ -321,10 +340,11 @@ class TestDurations:
         ],
     )
     def test_seconds_fields(self, text: Any, seconds: float) -> None:
-        """Duration strings and plain numbers of seconds normalise to float seconds."""
-        ttl = load({"idempotency": {"ttl": text}}).idempotency.ttl_s
-        assert isinstance(ttl, float)
-        assert math.isclose(ttl, seconds)
+        """Duration strings and plain numbers of seconds normalise to float seconds (on
+        lock_ttl, which takes 100ms to years)."""
+        lock_ttl = load({"idempotency": {"lock_ttl": text}}).idempotency.lock_ttl_s
+        assert isinstance(lock_ttl, float)
+        assert math.isclose(lock_ttl, seconds)
 
     @pytest.mark.parametrize(
         ("text", "ms"),
@@ -341,9 +361,9 @@ class TestDurations:
 
     @pytest.mark.parametrize(("section", "key", "attr"), DURATION_FIELDS)
     def test_every_duration_field_takes_units(self, section: str, key: str, attr: str) -> None:
-        """Every duration key accepts "250ms" and a plain 0.5 and stores seconds."""
-        assert getattr(getattr(load({section: {key: "250ms"}}), section), attr) == 0.25
-        assert getattr(getattr(load({section: {key: 0.5}}), section), attr) == 0.5
+        """Every duration key accepts "1500ms" and a plain 2.5 and stores seconds."""
+        assert getattr(getattr(load({section: {key: "1500ms"}}), section), attr) == 1.5
+        assert getattr(getattr(load({section: {key: 2.5}}), section), attr) == 2.5
 
     @pytest.mark.parametrize("bad", BAD_DURATIONS, ids=repr)
     def test_bad_period_names_the_key(self, bad: Any) -> None:
@@ -394,15 +414,84 @@ class TestDurations:
         unit=st.sampled_from(sorted(UNIT_S)),
     )
     def test_property_number_times_unit(self, whole: int, fraction: str | None, unit: str) -> None:
-        """Any "<number><unit>" parses to number * unit seconds when positive and in range."""
+        """Any "<number><unit>" parses to number * unit seconds when in range (ttl: 1s to 1e9s)."""
         number = f"{whole}" if fraction is None else f"{whole}.{fraction}"
         expected = float(number) * UNIT_S[unit]
         data = {"idempotency": {"ttl": f"{number}{unit}"}}
-        if 0 < expected <= 1e9:
+        if 1 <= expected <= 1e9:
             assert math.isclose(load(data).idempotency.ttl_s, expected, rel_tol=1e-12)
         else:
             line = only_problem(data)
             assert line.startswith("idempotency.ttl: ")
+
+
+class TestDurationBounds:
+    """Every duration has a lower bound (1ms at the least), for strings and numbers alike:
+    a shorter timeout fails every call, a shorter ttl cannot dedupe a retry."""
+
+    def test_issue_values_are_refused_naming_key_and_bound(self) -> None:
+        """A ttl or store.timeout of "0.0000001ms" is one line naming the key and its range."""
+        assert only_problem({"idempotency": {"ttl": "0.0000001ms"}}) == (
+            'idempotency.ttl: must be at least 1s and at most 1e+09s, got "0.0000001ms"'
+        )
+        assert only_problem({"store": {"timeout": "0.0000001ms"}}) == (
+            'store.timeout: must be at least 0.001s and at most 60s, got "0.0000001ms"'
+        )
+
+    @pytest.mark.parametrize(("section", "key", "attr", "low", "text"), LOWER_BOUNDS)
+    def test_lowest_value_accepted(self, section: str, key: str, attr: str, low: float, text: str) -> None:
+        """The bound itself is accepted, written with a unit or as a number of seconds."""
+        assert getattr(getattr(load({section: {key: text}}), section), attr) == low
+        assert getattr(getattr(load({section: {key: low}}), section), attr) == low
+
+    @pytest.mark.parametrize("under", ["string", "number", "tiny"])
+    @pytest.mark.parametrize(("section", "key", "attr", "low", "text"), LOWER_BOUNDS)
+    def test_under_the_lowest_value_refused(
+        self, section: str, key: str, attr: str, low: float, text: str, under: str
+    ) -> None:
+        """Just under the bound (as "<ms>ms" or seconds) or far under it is refused, naming
+        the key and the bound."""
+        value: Any = {"string": f"{low * 999:g}ms", "number": low * 0.999, "tiny": 1e-10}[under]
+        line = only_problem({section: {key: value}})
+        assert line.startswith(f"{section}.{key}: must be at least {low:g}s and at most ")
+
+    @pytest.mark.parametrize("value", ["0.9ms", "0.0000001ms", 0.0009, 1e-7, "0.00001s"], ids=repr)
+    def test_period_under_one_millisecond_refused(self, value: Any) -> None:
+        """A policy's period below 1ms is refused with its bound, however it is written."""
+        assert only_problem(policy(period=value)).startswith(
+            "rate_limit[0].period: must be at least 0.001s and at most "
+        )
+
+    @pytest.mark.parametrize(("section", "key", "attr"), [*DURATION_FIELDS, ("rate_limit", "period", "")])
+    @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=repr)
+    def test_non_finite_refused_in_every_field(self, section: str, key: str, attr: str, bad: float) -> None:
+        """NaN and infinities are refused in every duration key, naming it."""
+        data = policy(period=bad) if section == "rate_limit" else {section: {key: bad}}
+        name = "rate_limit[0].period" if section == "rate_limit" else f"{section}.{key}"
+        assert only_problem(data).startswith(f"{name}: ")
+
+    @pytest.mark.parametrize("bad", UNSPACED_ASCII_ONLY, ids=repr)
+    def test_spaces_and_non_ascii_digits_are_not_durations(self, bad: str) -> None:
+        """A duration with a space anywhere or a non-ASCII digit is not a duration."""
+        assert only_problem({"idempotency": {"ttl": bad}}) == (
+            f'idempotency.ttl: expected a duration like "2s", got {json.dumps(bad)}'
+        )
+
+    @pytest.mark.parametrize("key", ["connect_timeout", "timeout"])
+    def test_upstream_timeouts_at_most_an_hour(self, key: str) -> None:
+        """upstream.connect_timeout and upstream.timeout take up to 1h, not more."""
+        assert getattr(load({"upstream": {key: "1h"}}).upstream, f"{key}_s") == 3600.0
+        assert getattr(load({"upstream": {key: 3600}}).upstream, f"{key}_s") == 3600.0
+        for bad in ("61m", 3601):
+            assert only_problem({"upstream": {key: bad}}) == (
+                f"upstream.{key}: must be at least 0.001s and at most 3600s, got {json.dumps(bad)}"
+            )
+
+    def test_ttl_may_be_shorter_than_lock_ttl(self) -> None:
+        """ttl counts from the completion (a claimed record lives lock_ttl + ttl), so a 1s ttl
+        stands with the default 60s lock_ttl."""
+        i = load({"idempotency": {"ttl": "1s"}}).idempotency
+        assert (i.ttl_s, i.lock_ttl_s) == (1.0, 60.0)
 
 
 # ------------------------------------------------------------------------------------ window_s
@@ -793,12 +882,36 @@ class TestServer:
             ("host", ""), ("host", "  "), ("host", 5),
             ("port", 65536), ("port", -1), ("port", "8080"), ("port", 80.0), ("port", True),
             ("workers", 0), ("workers", 513), ("workers", 1.5),
+            ("header_timeout", "50ms"), ("header_timeout", "11m"), ("header_timeout", "1 s"),
+            ("max_connections", 0), ("max_connections", 1_000_001), ("max_connections", "10"),
         ],
         ids=repr,
     )
     def test_bad_values(self, key: str, bad: Any) -> None:
         """Out-of-range or mistyped server values are rejected, naming the key."""
         assert only_problem({"server": {key: bad}}).startswith(f"server.{key}: ")
+
+    def test_connection_bounds(self) -> None:
+        """A request head has 10 s by default and a worker 1024 connections; both can be set."""
+        assert (ServerConfig().header_timeout_s, ServerConfig().max_connections) == (10.0, 1024)
+        s = load({"server": {"header_timeout": "100ms", "max_connections": 1}}).server
+        assert (s.header_timeout_s, s.max_connections) == (0.1, 1)
+        s = load({"server": {"header_timeout": "10m", "max_connections": 1_000_000}}).server
+        assert (s.header_timeout_s, s.max_connections) == (600.0, 1_000_000)
+
+
+class TestRequest:
+    def test_paths_are_normalised_by_default(self) -> None:
+        assert load({}).request.path_normalization == "normalize"
+        assert load({"request": {"path_normalization": "reject"}}).request.path_normalization == "reject"
+
+    @pytest.mark.parametrize("bad", ["off", "", 1, "Reject"])
+    def test_other_rules_are_refused(self, bad: Any) -> None:
+        problem = only_problem({"request": {"path_normalization": bad}})
+        assert problem.startswith("request.path_normalization: ")
+
+    def test_unknown_keys_are_refused(self) -> None:
+        assert only_problem({"request": {"normalize": True}}).startswith("request.normalize")
 
 
 # ------------------------------------------------------------------------------------ idempotency

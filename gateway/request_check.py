@@ -1,0 +1,122 @@
+"""Refuse what two readers could read two ways, and give every later layer one request to decide on.
+
+``RequestCheckMiddleware`` runs right inside the request id layer, before ``/_gateway/*``, the
+rate limit and the Idempotency-Key gate, so each of them and the upstream see the same request:
+
+* an HTTP version other than 1.0, 1.1 or 2 (an HTTP/0.9-style request line): ``400``;
+* HTTP/1.1 without ``Host``, more than one ``Host`` line, or a ``Host`` that is no
+  ``host[:port]``: ``400`` (RFC 9112 §3.2);
+* more than one line of a header the gateway decides on (``Host``, the Idempotency-Key header,
+  every ``header:NAME`` of ``identity.sources`` and of the policies' ``key``): ``400``, since
+  the gateway would read one and the upstream might read another;
+* ``Expect`` with anything but ``100-continue``: ``417`` (RFC 9110 §10.1.1);
+* the path (``gateway/_paths.py``): with ``request.path_normalization = "normalize"`` (the
+  default) a target that is not in normal form is rewritten to it, and the rewritten target is
+  what every later layer matches and what the upstream receives; with ``"reject"`` it is a
+  ``400``. A target with no one meaning (a ``\\``, raw or encoded; an encoded NUL; a malformed
+  escape) is a ``400`` either way.
+
+Each refusal is problem+json, closes the connection (the rest of the request may not be framed
+the way the gateway read it) and is counted in ``gateway_requests_refused{reason}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from urllib.parse import unquote
+
+from gateway._asgi import ASGIApp, Receive, Scope, Send
+from gateway._paths import normal_target
+from gateway.config import Config
+from gateway.metrics import Metrics
+from gateway.problem import problem_type, send_problem
+from gateway.requestid import current_request_id
+
+__all__ = ["RequestCheckMiddleware", "decided_headers"]
+
+_HOST = b"host"
+_EXPECT = b"expect"
+_CONTINUE = b"100-continue"
+_VERSIONS = frozenset({"1.0", "1.1", "2"})
+# RFC 3986 host (reg-name or IP literal) with an optional port
+_HOST_VALUE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
+_CLOSE = ((b"connection", b"close"),)
+_log = logging.getLogger(__name__)
+
+
+def decided_headers(config: Config) -> frozenset[bytes]:
+    """The lowercase names of the headers a decision reads, each allowed one line."""
+    names = {_HOST, config.idempotency.header.lower().encode("latin-1")}
+    keys: Iterable[str] = (*config.identity.sources, *(p.key for p in config.rate_limits))
+    names |= {k[len("header:"):].strip().lower().encode("latin-1") for k in keys if k.startswith("header:")}
+    return frozenset(names)
+
+
+class RequestCheckMiddleware:
+    """Pure ASGI: refuses ambiguous requests; normalises (or refuses) the path."""
+
+    def __init__(self, app: ASGIApp, config: Config, *, metrics: Metrics) -> None:
+        self.app = app
+        self._single = decided_headers(config)
+        self._reject_non_normal = config.request.path_normalization == "reject"
+        self._refused = metrics.refused
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            reason, status, detail = refusal
+            name = "expectation-failed" if status == 417 else "ambiguous-request"
+            await self._refuse(send, reason, status, name, detail)
+            return
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("latin-1")
+        target = normal_target(raw_path)
+        if target is None:
+            await self._refuse(send, "path", 400, "ambiguous-path",
+                               "the path holds a '\\' (raw or encoded), an encoded NUL or a malformed "
+                               "escape: servers disagree on what it names")
+            return
+        if target is not raw_path:
+            if self._reject_non_normal:
+                await self._refuse(send, "path", 400, "non-normal-path",
+                                   f"the path is not in normal form; send {target.decode('latin-1')}")
+                return
+            scope = {**scope, "raw_path": target, "path": unquote(target.decode("latin-1"))}
+        await self.app(scope, receive, send)
+
+    async def _refuse(self, send: Send, reason: str, status: int, name: str, detail: str) -> None:
+        self._refused[reason].inc()
+        _log.info("request refused: %s", detail,
+                  extra={"event": "request.refused", "reason": reason, "request_id": current_request_id()})
+        title = "Expectation Failed" if status == 417 else "Bad Request"
+        await send_problem(send, status=status, type_=problem_type(name), title=title, detail=detail,
+                           headers=_CLOSE)
+
+    def _refusal(self, scope: Scope) -> tuple[str, int, str] | None:
+        """(reason, status, detail) when the request is ambiguous, else None."""
+        version = scope.get("http_version", "1.1")
+        if version not in _VERSIONS:
+            return "http_version", 400, f"HTTP/{version} is not served; send HTTP/1.1"
+        single = self._single
+        seen: set[bytes] = set()
+        host: bytes | None = None
+        for name, value in scope["headers"]:
+            if name in single:
+                if name in seen:
+                    reason = "host" if name == _HOST else "duplicate_header"
+                    return reason, 400, f"more than one {name.decode('latin-1')} header line"
+                seen.add(name)
+                if name == _HOST:
+                    host = value
+            elif name == _EXPECT and value.lower() != _CONTINUE:
+                return "expect", 417, "only Expect: 100-continue is supported"
+        if host is None:
+            if version == "1.1":
+                return "host", 400, "an HTTP/1.1 request needs a Host header"
+        elif not _HOST_VALUE.fullmatch(host):
+            return "host", 400, "the Host header is not host[:port]"
+        return None
