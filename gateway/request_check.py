@@ -3,7 +3,7 @@
 ``RequestCheckMiddleware`` runs right inside the request id layer, before ``/_gateway/*``, the
 rate limit and the Idempotency-Key gate, so each of them and the upstream see the same request:
 
-* an HTTP version other than 1.0, 1.1 or 2 (an HTTP/0.9-style request line): ``400``;
+* an HTTP version other than 1.0, 1.1, 2 or 3 (an HTTP/0.9-style request line): ``400``;
 * HTTP/1.1 without ``Host``, more than one ``Host`` line, or a ``Host`` that is no
   ``host[:port]``: ``400`` (RFC 9112 §3.2);
 * more than one line of a header the gateway decides on (``Host``, the Idempotency-Key header,
@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from gateway._asgi import ASGIApp, Receive, Scope, Send
 from gateway._paths import normal_target
@@ -39,7 +39,7 @@ __all__ = ["RequestCheckMiddleware", "decided_headers"]
 _HOST = b"host"
 _EXPECT = b"expect"
 _CONTINUE = b"100-continue"
-_VERSIONS = frozenset({"1.0", "1.1", "2"})
+_VERSIONS = frozenset({"1.0", "1.1", "2", "3"})
 # RFC 3986 host (reg-name or IP literal) with an optional port
 _HOST_VALUE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
 _CLOSE = ((b"connection", b"close"),)
@@ -73,7 +73,8 @@ class RequestCheckMiddleware:
             name = "expectation-failed" if status == 417 else "ambiguous-request"
             await self._refuse(send, reason, status, name, detail)
             return
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("latin-1")
+        # a server that gives no raw_path: the path as it would be sent (the proxy does the same)
+        raw_path: bytes = scope.get("raw_path") or quote(scope["path"]).encode("ascii")
         target = normal_target(raw_path)
         if target is None:
             await self._refuse(send, "path", 400, "ambiguous-path",

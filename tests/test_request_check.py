@@ -208,3 +208,24 @@ def test_path_normalization_is_one_of_two_rules() -> None:
     with pytest.raises(ConfigError) as err:
         load_config({"request": {"path_normalization": "off"}})
     assert "request.path_normalization" in str(err.value)
+
+
+async def test_a_server_that_gives_no_raw_path_is_served_from_the_path() -> None:
+    """Some ASGI servers leave raw_path out: the decoded path (any characters) still works."""
+    app = CountingApp()
+    gw = _gateway(app)
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    for path, seen in (("/echo/€uro", "/echo/€uro"), ("/x/../echo", "/echo")):
+        sent.clear()
+        scope = {"type": "http", "http_version": "1.1", "method": "GET", "path": path, "query_string": b"",
+                 "headers": [(b"host", b"gw")], "client": ("127.0.0.1", 1), "scheme": "http", "root_path": ""}
+        await gw(scope, receive, send)
+        assert sent[0]["status"] == 200
+        assert app.scopes[-1]["path"] == seen
