@@ -1,7 +1,9 @@
 """One JSON object per line for the gateway's log records; installed by the CLI only.
 
 The library logs through ``logging.getLogger("gateway.<module>")`` with structured ``extra``
-fields (``event``, ``request_id``, ...) and never configures logging itself (DESIGN.md).
+fields (``event``, ``request_id``, ...) and never configures logging itself (DESIGN.md). A
+record without a ``request_id`` gets the id of the request being handled here, so layers that
+know nothing of HTTP (the store) still log under it without importing the request id.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import logging
 import sys
 import time
 from typing import Any
+
+from gateway.requestid import current_request_id
 
 __all__ = ["JsonFormatter", "install_json_logging", "uvicorn_log_config"]
 
@@ -32,6 +36,10 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 out[key] = value
+        if "request_id" not in out:
+            rid = current_request_id()
+            if rid is not None:
+                out["request_id"] = rid
         if record.exc_info and record.exc_info[0] is not None:
             out["error_type"] = record.exc_info[0].__name__
         return json.dumps(out, default=str, separators=(",", ":"))

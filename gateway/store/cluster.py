@@ -30,7 +30,6 @@ from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 
 from gateway.errors import StoreError
-from gateway.requestid import current_request_id
 from gateway.store.base import BucketState, Claim, LeaseTerms, RateDecision, StoredResponse, TakePlan
 from gateway.store.breaker import CircuitBreaker
 from gateway.store.layout import claim_from_reply, decision_from_reply
@@ -156,7 +155,7 @@ class ClusterStore(ScriptStoreBase):
         for group, result in zip(taken, results, strict=True):
             if isinstance(result, StoreError):
                 _log.warning("rate limit refund failed; those tokens return by refill", extra={
-                    "event": "ratelimit.refund_failed", "request_id": current_request_id(),
+                    "event": "ratelimit.refund_failed",
                     "policies": [plan.specs[i].name for i in group], "error": str(result)})
             elif isinstance(result, BaseException):
                 raise result
