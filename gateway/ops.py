@@ -2,7 +2,8 @@
 
 ``OpsMiddleware`` sits right inside the request id layer (DESIGN.md "One request, in order",
 step 3): ``/_gateway/*`` is answered here, never rate-limited and never forwarded; every other
-HTTP request is counted by status and timed. ``UpstreamTimer`` wraps the innermost app (the
+HTTP request is counted by status and timed (in ``GatewayMiddleware`` by the entry layer's one
+send wrapper, ``entry.py``; here only when used without it). ``UpstreamTimer`` wraps the innermost app (the
 wrapped ASGI app, or the proxy) and notes when the request reached it: the upstream latency runs
 from there to the response start, and the gateway's own share is the time before it (all of it
 when the gateway answers itself: a 429, a replay). One send wrapper does all the counting.
@@ -20,6 +21,7 @@ import asyncio
 import time
 
 from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
+from gateway.context import CONTEXT_SCOPE_KEY, context_of
 from gateway.errors import StoreError
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.problem import STORE_UNAVAILABLE, problem_type, send_problem
@@ -58,8 +60,14 @@ class OpsMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
+        ctx = context_of(scope)
         if path.startswith(OPS_PREFIX) and (len(path) == len(OPS_PREFIX) or path[len(OPS_PREFIX)] == "/"):
+            if ctx is not None:
+                ctx.counted = False
             await self._answer(scope, send)
+            return
+        if ctx is not None:  # the stack's entry layer counts and times it, in its one send wrapper
+            await self.app(scope, receive, send)
             return
         timing = scope[TIMING_SCOPE_KEY] = Timing()
         start = time.perf_counter()
@@ -136,7 +144,8 @@ class UpstreamTimer:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        timing = scope.get(TIMING_SCOPE_KEY) if scope["type"] == "http" else None
-        if timing is not None:
-            timing.app_start = time.perf_counter()
+        if scope["type"] == "http":
+            timing = scope.get(CONTEXT_SCOPE_KEY) or scope.get(TIMING_SCOPE_KEY)
+            if timing is not None:
+                timing.app_start = time.perf_counter()
         await self.app(scope, receive, send)

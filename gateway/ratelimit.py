@@ -27,6 +27,7 @@ from gateway._asgi import ASGIApp, Headers, Message, Receive, Scope, Send
 from gateway._paths import PathPrefixes
 from gateway._settings import StoreSetting, resolve
 from gateway.config import IdentityConfig, RateLimitPolicy
+from gateway.context import context_of
 from gateway.denials import LocalDenials
 from gateway.errors import StoreError
 from gateway.identity import IdentityResolver
@@ -114,6 +115,8 @@ class RateLimitMiddleware:
         store: a store URL, a ``[store]`` dict or ``StoreConfig`` (the middleware then owns the
             store and opens/closes it with the lifespan), or a ``Store`` shared with others.
         metrics: where decisions are counted (``GatewayMiddleware`` passes its own); none when None.
+        identity_resolver: the resolver to take identity tags from; ``GatewayMiddleware`` passes
+            the one its layers share, so the request context resolves them once per request.
     """
 
     def __init__(
@@ -124,6 +127,7 @@ class RateLimitMiddleware:
         identity: Mapping[str, Any] | IdentityConfig | None = None,
         store: StoreSetting = None,
         metrics: Metrics | None = None,
+        identity_resolver: IdentityResolver | None = None,
     ) -> None:
         config, self._store, self._owns_store = resolve(
             rate_limit=rate_limit, identity=identity, store=store
@@ -131,7 +135,8 @@ class RateLimitMiddleware:
         self.app = app
         self._metrics = metrics
         self._policies = tuple(_Policy(p) for p in config.rate_limits)
-        self._resolver = IdentityResolver(config.identity, (p.key for p in config.rate_limits))
+        self._resolver = identity_resolver or IdentityResolver(config.identity,
+                                                               (p.key for p in config.rate_limits))
         self._plans: dict[tuple[int, ...], _Plan] = {}
         self._everywhere = all(p.paths.everything and not p.methods for p in self._policies)
         self._all = self._plan(tuple(range(len(self._policies)))) if self._policies else None
@@ -165,7 +170,11 @@ class RateLimitMiddleware:
         if plan is None:
             await self.app(scope, receive, send)
             return
-        tags = self._resolver.tags(scope, plan.distinct_keys)
+        ctx = context_of(scope)
+        if ctx is not None:
+            tags = ctx.tags(self._resolver, scope)
+        else:
+            tags = self._resolver.tags(scope, plan.distinct_keys)
         values = [tags[k] for k in plan.keys]
         sent_at = monotonic()
         if self._denials:  # a client the store denied is answered here until it could pass
@@ -188,6 +197,10 @@ class RateLimitMiddleware:
         ]
         for counter in plan.allowed:
             counter.inc()
+        if ctx is not None:  # the stack's entry layer adds them at the response start
+            ctx.response_headers += fields
+            await self.app(scope, receive, send)
+            return
 
         async def send_with_fields(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -7,12 +7,14 @@ character outside ``A-Z a-z 0-9 . _ ~ : / + = @ -``) is replaced, which keeps lo
 
 from __future__ import annotations
 
-from contextvars import ContextVar
+from collections.abc import Iterable
+from contextvars import ContextVar, Token
 from random import getrandbits
 
 from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["RequestIdMiddleware", "current_request_id", "new_request_id", "valid_request_id"]
+__all__ = ["RequestIdMiddleware", "bind_request_id", "current_request_id", "new_request_id",
+           "take_request_id", "unbind_request_id", "valid_request_id", "with_request_id"]
 
 HEADER = b"x-request-id"
 _MAX_LEN = 128
@@ -23,6 +25,16 @@ _request_id: ContextVar[str | None] = ContextVar("gateway_request_id", default=N
 def current_request_id() -> str | None:
     """The id of the request being handled, when ``RequestIdMiddleware`` is in the stack."""
     return _request_id.get()
+
+
+def bind_request_id(rid: str) -> Token[str | None]:
+    """Make ``rid`` the current request's id (for log lines and problems) until the token is reset."""
+    return _request_id.set(rid)
+
+
+def unbind_request_id(token: Token[str | None]) -> None:
+    """Back to the id that was current before ``bind_request_id``."""
+    _request_id.reset(token)
 
 
 def new_request_id() -> str:
@@ -37,6 +49,31 @@ def valid_request_id(value: bytes) -> bool:
     return 0 < len(value) <= _MAX_LEN and not value.translate(None, _ALLOWED)
 
 
+def take_request_id(scope: Scope) -> tuple[bytes, Scope]:
+    """The request's id (its own when well formed, else a new one) and the scope to pass on:
+    downstream sees exactly one, well-formed ``X-Request-Id`` line (the first line decides)."""
+    given = None
+    lines = 0
+    for name, value in scope["headers"]:
+        if name == HEADER:
+            lines += 1
+            if given is None:
+                given = value
+    rid = given if given is not None and valid_request_id(given) else new_request_id().encode()
+    if rid is not given or lines > 1:
+        headers = [h for h in scope["headers"] if h[0] != HEADER]
+        headers.append((HEADER, rid))
+        scope = {**scope, "headers": headers}
+    return rid, scope
+
+
+def with_request_id(headers: Iterable[tuple[bytes, bytes]], rid: bytes) -> list[tuple[bytes, bytes]]:
+    """Response headers with exactly one ``X-Request-Id``: ``rid`` (an app's own is replaced)."""
+    out = [h for h in headers if h[0].lower() != HEADER]
+    out.append((HEADER, rid))
+    return out
+
+
 class RequestIdMiddleware:
     """Pure ASGI: every HTTP response carries ``X-Request-Id``, the same one sent downstream."""
 
@@ -47,29 +84,15 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = None
-        lines = 0
-        for name, value in scope["headers"]:
-            if name == HEADER:
-                lines += 1
-                if given is None:
-                    given = value
-        # the first line decides; downstream sees exactly one, well-formed line
-        rid = given if given is not None and valid_request_id(given) else new_request_id().encode()
-        if rid is not given or lines > 1:
-            headers = [h for h in scope["headers"] if h[0] != HEADER]
-            headers.append((HEADER, rid))
-            scope = {**scope, "headers": headers}
+        rid, scope = take_request_id(scope)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = [h for h in message.get("headers", ()) if h[0].lower() != HEADER]
-                headers.append((HEADER, rid))
-                message["headers"] = headers
+                message["headers"] = with_request_id(message.get("headers", ()), rid)
             await send(message)
 
-        token = _request_id.set(rid.decode())
+        token = bind_request_id(rid.decode())
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            _request_id.reset(token)
+            unbind_request_id(token)

@@ -1,13 +1,15 @@
 """GatewayMiddleware: the whole stack built from one config, sharing one store and one metrics.
 
-Order of a request (DESIGN.md "One request, in order"): request id, then the refusal of ambiguous
-requests and the normal path (``request_check.py``), then ``/_gateway/*`` and the counts and timings
-(``ops.py``), then rate limit, then the Idempotency-Key gate, then the app: a
+Order of a request (DESIGN.md "One request, in order"): the entry (``entry.py``: the request id,
+the request's context, and the one send wrapper that decorates and counts every response), then
+the refusal of ambiguous requests and the normal path (``request_check.py``), then
+``/_gateway/*`` (``ops.py``), then rate limit, then the Idempotency-Key gate, then the app: a
 denied request is never claimed, and a replay still counts against the client's rate limit and
-carries its current RateLimit fields. Lifespan opens the store at startup (and, once the app has
+carries its current RateLimit fields. The layers share one identity resolver, so the context
+resolves a request's tags once. Lifespan opens the store at startup (and, once the app has
 started, freezes the heap built so far out of the garbage collector's scans); at shutdown,
-settles that outlived their requests finish before the store closes. Other non-HTTP scopes pass through
-untouched.
+settles that outlived their requests finish before the store closes. Other non-HTTP scopes
+pass through untouched.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from typing import Any
 
 from gateway._asgi import ASGIApp, Receive, Scope, Send
 from gateway.config import Config, load_config
+from gateway.entry import StackEntry
 from gateway.idempotency import IdempotencyMiddleware
+from gateway.identity import IdentityResolver
 from gateway.lifespan import run_lifespan
 from gateway.metrics import Metrics
 from gateway.ops import OpsMiddleware, UpstreamTimer
 from gateway.ratelimit import RateLimitMiddleware
 from gateway.request_check import RequestCheckMiddleware
-from gateway.requestid import RequestIdMiddleware
 from gateway.store import Store, store_from_config
 
 __all__ = ["SHUTDOWN_DRAIN_S", "GatewayMiddleware", "freeze_startup_heap"]
@@ -61,12 +64,16 @@ class GatewayMiddleware:
         self.store: Store = (
             store_from_config(self.config.store, metrics=self.metrics) if store is None else store
         )
+        # one resolver for every layer: the request context resolves a request's tags once
+        keys = (*(p.key for p in self.config.rate_limits), "identity")
+        resolver = IdentityResolver(self.config.identity, keys)
         self._idempotency = IdempotencyMiddleware(
             UpstreamTimer(app),
             idempotency=self.config.idempotency,
             identity=self.config.identity,
             store=self.store,
             metrics=self.metrics,
+            identity_resolver=resolver,
         )
         inner: ASGIApp = self._idempotency
         if self.config.rate_limits:
@@ -76,11 +83,12 @@ class GatewayMiddleware:
                 identity=self.config.identity,
                 store=self.store,
                 metrics=self.metrics,
+                identity_resolver=resolver,
             )
         self.app = app
         ops = OpsMiddleware(inner, store=self.store, metrics=self.metrics)
         checked = RequestCheckMiddleware(ops, self.config, metrics=self.metrics)
-        self._chain: ASGIApp = RequestIdMiddleware(checked)
+        self._chain: ASGIApp = StackEntry(checked, metrics=self.metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan" and self._owns_store:

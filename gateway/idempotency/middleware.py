@@ -35,6 +35,7 @@ from gateway._asgi import ASGIApp, Receive, Scope, Send
 from gateway._paths import PathPrefixes
 from gateway._settings import StoreSetting, resolve
 from gateway.config import IdempotencyConfig, IdentityConfig
+from gateway.context import context_of
 from gateway.errors import StoreError, StoreUnanswered
 from gateway.idempotency import problems
 from gateway.idempotency.capture import Capture, send_replay
@@ -113,6 +114,8 @@ class IdempotencyMiddleware:
         store: a store URL, a ``[store]`` dict or ``StoreConfig`` (the middleware then owns the
             store and opens/closes it with the lifespan), or a ``Store`` shared with others.
         metrics: where outcomes are counted (``GatewayMiddleware`` passes its own); none when None.
+        identity_resolver: the resolver to take the identity tag from; ``GatewayMiddleware``
+            passes the one its layers share, so the request context resolves it once per request.
     """
 
     def __init__(
@@ -123,6 +126,7 @@ class IdempotencyMiddleware:
         identity: Mapping[str, Any] | IdentityConfig | None = None,
         store: StoreSetting = None,
         metrics: Metrics | None = None,
+        identity_resolver: IdentityResolver | None = None,
     ) -> None:
         config, self._store, self._owns_store = resolve(
             idempotency=idempotency, identity=identity, store=store
@@ -137,7 +141,7 @@ class IdempotencyMiddleware:
         self._deny_on_error = settings.on_store_error == "deny"
         self._terms = LeaseTerms.from_config(settings)
         self._completion_timeout_s = settings.completion_timeout_s
-        self._resolver = IdentityResolver(config.identity, ("identity",))
+        self._resolver = identity_resolver or IdentityResolver(config.identity, ("identity",))
         # settles that outlive their request (shielded, or cancelled mid-settle)
         self._settling: set[asyncio.Task[Any]] = set()
         self._renewals = Renewals()
@@ -196,7 +200,9 @@ class IdempotencyMiddleware:
 
     async def _keyed(self, scope: Scope, receive: Receive, send: Send, key: bytes) -> None:
         """Buffer, fingerprint and claim a request with a valid key, then act on the claim."""
-        identity = self._resolver.tags(scope)["identity"]
+        ctx = context_of(scope)
+        tags = ctx.tags(self._resolver, scope) if ctx is not None else self._resolver.tags(scope)
+        identity = tags["identity"]
         if identity == ANONYMOUS_TAG:
             # a shared "anonymous" scope would let one client read another's response
             self._count("invalid")

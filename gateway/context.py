@@ -1,0 +1,58 @@
+"""One request's context: made once by the stack's entry layer, added to by every layer after it.
+
+``GatewayMiddleware``'s outermost layer (``entry.py``) puts a ``RequestContext`` in the scope;
+the layers inside it read and add to it instead of doing the same work again:
+
+* identity tags are resolved once, by the stack's one ``IdentityResolver``, for the rate limit
+  and the Idempotency-Key scope alike;
+* the response fields a layer wants added (``RateLimit``, ``RateLimit-Policy``) go into
+  ``response_headers``, and the entry's one ``send`` wrapper adds them, with ``X-Request-Id``, at
+  ``http.response.start``, where it also counts the response and its timings;
+* ``app_start`` is when the request reached the app (or the upstream); ``counted`` is cleared for
+  the gateway's own ``/_gateway/*`` answers.
+
+A layer used alone (no context in its scope) does all of this itself, as before.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from gateway._asgi import Headers, Scope
+
+if TYPE_CHECKING:
+    from gateway.identity import IdentityResolver
+
+__all__ = ["CONTEXT_SCOPE_KEY", "RequestContext", "context_of"]
+
+#: Where a request's scope carries its ``RequestContext``.
+CONTEXT_SCOPE_KEY = "gateway.context"
+
+
+class RequestContext:
+    """What the layers of one stack share about one HTTP request."""
+
+    __slots__ = ("_resolver", "_tags", "app_start", "counted", "response_headers", "start")
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.app_start = 0.0  # stays 0 when the gateway answered itself
+        self.counted = True
+        self.response_headers: Headers = []
+        self._resolver: IdentityResolver | None = None
+        self._tags: Mapping[str, str] = {}
+
+    def tags(self, resolver: IdentityResolver, scope: Scope) -> Mapping[str, str]:
+        """Every key tag ``resolver`` knows for this request, resolved on first use only."""
+        if self._resolver is not resolver:
+            self._tags = resolver.tags(scope)
+            self._resolver = resolver
+        return self._tags
+
+
+def context_of(scope: Scope) -> RequestContext | None:
+    """The request's context, when a stack's entry layer made one."""
+    ctx = scope.get(CONTEXT_SCOPE_KEY)
+    return ctx if isinstance(ctx, RequestContext) else None

@@ -1,0 +1,70 @@
+"""The stack's outermost HTTP layer: the request id, the request's context, and one ``send`` wrapper.
+
+``StackEntry`` does, once per request, what the layers used to do each on their own: it takes
+the request id (``requestid.take_request_id``), makes the ``RequestContext`` the layers inside
+add to, and wraps ``send`` once. At ``http.response.start`` that wrapper sets ``X-Request-Id``,
+adds the fields the layers asked for (``RateLimit``, ``RateLimit-Policy``), and counts the response
+by status with the upstream's latency and the gateway's own (``ops.py`` only answers
+``/_gateway/*`` then, uncounted).
+"""
+
+from __future__ import annotations
+
+import time
+
+from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
+from gateway.context import CONTEXT_SCOPE_KEY, RequestContext
+from gateway.metrics import Metrics
+from gateway.requestid import bind_request_id, take_request_id, unbind_request_id, with_request_id
+
+__all__ = ["StackEntry"]
+
+
+class StackEntry:
+    """Pure ASGI: one context and one response decoration per HTTP request."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+        self.app = app
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid, scope = take_request_id(scope)
+        ctx = RequestContext()
+        scope[CONTEXT_SCOPE_KEY] = ctx  # the scope is this request's own: no copy
+        started = False
+
+        async def send_decorated(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = with_request_id(message.get("headers", ()), rid)
+                if ctx.response_headers:
+                    headers += ctx.response_headers
+                message["headers"] = headers
+                if ctx.counted:
+                    self._count(ctx, message["status"])
+            await send(message)
+
+        token = bind_request_id(rid.decode())
+        try:
+            await self.app(scope, receive, send_decorated)
+        except Exception:
+            if not started and ctx.counted:  # the server answers 500 for an app that raised first
+                self._count(ctx, 500)
+            raise
+        finally:
+            unbind_request_id(token)
+
+    def _count(self, ctx: RequestContext, status: int) -> None:
+        """At response start: the status, the upstream's latency (from the hand-off) and ours."""
+        now = time.perf_counter()
+        metrics = self._metrics
+        if ctx.app_start:
+            metrics.upstream_latency.observe(now - ctx.app_start)
+            metrics.added_latency.observe(ctx.app_start - ctx.start)
+        else:
+            metrics.added_latency.observe(now - ctx.start)
+        metrics.count_response(status)

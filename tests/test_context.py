@@ -1,0 +1,103 @@
+"""One request context per request in GatewayMiddleware: identity resolved once, one send wrapper."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway import GatewayMiddleware
+from gateway._asgi import Message, Receive, Scope, Send
+from gateway.context import CONTEXT_SCOPE_KEY, RequestContext
+from gateway.identity import IdentityResolver
+from tests.asgi_helpers import client_for
+
+
+class SendRecorder:
+    """Answers 200 and keeps the ``send`` it was given and the scope's context."""
+
+    def __init__(self) -> None:
+        self.sends: list[Send] = []
+        self.contexts: list[Any] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        self.sends.append(send)
+        self.contexts.append(scope.get(CONTEXT_SCOPE_KEY))
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain"), (b"x-request-id", b"the-apps-own")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _stack(app: SendRecorder) -> GatewayMiddleware:
+    policies = [{"name": "per-client", "limit": 100, "period": "1m"},
+                {"name": "per-ip", "key": "ip", "limit": 100, "period": "1m"}]
+    return GatewayMiddleware(app, {"rate_limit": policies})
+
+
+async def test_identity_is_resolved_once_for_the_rate_limit_and_the_key(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Any] = []
+    real = IdentityResolver.tags
+
+    def counting(self: IdentityResolver, scope: Any, keys: Any = None) -> dict[str, str]:
+        calls.append(keys)
+        return real(self, scope, keys)
+
+    monkeypatch.setattr(IdentityResolver, "tags", counting)
+    app = SendRecorder()
+    async with client_for(_stack(app)) as c:
+        r = await c.post("/pay", content=b"{}", headers={"Idempotency-Key": "k-1", "X-Api-Key": "a"})
+    assert r.status_code == 200
+    assert len(calls) == 1, calls
+    assert isinstance(app.contexts[0], RequestContext)
+
+
+async def test_a_rate_limited_request_reaches_the_app_with_the_entrys_send_only() -> None:
+    """No layer between the entry and the app wraps send for an allowed, unkeyed request."""
+    app = SendRecorder()
+    async with client_for(_stack(app)) as c:
+        r = await c.get("/hello", headers={"X-Api-Key": "a"})
+    assert r.status_code == 200
+    assert app.sends[0].__qualname__ == "StackEntry.__call__.<locals>.send_decorated"
+    # and that one wrapper did every layer's decoration
+    assert r.headers.get_list("ratelimit-policy") == ['"per-client";q=100;w=60, "per-ip";q=100;w=60']
+    assert r.headers.get_list("x-request-id") != ["the-apps-own"]
+    assert len(r.headers.get_list("x-request-id")) == 1
+
+
+async def test_the_context_counts_each_response_once() -> None:
+    app = SendRecorder()
+    gw = _stack(app)
+    async with client_for(gw) as c:
+        for _ in range(3):
+            await c.get("/hello")
+        await c.get("/_gateway/healthz")
+    sample = gw.metrics.registry.get_sample_value
+    assert sample("gateway_requests_total", {"code": "200"}) == 3
+    assert sample("gateway_added_latency_seconds_count") == 3
+    assert sample("gateway_upstream_latency_seconds_count") == 3
+
+
+async def test_an_app_that_raises_is_counted_as_500() -> None:
+    async def broken(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            raise RuntimeError("boom")
+
+    gw = GatewayMiddleware(broken)
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "http_version": "1.1", "method": "GET", "path": "/x", "raw_path": b"/x",
+             "query_string": b"", "headers": [(b"host", b"gw")], "client": ("127.0.0.1", 1)}
+    with pytest.raises(RuntimeError):
+        await gw(scope, receive, send)
+    assert gw.metrics.registry.get_sample_value("gateway_requests_total", {"code": "500"}) == 1
