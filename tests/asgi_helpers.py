@@ -191,3 +191,18 @@ async def poll(
             return
         assert time.monotonic() < end, f"condition not met within {deadline_s}s"
         await asyncio.sleep(every_s)
+
+
+async def call_asgi(app: ASGIApp, scope: Scope, body: bytes = b"") -> list[Message]:
+    """Drive one request with exactly this scope (no client library tidies its target or headers)
+    and return what the app sent."""
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent

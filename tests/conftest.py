@@ -16,6 +16,7 @@ import pytest
 
 from gateway.store.memory import memory_store
 from gateway.store.redis import RedisStore
+from tests.hostile import RecordingUpstream
 from tests.redis_process import RedisProcess, redis_server_binary
 
 # generous: the suite runs on 2 noisy cores next to the servers it starts
@@ -99,3 +100,10 @@ async def store(store_kind: str, request: pytest.FixtureRequest) -> AsyncIterato
         yield st
     finally:
         await st.close()
+
+
+@pytest.fixture(scope="module")
+def recording_upstream() -> Iterator[RecordingUpstream]:
+    """A raw upstream that keeps every request's bytes (``tests/hostile.py``), one per module."""
+    with RecordingUpstream() as up:
+        yield up

@@ -10,11 +10,11 @@ timeout, and the server stops when its ``with`` block ends.
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 
-from tests.redis_process import HOST, free_port
+from tests.redis_process import HOST
+from tests.serve_process import RawTcpServer
 
 READ_S = 5.0
 _MAX_HEAD = 65536
@@ -41,33 +41,16 @@ class Received:
         return [v for n, v in self.headers if n == name]
 
 
-class RecordingUpstream:
+class RecordingUpstream(RawTcpServer):
     """A keep-alive HTTP/1.1 upstream that records every request it reads and answers 200."""
 
+    name = "recording-upstream"
+    backlog = 128
+    threaded = True  # the gateway's pool keeps several connections open at once
+
     def __init__(self) -> None:
-        self.port = free_port()
+        super().__init__()
         self._received: list[Received] = []
-        self._lock = threading.Lock()
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((HOST, self.port))
-        self._sock.listen(128)
-        self._sock.settimeout(0.1)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, name="recording-upstream", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def __enter__(self) -> RecordingUpstream:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._sock.close()
 
     def received(self) -> list[Received]:
         with self._lock:
@@ -77,30 +60,19 @@ class RecordingUpstream:
         with self._lock:
             self._received.clear()
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         conn.settimeout(READ_S)
         reader = _Reader(conn)
-        with conn:
-            try:
-                while not self._stop.is_set():
-                    request = reader.request()
-                    if request is None:
-                        return
-                    with self._lock:
-                        self._received.append(request)
-                    conn.sendall(_OK)
-            except (OSError, ValueError):
-                return
+        try:
+            while not self._stop.is_set():
+                request = reader.request()
+                if request is None:
+                    return
+                with self._lock:
+                    self._received.append(request)
+                conn.sendall(_OK)
+        except (OSError, ValueError):
+            return
 
 
 class _Reader:

@@ -333,28 +333,32 @@ def metrics(text: str) -> dict[tuple[str, LabelSet], float]:
     return Metrics.parse(text).samples
 
 
-# ------------------------------------------------------------------------------------ dropper
-class Dropper:
-    """A raw TCP upstream that reads each request (head and Content-Length body) and closes the
-    connection without a byte of response: the request was sent, its outcome is unknown."""
+# ------------------------------------------------------------------------------------ raw TCP
+class RawTcpServer:
+    """A TCP server on 127.0.0.1 (a free port), in a thread, for upstreams no framework may
+    tidy up: ``handle(conn)`` serves one connection, on a thread of its own when ``threaded``.
+    It runs while its ``with`` block does; the accept loop polls a stop flag every 0.1 s."""
+
+    name = "raw-tcp"
+    backlog = 16
+    threaded = False
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
-        self.requests: list[bytes] = []
         self._lock = threading.Lock()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((HOST, self.port))
-        self._sock.listen(16)
+        self._sock.listen(self.backlog)
         self._sock.settimeout(0.1)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="dropper", daemon=True)
+        self._thread = threading.Thread(target=self._accept, name=self.name, daemon=True)
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
-    def __enter__(self) -> Dropper:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -363,11 +367,10 @@ class Dropper:
         self._thread.join(timeout=5)
         self._sock.close()
 
-    def heads(self) -> list[bytes]:
-        with self._lock:
-            return list(self.requests)
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
 
-    def _serve(self) -> None:
+    def _accept(self) -> None:
         while not self._stop.is_set():
             try:
                 conn, _ = self._sock.accept()
@@ -375,11 +378,35 @@ class Dropper:
                 continue
             except OSError:
                 return
-            with conn:
-                head = self._read_request(conn)
-                if head:
-                    with self._lock:
-                        self.requests.append(head)
+            if self.threaded:
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            else:
+                self._serve(conn)
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            self.handle(conn)
+
+
+class Dropper(RawTcpServer):
+    """A raw TCP upstream that reads each request (head and Content-Length body) and closes the
+    connection without a byte of response: the request was sent, its outcome is unknown."""
+
+    name = "dropper"
+
+    def __init__(self, port: int | None = None) -> None:
+        super().__init__(port)
+        self.requests: list[bytes] = []
+
+    def heads(self) -> list[bytes]:
+        with self._lock:
+            return list(self.requests)
+
+    def handle(self, conn: socket.socket) -> None:
+        head = self._read_request(conn)
+        if head:
+            with self._lock:
+                self.requests.append(head)
 
     @staticmethod
     def _read_request(conn: socket.socket) -> bytes:

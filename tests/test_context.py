@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 
 from gateway import GatewayMiddleware
-from gateway._asgi import Message, Receive, Scope, Send
+from gateway._asgi import Receive, Scope, Send
 from gateway.context import CONTEXT_SCOPE_KEY, RequestContext
 from gateway.identity import IdentityResolver
-from tests.asgi_helpers import client_for
+from tests.asgi_helpers import call_asgi, client_for
 
 
 class SendRecorder:
@@ -88,16 +88,8 @@ async def test_an_app_that_raises_is_counted_as_500() -> None:
             raise RuntimeError("boom")
 
     gw = GatewayMiddleware(broken)
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
     scope = {"type": "http", "http_version": "1.1", "method": "GET", "path": "/x", "raw_path": b"/x",
              "query_string": b"", "headers": [(b"host", b"gw")], "client": ("127.0.0.1", 1)}
     with pytest.raises(RuntimeError):
-        await gw(scope, receive, send)
+        await call_asgi(gw, scope)
     assert gw.metrics.registry.get_sample_value("gateway_requests_total", {"code": "500"}) == 1

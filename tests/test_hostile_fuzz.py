@@ -112,15 +112,10 @@ def requests(draw: st.DrawFn) -> Request:
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[RecordingUpstream]:
-    with RecordingUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
-def gateway(upstream: RecordingUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServe]:
+def gateway(recording_upstream: RecordingUpstream,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServe]:
     config = serve_config(
-        upstream.url, "memory://", "fuzz",
+        recording_upstream.url, "memory://", "fuzz",
         identity={"sources": ["header:x-api-key", "ip"], "trusted_proxies": ["127.0.0.1/32"]},
         idempotency={"required_paths": ["/pay"]},
         rate_limit=[{"name": "generous", "limit": 1_000_000, "period": "1m"}],
@@ -151,12 +146,12 @@ def _is_normal(path: bytes) -> bool:
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(request=requests())
 def test_the_upstream_receives_only_what_the_gateway_decided_on(
-        gateway: GatewayServe, upstream: RecordingUpstream, request: Request) -> None:
+        gateway: GatewayServe, recording_upstream: RecordingUpstream, request: Request) -> None:
     fuzz_id = b"f%d" % next(_ids)
     answer = exchange(gateway.port, request.wire(fuzz_id), timeout_s=5.0)
     assert answer.status is not None, f"no answer to {request.wire(fuzz_id)!r}"
     assert answer.status < 500, (answer, request.wire(fuzz_id))
-    forwarded = [r for r in upstream.received() if r.values(b"x-fuzz-id") == [fuzz_id]]
+    forwarded = [r for r in recording_upstream.received() if r.values(b"x-fuzz-id") == [fuzz_id]]
     if answer.status == 200 and answer.body == b"ok" and answer.header(b"idempotent-replayed") is None:
         assert len(forwarded) == 1, "an upstream answer without one forwarded request"
     assert len(forwarded) <= 1

@@ -38,22 +38,17 @@ def _config(upstream: RecordingUpstream, **server: object) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[RecordingUpstream]:
-    with RecordingUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
-def gateway(upstream: RecordingUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServe]:
-    gw = GatewayServe(tmp_path_factory.mktemp("hostile"), _config(upstream)).start()
+def gateway(recording_upstream: RecordingUpstream,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServe]:
+    gw = GatewayServe(tmp_path_factory.mktemp("hostile"), _config(recording_upstream)).start()
     yield gw
     gw.stop()
 
 
 @pytest.fixture
-def recorder(upstream: RecordingUpstream, gateway: GatewayServe) -> RecordingUpstream:
-    upstream.clear()
-    return upstream
+def recorder(recording_upstream: RecordingUpstream, gateway: GatewayServe) -> RecordingUpstream:
+    recording_upstream.clear()
+    return recording_upstream
 
 
 def _send(gateway: GatewayServe, data: bytes | list[bytes], **kwargs: float) -> Answer:
@@ -305,9 +300,9 @@ def test_thirty_slow_clients_are_all_closed_and_others_still_served(gateway: Gat
 
 
 # ------------------------------------------------------------------------------- connection cap
-def test_connections_past_max_connections_get_503_and_are_closed(upstream: RecordingUpstream,
+def test_connections_past_max_connections_get_503_and_are_closed(recording_upstream: RecordingUpstream,
                                                                  tmp_path: Path) -> None:
-    gw = GatewayServe(tmp_path, _config(upstream, max_connections=4, header_timeout="30s")).start()
+    gw = GatewayServe(tmp_path, _config(recording_upstream, max_connections=4, header_timeout="30s")).start()
     try:
         probe = b"GET /echo HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
         wait_for(lambda: _send(gw, probe).status == 200, "the readiness probe's connection to close")
@@ -328,20 +323,20 @@ def test_connections_past_max_connections_get_503_and_are_closed(upstream: Recor
         gw.stop()
 
 
-def test_reject_mode_refuses_a_non_normal_path_and_serves_a_normal_one(upstream: RecordingUpstream,
+def test_reject_mode_refuses_a_non_normal_path_and_serves_a_normal_one(recording_upstream: RecordingUpstream,
                                                                        tmp_path: Path) -> None:
-    config = _config(upstream)
+    config = _config(recording_upstream)
     config["request"] = {"path_normalization": "reject"}
     gw = GatewayServe(tmp_path, config).start()
     try:
-        upstream.clear()
+        recording_upstream.clear()
         refused = _send(gw, b"GET /x/../echo HTTP/1.1\r\nHost: gw\r\n\r\n", wait_close_s=1.0)
         assert refused.status == 400
         assert _problem_type(refused) == "urn:gateway:problem:non-normal-path"
         assert b"/echo" in refused.body
-        assert upstream.received() == []
+        assert recording_upstream.received() == []
         assert _send(gw, b"GET /echo/a%3Ab HTTP/1.1\r\nHost: gw\r\n\r\n").status == 200
-        assert [r.target for r in upstream.received()] == [b"/echo/a%3Ab"]
+        assert [r.target for r in recording_upstream.received()] == [b"/echo/a%3Ab"]
     finally:
         gw.stop()
 

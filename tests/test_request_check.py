@@ -16,30 +16,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway import GatewayMiddleware
-from gateway._asgi import ASGIApp, Message
+from gateway._asgi import ASGIApp
 from gateway._paths import PathPrefixes, match_form, normal_target
 from gateway.config import load_config
 from gateway.errors import ConfigError
 from gateway.ratelimit import RateLimitMiddleware
-from tests.asgi_helpers import PROBLEM, CountingApp, assert_problem, client_for
+from tests.asgi_helpers import PROBLEM, CountingApp, assert_problem, call_asgi, client_for
 
 
 async def raw_call(app: ASGIApp, method: str, raw_path: bytes,
                    headers: list[tuple[bytes, bytes]] | None = None, *, version: str = "1.1") -> int:
     """One request with this exact target (httpx would resolve dot segments itself); its status."""
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
     scope = {"type": "http", "http_version": version, "method": method, "raw_path": raw_path,
              "path": unquote(raw_path.decode()), "query_string": b"", "client": ("127.0.0.1", 1),
              "headers": [(b"host", b"gw")] if headers is None else headers, "server": ("gw", 80),
              "scheme": "http", "root_path": ""}
-    await app(scope, receive, send)
+    sent = await call_asgi(app, scope)
     status: int = sent[0]["status"]
     return status
 
@@ -214,18 +206,9 @@ async def test_a_server_that_gives_no_raw_path_is_served_from_the_path() -> None
     """Some ASGI servers leave raw_path out: the decoded path (any characters) still works."""
     app = CountingApp()
     gw = _gateway(app)
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
     for path, seen in (("/echo/€uro", "/echo/€uro"), ("/x/../echo", "/echo")):
-        sent.clear()
         scope = {"type": "http", "http_version": "1.1", "method": "GET", "path": path, "query_string": b"",
                  "headers": [(b"host", b"gw")], "client": ("127.0.0.1", 1), "scheme": "http", "root_path": ""}
-        await gw(scope, receive, send)
+        sent = await call_asgi(gw, scope)
         assert sent[0]["status"] == 200
         assert app.scopes[-1]["path"] == seen
