@@ -33,7 +33,8 @@ class StackEntry:
             return
         rid, scope = take_request_id(scope)
         ctx = RequestContext()
-        scope[CONTEXT_SCOPE_KEY] = ctx  # the scope is this request's own: no copy
+        # a copy: a stack nested in this one's app makes its own context, and must not replace ours
+        scope = {**scope, CONTEXT_SCOPE_KEY: ctx}
         started = False
 
         async def send_decorated(message: Message) -> None:

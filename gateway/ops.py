@@ -1,12 +1,12 @@
 """``/_gateway/*`` (health, readiness, metrics) and the per-request counts and timings.
 
-``OpsMiddleware`` sits right inside the request id layer (DESIGN.md "One request, in order",
-step 3): ``/_gateway/*`` is answered here, never rate-limited and never forwarded; every other
-HTTP request is counted by status and timed (in ``GatewayMiddleware`` by the entry layer's one
-send wrapper, ``entry.py``; here only when used without it). ``UpstreamTimer`` wraps the innermost app (the
-wrapped ASGI app, or the proxy) and notes when the request reached it: the upstream latency runs
-from there to the response start, and the gateway's own share is the time before it (all of it
-when the gateway answers itself: a 429, a replay). One send wrapper does all the counting.
+``OpsMiddleware`` sits inside the stack's entry and request check (DESIGN.md "One request, in
+order", step 3): ``/_gateway/*`` is answered here, never rate-limited and never forwarded;
+every other HTTP request is counted by status and timed, in ``GatewayMiddleware`` by the entry
+layer's one send wrapper (``entry.py``), here only when used without it. ``UpstreamTimer`` wraps
+the innermost app (the wrapped ASGI app, or the proxy) and notes when the request reached it:
+the upstream latency runs from there to the response start, and the gateway's own share is the
+time before it (all of it when the gateway answers itself: a 429, a replay).
 
 * ``GET /_gateway/healthz``: 200 while the process runs (liveness).
 * ``GET /_gateway/readyz``: 200 when the store answers a PING within its timeout, else 503;

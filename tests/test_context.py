@@ -93,3 +93,16 @@ async def test_an_app_that_raises_is_counted_as_500() -> None:
     with pytest.raises(RuntimeError):
         await call_asgi(gw, scope)
     assert gw.metrics.registry.get_sample_value("gateway_requests_total", {"code": "500"}) == 1
+
+
+async def test_a_stack_inside_a_stack_keeps_each_its_own_context() -> None:
+    """The inner stack's context does not replace the outer one's: each counts its own response."""
+    app = SendRecorder()
+    inner = _stack(app)
+    outer = _stack(inner)  # type: ignore[arg-type]
+    async with client_for(outer) as c:
+        r = await c.get("/hello")
+    assert r.status_code == 200
+    for gw in (inner, outer):
+        assert gw.metrics.registry.get_sample_value("gateway_upstream_latency_seconds_count") == 1
+    assert len(r.headers.get_list("x-request-id")) == 1
