@@ -1,11 +1,12 @@
 """The stack's outermost HTTP layer: the request id, the request's context, and one ``send`` wrapper.
 
-``StackEntry`` does, once per request, what the layers used to do each on their own: it takes
+``StackEntry`` does, once per request and in one frame, what used to take three layers: it takes
 the request id (``requestid.take_request_id``), makes the ``RequestContext`` the layers inside
-add to, and wraps ``send`` once. At ``http.response.start`` that wrapper sets ``X-Request-Id``,
-adds the fields the layers asked for (``RateLimit``, ``RateLimit-Policy``), and counts the response
-by status with the upstream's latency and the gateway's own (``ops.py`` only answers
-``/_gateway/*`` then, uncounted).
+add to, runs the request check inline (``request_check.RequestCheck``: ambiguous requests
+refused, the path made normal) and answers ``/_gateway/*`` itself (``ops.OpsRoutes``,
+uncounted). It wraps ``send`` once: at ``http.response.start`` that wrapper sets
+``X-Request-Id``, adds the fields the layers asked for (``RateLimit``, ``RateLimit-Policy``), and
+counts the response by status with the upstream's latency and the gateway's own.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import time
 from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
 from gateway.context import CONTEXT_SCOPE_KEY, RequestContext
 from gateway.metrics import Metrics
+from gateway.ops import OpsRoutes, is_ops_path
+from gateway.request_check import RequestCheck
 from gateway.requestid import bind_request_id, take_request_id, unbind_request_id, with_request_id
 
 __all__ = ["StackEntry"]
@@ -23,9 +26,11 @@ __all__ = ["StackEntry"]
 class StackEntry:
     """Pure ASGI: one context and one response decoration per HTTP request."""
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, check: RequestCheck, ops: OpsRoutes) -> None:
         self.app = app
         self._metrics = metrics
+        self._check = check
+        self._ops = ops
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -51,7 +56,14 @@ class StackEntry:
 
         token = bind_request_id(rid.decode())
         try:
-            await self.app(scope, receive, send_decorated)
+            admitted = await self._check.admit(scope, send_decorated)
+            if admitted is None:
+                return
+            if is_ops_path(admitted["path"]):
+                ctx.counted = False
+                await self._ops.answer(admitted, send_decorated)
+                return
+            await self.app(admitted, receive, send_decorated)
         except Exception:
             if not started and ctx.counted:  # the server answers 500 for an app that raised first
                 self._count(ctx, 500)

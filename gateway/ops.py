@@ -1,12 +1,12 @@
-"""``/_gateway/*`` (health, readiness, metrics) and the per-request counts and timings.
+"""``/_gateway/*`` (health, readiness, metrics) and the hand-off time the latencies start from.
 
-``OpsMiddleware`` sits inside the stack's entry and request check (DESIGN.md "One request, in
-order", step 3): ``/_gateway/*`` is answered here, never rate-limited and never forwarded;
-every other HTTP request is counted by status and timed, in ``GatewayMiddleware`` by the entry
-layer's one send wrapper (``entry.py``), here only when used without it. ``UpstreamTimer`` wraps
-the innermost app (the wrapped ASGI app, or the proxy) and notes when the request reached it:
-the upstream latency runs from there to the response start, and the gateway's own share is the
-time before it (all of it when the gateway answers itself: a 429, a replay).
+The stack's entry layer (``entry.py``, DESIGN.md "One request, in order", step 3) answers
+``/_gateway/*`` with ``OpsRoutes``: never rate-limited, never forwarded, not counted. Every
+other HTTP request is counted and timed by the entry's send wrapper. ``UpstreamTimer`` wraps
+the innermost app (the wrapped ASGI app, or the proxy) and notes in the request's context when
+the request reached it: the upstream latency runs from there to the response start, and the
+gateway's own share is the time before it (all of it when the gateway answers itself: a 429, a
+replay).
 
 * ``GET /_gateway/healthz``: 200 while the process runs (liveness).
 * ``GET /_gateway/readyz``: 200 when the store answers a PING within its timeout, else 503;
@@ -20,86 +20,36 @@ from __future__ import annotations
 import asyncio
 import time
 
-from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
-from gateway.context import CONTEXT_SCOPE_KEY, context_of
+from gateway._asgi import ASGIApp, Receive, Scope, Send
+from gateway.context import context_of
 from gateway.errors import StoreError
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.problem import STORE_UNAVAILABLE, problem_type, send_problem
 from gateway.store import Store
 
-__all__ = ["OPS_PREFIX", "TIMING_SCOPE_KEY", "OpsMiddleware", "Timing", "UpstreamTimer"]
+__all__ = ["OPS_PREFIX", "OpsRoutes", "UpstreamTimer", "is_ops_path"]
 
 OPS_PREFIX = "/_gateway"
-#: Where a request's scope carries its ``Timing``.
-TIMING_SCOPE_KEY = "gateway.timing"
 _JSON = (b"content-type", b"application/json")
 _NO_STORE = (b"cache-control", b"no-store")
 _HEALTHY = b'{"status":"ok"}'
 _READY = b'{"status":"ready","breaker":"%s"}'
 
 
-class Timing:
-    """When one request was handed to the app (or the upstream), if it was."""
-
-    __slots__ = ("app_start",)
-
-    def __init__(self) -> None:
-        self.app_start = 0.0  # stays 0 when the gateway answered itself
+def is_ops_path(path: str) -> bool:
+    """``/_gateway`` and ``/_gateway/...``: answered by the gateway, never passed on."""
+    return path.startswith(OPS_PREFIX) and (len(path) == len(OPS_PREFIX) or path[len(OPS_PREFIX)] == "/")
 
 
-class OpsMiddleware:
-    """Answers ``/_gateway/*``; counts and times every other HTTP request."""
+class OpsRoutes:
+    """The ``/_gateway/*`` answers, given by the stack's entry layer."""
 
-    def __init__(self, app: ASGIApp, *, store: Store, metrics: Metrics) -> None:
-        self.app = app
+    def __init__(self, *, store: Store, metrics: Metrics) -> None:
         self._store = store
         self._metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path: str = scope["path"]
-        ctx = context_of(scope)
-        if path.startswith(OPS_PREFIX) and (len(path) == len(OPS_PREFIX) or path[len(OPS_PREFIX)] == "/"):
-            if ctx is not None:
-                ctx.counted = False
-            await self._answer(scope, send)
-            return
-        if ctx is not None:  # the stack's entry layer counts and times it, in its one send wrapper
-            await self.app(scope, receive, send)
-            return
-        timing = scope[TIMING_SCOPE_KEY] = Timing()
-        start = time.perf_counter()
-        started = False
-
-        async def send_counted(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                self._count(start, timing, message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_counted)
-        except Exception:
-            if not started:  # the server answers 500 for an app that raised before responding
-                self._count(start, timing, 500)
-            raise
-
-    def _count(self, start: float, timing: Timing, status: int) -> None:
-        """At response start: the status, the upstream's latency (from the hand-off) and ours."""
-        now = time.perf_counter()
-        metrics = self._metrics
-        if timing.app_start:
-            upstream = now - timing.app_start
-            metrics.upstream_latency.observe(upstream)
-            metrics.added_latency.observe(timing.app_start - start)
-        else:
-            metrics.added_latency.observe(now - start)
-        metrics.count_response(status)
-
-    async def _answer(self, scope: Scope, send: Send) -> None:
+    async def answer(self, scope: Scope, send: Send) -> None:
+        """Answer one ``/_gateway/*`` request (404 for a name it does not have)."""
         name = scope["path"][len(OPS_PREFIX):]
         if name not in ("/healthz", "/readyz", "/metrics"):
             await send_problem(send, status=404, type_=problem_type("not-found"), title="Not Found",
@@ -137,15 +87,14 @@ async def _respond(
 
 
 class UpstreamTimer:
-    """Wraps the innermost app: notes when a request is handed to it (``OpsMiddleware`` takes
-    the upstream latency from there to the response start, in its own send wrapper)."""
+    """Wraps the innermost app: notes in the request's context when a request is handed to it
+    (the entry's send wrapper takes the upstream latency from there to the response start)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            timing = scope.get(CONTEXT_SCOPE_KEY) or scope.get(TIMING_SCOPE_KEY)
-            if timing is not None:
-                timing.app_start = time.perf_counter()
+        ctx = context_of(scope) if scope["type"] == "http" else None
+        if ctx is not None:
+            ctx.app_start = time.perf_counter()
         await self.app(scope, receive, send)

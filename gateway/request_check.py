@@ -1,7 +1,8 @@
 """Refuse what two readers could read two ways, and give every later layer one request to decide on.
 
-``RequestCheckMiddleware`` runs right inside the request id layer, before ``/_gateway/*``, the
-rate limit and the Idempotency-Key gate, so each of them and the upstream see the same request:
+The stack's entry layer runs ``RequestCheck.admit`` right after taking the request id, before
+``/_gateway/*``, the rate limit and the Idempotency-Key gate, so each of them and the upstream see
+the same request:
 
 * an HTTP version other than 1.0, 1.1, 2 or 3 (an HTTP/0.9-style request line): ``400``;
 * HTTP/1.1 without ``Host``, more than one ``Host`` line, or a ``Host`` that is no
@@ -27,14 +28,14 @@ import re
 from collections.abc import Iterable
 from urllib.parse import quote, unquote
 
-from gateway._asgi import ASGIApp, Receive, Scope, Send
+from gateway._asgi import Scope, Send
 from gateway._paths import normal_target
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.problem import problem_type, send_problem
 from gateway.requestid import current_request_id
 
-__all__ = ["RequestCheckMiddleware", "decided_headers"]
+__all__ = ["RequestCheck", "decided_headers"]
 
 _HOST = b"host"
 _EXPECT = b"expect"
@@ -54,25 +55,22 @@ def decided_headers(config: Config) -> frozenset[bytes]:
     return frozenset(names)
 
 
-class RequestCheckMiddleware:
-    """Pure ASGI: refuses ambiguous requests; normalises (or refuses) the path."""
+class RequestCheck:
+    """The check itself, for the stack's entry layer to run inline (no layer of its own)."""
 
-    def __init__(self, app: ASGIApp, config: Config, *, metrics: Metrics) -> None:
-        self.app = app
+    def __init__(self, config: Config, *, metrics: Metrics) -> None:
         self._single = decided_headers(config)
         self._reject_non_normal = config.request.path_normalization == "reject"
         self._refused = metrics.refused
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def admit(self, scope: Scope, send: Send) -> Scope | None:
+        """The scope to go on with (its path in normal form), or None once a refusal is sent."""
         refusal = self._refusal(scope)
         if refusal is not None:
             reason, status, detail = refusal
             name = "expectation-failed" if status == 417 else "ambiguous-request"
             await self._refuse(send, reason, status, name, detail)
-            return
+            return None
         # a server that gives no raw_path: the path as it would be sent (the proxy does the same)
         raw_path: bytes = scope.get("raw_path") or quote(scope["path"]).encode("ascii")
         target = normal_target(raw_path)
@@ -80,14 +78,14 @@ class RequestCheckMiddleware:
             await self._refuse(send, "path", 400, "ambiguous-path",
                                "the path holds a '\\' (raw or encoded), an encoded NUL or a malformed "
                                "escape: servers disagree on what it names")
-            return
+            return None
         if target is not raw_path:
             if self._reject_non_normal:
                 await self._refuse(send, "path", 400, "non-normal-path",
                                    f"the path is not in normal form; send {target.decode('latin-1')}")
-                return
+                return None
             scope = {**scope, "raw_path": target, "path": unquote(target.decode("latin-1"))}
-        await self.app(scope, receive, send)
+        return scope
 
     async def _refuse(self, send: Send, reason: str, status: int, name: str, detail: str) -> None:
         self._refused[reason].inc()
@@ -121,3 +119,4 @@ class RequestCheckMiddleware:
         elif not _HOST_VALUE.fullmatch(host):
             return "host", 400, "the Host header is not host[:port]"
         return None
+

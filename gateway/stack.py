@@ -1,9 +1,9 @@
 """GatewayMiddleware: the whole stack built from one config, sharing one store and one metrics.
 
-Order of a request (DESIGN.md "One request, in order"): the entry (``entry.py``: the request id,
-the request's context, and the one send wrapper that decorates and counts every response), then
-the refusal of ambiguous requests and the normal path (``request_check.py``), then
-``/_gateway/*`` (``ops.py``), then rate limit, then the Idempotency-Key gate, then the app: a
+Order of a request (DESIGN.md "One request, in order"): the entry (``entry.py``, one layer: the
+request id, the request's context, the refusal of ambiguous requests and the normal path
+(``request_check.py``), ``/_gateway/*`` (``ops.py``), and the one send wrapper that decorates
+and counts every response), then rate limit, then the Idempotency-Key gate, then the app: a
 denied request is never claimed, and a replay still counts against the client's rate limit and
 carries its current RateLimit fields. The layers share one identity resolver, so the context
 resolves a request's tags once. Lifespan opens the store at startup (and, once the app has
@@ -26,9 +26,9 @@ from gateway.idempotency import IdempotencyMiddleware
 from gateway.identity import IdentityResolver
 from gateway.lifespan import run_lifespan
 from gateway.metrics import Metrics
-from gateway.ops import OpsMiddleware, UpstreamTimer
+from gateway.ops import OpsRoutes, UpstreamTimer
 from gateway.ratelimit import RateLimitMiddleware
-from gateway.request_check import RequestCheckMiddleware
+from gateway.request_check import RequestCheck
 from gateway.store import Store, store_from_config
 
 __all__ = ["SHUTDOWN_DRAIN_S", "GatewayMiddleware", "freeze_startup_heap"]
@@ -86,9 +86,12 @@ class GatewayMiddleware:
                 identity_resolver=resolver,
             )
         self.app = app
-        ops = OpsMiddleware(inner, store=self.store, metrics=self.metrics)
-        checked = RequestCheckMiddleware(ops, self.config, metrics=self.metrics)
-        self._chain: ASGIApp = StackEntry(checked, metrics=self.metrics)
+        self._chain: ASGIApp = StackEntry(
+            inner,
+            metrics=self.metrics,
+            check=RequestCheck(self.config, metrics=self.metrics),
+            ops=OpsRoutes(store=self.store, metrics=self.metrics),
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan" and self._owns_store:
