@@ -98,7 +98,8 @@ class PathPrefixes:
         return bool(self._prefixes)
 
     def matches(self, path: str) -> bool:
-        if self.everything:
-            return True
-        path = match_form(path)
-        return any(path == p or path.startswith(ps) for p, ps in self._prefixes)
+        return self.everything or self.matches_form(match_form(path))
+
+    def matches_form(self, form: str) -> bool:
+        """``matches`` for a path already in ``match_form`` (one form for many prefix sets)."""
+        return self.everything or any(form == p or form.startswith(ps) for p, ps in self._prefixes)

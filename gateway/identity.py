@@ -20,7 +20,7 @@ from typing import Any
 
 from gateway.config import IdentityConfig
 
-__all__ = ["ANONYMOUS_TAG", "GLOBAL_TAG", "IdentityResolver", "tag"]
+__all__ = ["ANONYMOUS_TAG", "GLOBAL_TAG", "IdentityResolver", "header_name", "tag"]
 
 #: The tag of ``key = "global"`` policies: one bucket for everyone.
 GLOBAL_TAG = "global"
@@ -52,11 +52,11 @@ class IdentityResolver:
     def __init__(self, config: IdentityConfig, keys: Iterable[str]) -> None:
         self._keys = tuple(dict.fromkeys(keys))
         # per source, the header name it reads (ASGI names are lowercase); b"" stands for "ip"
-        self._sources = tuple(_header_name(s) if s.startswith("header:") else b"" for s in config.sources)
+        self._sources = tuple(header_name(s) if s.startswith("header:") else b"" for s in config.sources)
         needs_identity = "identity" in self._keys
         self._ip_needed = "ip" in self._keys or (needs_identity and "ip" in config.sources)
         self._trusted = _TrustedProxies(config.trusted_proxies)
-        self._key_headers = {k: _header_name(k) for k in self._keys if k.startswith("header:")}
+        self._key_headers = {k: header_name(k) for k in self._keys if k.startswith("header:")}
         wanted = set(self._key_headers.values())
         if needs_identity:
             wanted |= {name for name in self._sources if name}
@@ -159,7 +159,7 @@ def _parse_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None
     return addr
 
 
-def _header_name(source: str) -> bytes:
+def header_name(source: str) -> bytes:
     """``header:X-Api-Key`` as the lowercase bytes an ASGI scope carries."""
     return source[len("header:"):].strip().lower().encode("latin-1")
 

@@ -24,7 +24,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from gateway._asgi import ASGIApp, Headers, Message, Receive, Scope, Send
-from gateway._paths import PathPrefixes
+from gateway._paths import PathPrefixes, match_form
 from gateway._settings import StoreSetting, resolve
 from gateway.config import IdentityConfig, RateLimitPolicy
 from gateway.context import context_of
@@ -61,10 +61,11 @@ class _Policy:
         self.paths = PathPrefixes(policy.paths)
         self.item = f'"{policy.name}";'
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, form: str) -> bool:
+        """Whether a request (its ``match_form`` path) is this policy's."""
         if self.methods and method not in self.methods:
             return False
-        return self.paths.matches(path)
+        return self.paths.matches_form(form)
 
 
 class _Plan:
@@ -156,7 +157,8 @@ class RateLimitMiddleware:
     def _match(self, method: str, path: str) -> _Plan | None:
         if self._everywhere:
             return self._all
-        matched = tuple(i for i, p in enumerate(self._policies) if p.matches(method, path))
+        form = match_form(path)
+        matched = tuple(i for i, p in enumerate(self._policies) if p.matches(method, form))
         return self._plan(matched) if matched else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

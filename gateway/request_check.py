@@ -31,6 +31,7 @@ from urllib.parse import quote, unquote
 from gateway._asgi import Scope, Send
 from gateway._paths import normal_target
 from gateway.config import Config
+from gateway.identity import header_name
 from gateway.metrics import Metrics
 from gateway.problem import problem_type, send_problem
 from gateway.requestid import current_request_id
@@ -51,7 +52,7 @@ def decided_headers(config: Config) -> frozenset[bytes]:
     """The lowercase names of the headers a decision reads, each allowed one line."""
     names = {_HOST, config.idempotency.header.lower().encode("latin-1")}
     keys: Iterable[str] = (*config.identity.sources, *(p.key for p in config.rate_limits))
-    names |= {k[len("header:"):].strip().lower().encode("latin-1") for k in keys if k.startswith("header:")}
+    names |= {header_name(k) for k in keys if k.startswith("header:")}
     return frozenset(names)
 
 
