@@ -106,10 +106,7 @@ class _Reader:
         if head is None:
             return None
         request_line, *lines = head.split(b"\r\n")
-        headers = []
-        for line in lines:
-            name, _, value = line.partition(b":")
-            headers.append((name.strip().lower(), value.strip()))
+        headers = _fields(lines)
         names = {n for n, _ in headers}
         if b"transfer-encoding" in names:
             body = self._chunked()
@@ -162,32 +159,14 @@ def exchange(port: int, data: bytes | list[bytes], *, timeout_s: float = READ_S,
 def read_answer(sock: socket.socket, timeout_s: float = READ_S, *, wait_close_s: float = 0.0) -> Answer:
     """One response off ``sock`` (head and Content-Length body), then whether it closed."""
     sock.settimeout(timeout_s)
-    buf = b""
-    try:
-        while b"\r\n\r\n" not in buf:
-            part = sock.recv(65536)
-            if not part:
-                return Answer(None, closed=True)
-            buf += part
-    except TimeoutError:
-        return Answer(None)
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    while head.startswith(b"HTTP/1.1 1"):  # an interim 100 Continue: the answer follows it
-        try:
-            while b"\r\n\r\n" not in rest:
-                part = sock.recv(65536)
-                if not part:
-                    return Answer(None, closed=True)
-                rest += part
-        except TimeoutError:
-            return Answer(None)
-        head, _, rest = rest.partition(b"\r\n\r\n")
+    got = _read_head(sock, b"")
+    while isinstance(got, tuple) and got[0].startswith(b"HTTP/1.1 1"):  # an interim 100 Continue
+        got = _read_head(sock, got[1])
+    if isinstance(got, Answer):
+        return got
+    head, rest = got
     status_line, *lines = head.split(b"\r\n")
-    headers = []
-    for line in lines:
-        name, _, value = line.partition(b":")
-        headers.append((name.strip().lower(), value.strip()))
-    answer = Answer(int(status_line.split(b" ")[1]), headers)
+    answer = Answer(int(status_line.split(b" ")[1]), _fields(lines))
     length = int(answer.header(b"content-length") or 0)
     try:
         while len(rest) < length:
@@ -204,3 +183,27 @@ def read_answer(sock: socket.socket, timeout_s: float = READ_S, *, wait_close_s:
     except OSError:
         answer.closed = True
     return answer
+
+
+def _read_head(sock: socket.socket, buf: bytes) -> tuple[bytes, bytes] | Answer:
+    """(head, what followed it) from ``buf`` and ``sock``; an ``Answer`` of nothing when the
+    socket closed or timed out first."""
+    try:
+        while b"\r\n\r\n" not in buf:
+            part = sock.recv(65536)
+            if not part:
+                return Answer(None, closed=True)
+            buf += part
+    except TimeoutError:
+        return Answer(None)
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def _fields(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """Header lines as (lowercase name, value without surrounding whitespace)."""
+    fields = []
+    for line in lines:
+        name, _, value = line.partition(b":")
+        fields.append((name.strip().lower(), value.strip()))
+    return fields
