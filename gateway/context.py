@@ -9,7 +9,9 @@ the layers inside it read and add to it instead of doing the same work again:
   ``response_headers``, and the entry's one ``send`` wrapper adds them, with ``X-Request-Id``, at
   ``http.response.start``, where it also counts the response and its timings;
 * ``app_start`` is when the request reached the app (or the upstream); ``counted`` is cleared for
-  the gateway's own ``/_gateway/*`` answers.
+  the gateway's own ``/_gateway/*`` answers;
+* ``deferred_take`` is a rate-limit take the rate limit left to the Idempotency-Key layer, which
+  makes it with its claim in one store call (or alone, before it answers or runs the app).
 
 A layer used alone (no context in its scope) does all of this itself, as before.
 """
@@ -18,23 +20,48 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from gateway._asgi import Headers, Scope
+from gateway._asgi import Headers, Scope, Send
 
 if TYPE_CHECKING:
+    from gateway.errors import StoreError
     from gateway.identity import IdentityResolver
+    from gateway.store import RateDecision, TakePlan
 
-__all__ = ["CONTEXT_SCOPE_KEY", "RequestContext", "context_of"]
+__all__ = ["CONTEXT_SCOPE_KEY", "DeferredTake", "RequestContext", "context_of"]
 
 #: Where a request's scope carries its ``RequestContext``.
 CONTEXT_SCOPE_KEY = "gateway.context"
 
 
+class DeferredTake(Protocol):
+    """A rate-limit take not made yet: the rate limit's part of a keyed request's admission.
+
+    Its methods answer the request themselves when the rate limit stops it (429, or 503 per
+    ``on_store_error``) and return False; True means the request goes on, its ``RateLimit``
+    fields added to the context."""
+
+    plan: TakePlan
+    tags: list[str]  # per bucket, as ``Store.ratelimit_take`` takes them
+
+    async def alone(self, send: Send) -> bool:
+        """Make the take by itself (a store call of its own)."""
+        ...
+
+    async def decided(self, decision: RateDecision, send: Send) -> bool:
+        """Act on a decision the store made with the claim."""
+        ...
+
+    async def failed(self, error: StoreError, send: Send) -> bool:
+        """Act on a store failure of the call that carried the take."""
+        ...
+
+
 class RequestContext:
     """What the layers of one stack share about one HTTP request."""
 
-    __slots__ = ("_resolver", "_tags", "app_start", "counted", "response_headers", "start")
+    __slots__ = ("_resolver", "_tags", "app_start", "counted", "deferred_take", "response_headers", "start")
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
@@ -43,6 +70,12 @@ class RequestContext:
         self.response_headers: Headers = []
         self._resolver: IdentityResolver | None = None
         self._tags: Mapping[str, str] = {}
+        self.deferred_take: DeferredTake | None = None
+
+    def take_deferred(self) -> DeferredTake | None:
+        """The deferred rate-limit take, once: whoever takes it must make it."""
+        deferred, self.deferred_take = self.deferred_take, None
+        return deferred
 
     def tags(self, resolver: IdentityResolver, scope: Scope) -> Mapping[str, str]:
         """Every key tag ``resolver`` knows for this request, resolved on first use only."""

@@ -88,7 +88,10 @@ async def _respond(
 
 class UpstreamTimer:
     """Wraps the innermost app: notes in the request's context when a request is handed to it
-    (the entry's send wrapper takes the upstream latency from there to the response start)."""
+    (the entry's send wrapper takes the upstream latency from there to the response start).
+
+    It is also the backstop of a deferred rate-limit take: a request never reaches the app
+    with its take still unmade (the Idempotency-Key layer makes it on every path it knows)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -96,5 +99,8 @@ class UpstreamTimer:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = context_of(scope) if scope["type"] == "http" else None
         if ctx is not None:
+            deferred = ctx.take_deferred()
+            if deferred is not None and not await deferred.alone(send):
+                return
             ctx.app_start = time.perf_counter()
         await self.app(scope, receive, send)

@@ -5,7 +5,8 @@ request id, the request's context, the refusal of ambiguous requests and the nor
 (``request_check.py``), ``/_gateway/*`` (``ops.py``), and the one send wrapper that decorates
 and counts every response), then rate limit, then the Idempotency-Key gate, then the app: a
 denied request is never claimed, and a replay still counts against the client's rate limit and
-carries its current RateLimit fields. The layers share one identity resolver, so the context
+carries its current RateLimit fields. For a request the Idempotency-Key layer claims, the rate
+limit's take is made with the claim, in one store call where the store can. The layers share one identity resolver, so the context
 resolves a request's tags once. Lifespan opens the store at startup (and, once the app has
 started, freezes the heap built so far out of the garbage collector's scans); at shutdown,
 settles that outlived their requests finish before the store closes. Other non-HTTP scopes
@@ -84,6 +85,8 @@ class GatewayMiddleware:
                 store=self.store,
                 metrics=self.metrics,
                 identity_resolver=resolver,
+                # their take is made with the claim, one store call for both (ratelimit.py)
+                claim_methods=frozenset(self.config.idempotency.methods),
             )
         self.app = app
         self._chain: ASGIApp = StackEntry(

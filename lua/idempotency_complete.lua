@@ -33,6 +33,6 @@ if rec[1] ~= 'p' and rec[1] ~= 'u' then
   return 0
 end
 redis.call('HSET', KEYS[1], 'st', 'd', 's', ARGV[2], 'h', ARGV[3], 'b', ARGV[4])
-redis.call('HDEL', KEYS[1], 'lx')
+redis.call('HDEL', KEYS[1], 'lx', 'rl')
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1

@@ -1,7 +1,11 @@
 """IdempotencyMiddleware: a keyed request runs at most once; its retries get its response.
 
 Per keyed request (configured method, key header present): check the key (400), buffer the
-body (413 past ``max_body_bytes``), fingerprint it, and claim the record in one store call:
+body (413 past ``max_body_bytes``), fingerprint it, and claim the record in one store call. In
+``GatewayMiddleware`` that call also carries the request's rate-limit take, left to this layer in
+the request context (``Store.ratelimit_take_claim``: the claim is made only when every bucket
+is charged); where the store cannot combine them, and before any answer of this layer's own,
+the take is made first, by itself, as the rate limit would have made it. Then:
 
 * ``new``: run the app with the body replayed through ``receive`` (then the real ``receive``,
   so disconnects still arrive) while ``Capture`` streams the response out and keeps it; the
@@ -35,8 +39,8 @@ from gateway._asgi import ASGIApp, Receive, Scope, Send
 from gateway._paths import PathPrefixes
 from gateway._settings import StoreSetting, resolve
 from gateway.config import IdempotencyConfig, IdentityConfig
-from gateway.context import context_of
-from gateway.errors import StoreError, StoreUnanswered
+from gateway.context import DeferredTake, context_of
+from gateway.errors import StoreError, StoreScriptError, StoreUnanswered
 from gateway.idempotency import problems
 from gateway.idempotency.capture import Capture, send_replay
 from gateway.idempotency.lease import Lease, Renewals, Settled
@@ -52,7 +56,7 @@ from gateway.idempotency.request import (
 from gateway.identity import ANONYMOUS_TAG, IdentityResolver
 from gateway.lifespan import run_lifespan
 from gateway.requestid import current_request_id
-from gateway.store import LeaseTerms, Store
+from gateway.store import Claim, LeaseTerms, Store
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
@@ -170,6 +174,8 @@ class IdempotencyMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
+        ctx = context_of(scope)
+        deferred = ctx.take_deferred() if ctx is not None else None
         raw_key = None
         lines = 0
         length = b""
@@ -181,6 +187,8 @@ class IdempotencyMiddleware:
             elif name == b"content-length":
                 length = value
         if raw_key is None:
+            if deferred is not None and not await deferred.alone(send):
+                return  # the rate limit answered
             if self._required and self._required.matches(scope["path"]):
                 self._count("invalid")
                 await problems.send_missing_key(send, self._header_display)
@@ -188,29 +196,38 @@ class IdempotencyMiddleware:
                 await self.app(scope, receive, send)
             return
         key = parse_key(raw_key) if lines == 1 else None
-        if key is None:
+        if key is None or (length.isdigit() and int(length) > self._limit):
+            # the rate limit's answer comes first, as when it made its take before this layer
+            if deferred is not None and not await deferred.alone(send):
+                return
             self._count("invalid")
-            await problems.send_bad_key(send, self._header_display)
+            if key is None:
+                await problems.send_bad_key(send, self._header_display)
+            else:
+                await problems.send_body_too_large(send, self._limit)
             return
-        if length.isdigit() and int(length) > self._limit:
-            self._count("invalid")
-            await problems.send_body_too_large(send, self._limit)
-            return
-        await self._keyed(scope, receive, send, key)
+        await self._keyed(scope, receive, send, key, deferred)
 
-    async def _keyed(self, scope: Scope, receive: Receive, send: Send, key: bytes) -> None:
-        """Buffer, fingerprint and claim a request with a valid key, then act on the claim."""
+    async def _keyed(
+        self, scope: Scope, receive: Receive, send: Send, key: bytes, deferred: DeferredTake | None
+    ) -> None:
+        """Buffer, fingerprint and claim a request with a valid key (and make its deferred
+        rate-limit take), then act on the claim."""
         ctx = context_of(scope)
         tags = ctx.tags(self._resolver, scope) if ctx is not None else self._resolver.tags(scope)
         identity = tags["identity"]
         if identity == ANONYMOUS_TAG:
             # a shared "anonymous" scope would let one client read another's response
+            if deferred is not None and not await deferred.alone(send):
+                return
             self._count("invalid")
             await problems.send_identity_missing(send, self._header_display)
             return
         try:
             body = await read_body(receive, self._limit)
         except BodyTooLarge:
+            if deferred is not None and not await deferred.alone(send):
+                return
             self._count("invalid")
             await problems.send_body_too_large(send, self._limit)
             return
@@ -218,14 +235,9 @@ class IdempotencyMiddleware:
             return  # nothing was claimed and nothing ran
         record = record_name(identity, key)
         owner = b"%032x" % getrandbits(128)  # unique, never shown to a client: no syscall needed
-        try:
-            claim = await self._store.idempotency_claim(record, fingerprint(scope, body), owner, self._terms)
-        except StoreError as exc:
-            self._count("store_error")
-            if isinstance(exc, StoreUnanswered):  # sent, and maybe granted: only the reply was lost
-                self._in_background(self._free_unanswered_claim(record, owner))
-            await self._store_failed(exc, scope, replaying(body, receive), send)
-            return
+        claim = await self._claim(scope, receive, send, body, record=record, owner=owner, deferred=deferred)
+        if claim is None:
+            return  # answered: denied by the rate limit, or the store failed
         outcome = claim.outcome
         self._count(_OUTCOME_METRIC[outcome])
         if outcome == "new":
@@ -244,6 +256,38 @@ class IdempotencyMiddleware:
         else:
             _event("idempotency.replayed", "outcome unknown: the key's claim was lost", status=502)
             await problems.send_outcome_unknown(send, replayed=True)
+
+    async def _claim(
+        self, scope: Scope, receive: Receive, send: Send, body: bytes, *, record: str, owner: bytes,
+        deferred: DeferredTake | None,
+    ) -> Claim | None:
+        """Claim the record, with the deferred rate-limit take in the same store call where the
+        store can combine them (else the take first, alone); None once the request is answered."""
+        digest = fingerprint(scope, body)
+        combined = deferred is not None and self._store.combines(deferred.tags, record)
+        if deferred is not None and not combined and not await deferred.alone(send):
+            return None
+        try:
+            if deferred is not None and combined:
+                decision, claim = await self._store.ratelimit_take_claim(
+                    deferred.plan, deferred.tags, record, digest, owner, terms=self._terms)
+            else:
+                decision = None
+                claim = await self._store.idempotency_claim(record, digest, owner, self._terms)
+        except StoreError as exc:
+            if isinstance(exc, StoreUnanswered):  # sent, and maybe granted: only the reply was lost
+                self._in_background(self._free_unanswered_claim(record, owner))
+            if deferred is not None and combined and not await deferred.failed(exc, send):
+                return None  # the rate limit's on_store_error answered
+            self._count("store_error")
+            await self._store_failed(exc, scope, replaying(body, receive), send)
+            return None
+        if deferred is not None and decision is not None and not await deferred.decided(decision, send):
+            return None  # denied: nothing was claimed
+        if claim is None:
+            msg = "ratelimit_take_claim allowed the request but returned no claim"
+            raise StoreScriptError(msg)
+        return claim
 
     async def _run(self, scope: Scope, receive: Receive, send: Send, lease: Lease) -> None:
         """Run the claimed request and settle its record exactly once."""

@@ -193,6 +193,22 @@ class Store(Protocol):
         """
         ...
 
+    def combines(self, tags: Sequence[str], record: str) -> bool:
+        """Whether ``ratelimit_take_claim`` can decide these buckets and this record in one
+        script: always on one Redis (Sentinel, ``memory://``); on a cluster only when every key
+        is in one slot."""
+        ...
+
+    async def ratelimit_take_claim(
+        self, plan: TakePlan, tags: Sequence[str], record: str, fingerprint: bytes, owner: bytes, *,
+        terms: LeaseTerms,
+    ) -> tuple[RateDecision, Claim | None]:
+        """``ratelimit_take`` and, only when it allows, ``idempotency_claim``, as one atomic
+        decision in one round trip (``lua/ratelimit_take_claim.lua``); the claim is None when
+        the rate limit denied. Callers check ``combines`` first. Resent after it ran (its reply
+        lost), it answers the same decision and charges nothing again."""
+        ...
+
     async def idempotency_complete(
         self, record: str, owner: bytes, response: StoredResponse, terms: LeaseTerms
     ) -> bool:

@@ -32,7 +32,7 @@ from redis.exceptions import NoScriptError
 from gateway.errors import StoreError
 from gateway.store.base import BucketState, Claim, LeaseTerms, RateDecision, StoredResponse, TakePlan
 from gateway.store.breaker import CircuitBreaker
-from gateway.store.layout import claim_from_reply, decision_from_reply
+from gateway.store.layout import admission_from_reply, claim_from_reply, decision_from_reply
 from gateway.store.redis import MAX_CONNECTIONS
 from gateway.store.resp import ScriptCall
 from gateway.store.scripted import ScriptStoreBase, script_call
@@ -76,7 +76,7 @@ class ClusterStore(ScriptStoreBase):
         self._slots = asyncio.Semaphore(max_connections)
         self._refund = script_call("ratelimit_refund")
         self._scripts = (self._take, self._refund, self._claim, self._complete, self._release,
-                         self._renew)
+                         self._renew, self._take_claim)
 
     @classmethod
     def from_url(
@@ -166,6 +166,21 @@ class ClusterStore(ScriptStoreBase):
         raw = await self._run(self._claim, [self._keys.record(record)],
                               (fingerprint, owner, *terms.claim_values))
         return claim_from_reply(raw)
+
+    def combines(self, tags: Sequence[str], record: str) -> bool:
+        slot = key_slot(self._keys.record(record))
+        return all(key_slot(k) == slot for k in self._keys.buckets(tags, [b""] * len(tags)))
+
+    async def ratelimit_take_claim(
+        self, plan: TakePlan, tags: Sequence[str], record: str, fingerprint: bytes, owner: bytes, *,
+        terms: LeaseTerms,
+    ) -> tuple[RateDecision, Claim | None]:
+        keys = [*self._keys.buckets(tags, plan.names), self._keys.record(record)]
+        if len(_by_slot(keys)) != 1:
+            msg = "ratelimit_take_claim needs every key in one slot: check combines() first"
+            raise ValueError(msg)
+        args = (len(plan.names), 0, *plan.argv, fingerprint, owner, *terms.claim_values)
+        return admission_from_reply(await self._run(self._take_claim, keys, args))
 
     async def idempotency_complete(
         self, record: str, owner: bytes, response: StoredResponse, terms: LeaseTerms

@@ -15,7 +15,7 @@ from typing import Any
 from gateway.errors import StoreScriptError
 from gateway.store.base import BucketState, Claim, RateDecision, StoredResponse
 
-__all__ = ["DATA_VERSION", "KeyLayout", "claim_from_reply", "decision_from_reply"]
+__all__ = ["DATA_VERSION", "KeyLayout", "admission_from_reply", "claim_from_reply", "decision_from_reply"]
 
 DATA_VERSION = "v1"
 _BUCKET_KEY = b"%b{%b}:%b"  # prefix, {tag} (the cluster hash tag), policy name
@@ -66,3 +66,9 @@ def claim_from_reply(raw: Sequence[Any]) -> Claim:
     # "withdrawn" only ever answers a claim whose caller gave up on it (timed out) and withdrew
     msg = f"idempotency_claim returned {outcome!r}"
     raise StoreScriptError(msg)
+
+
+def admission_from_reply(raw: Sequence[Any]) -> tuple[RateDecision, Claim | None]:
+    """``ratelimit_take_claim``'s reply: the take's reply, then the claim's when it allowed."""
+    decision = decision_from_reply(raw[0])
+    return decision, (claim_from_reply(raw[1]) if len(raw) > 1 else None)

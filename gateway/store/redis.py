@@ -33,7 +33,7 @@ from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
 from gateway.store.base import Claim, LeaseTerms, RateDecision, StoredResponse, TakePlan
 from gateway.store.breaker import CircuitBreaker
-from gateway.store.layout import claim_from_reply, decision_from_reply
+from gateway.store.layout import admission_from_reply, claim_from_reply, decision_from_reply
 from gateway.store.pipeline import Pipeline
 from gateway.store.resp import ScriptCall, bulk, command
 from gateway.store.scripted import ScriptStoreBase
@@ -176,7 +176,8 @@ class RedisStore(ScriptStoreBase):
             if pipelined else _Lane(pool.make_connection, max_connections)
         )
         self._bounded = pipelined  # the pipeline bounds every call itself, cheaper than the guard
-        self._scripts = (self._take, self._claim, self._complete, self._release, self._renew)
+        self._scripts = (self._take, self._claim, self._complete, self._release, self._renew,
+                         self._take_claim)
 
     @classmethod
     def from_url(
@@ -260,6 +261,20 @@ class RedisStore(ScriptStoreBase):
         key = self._keys.record(record)
         packed = self._claim.evalsha([key], bulk(fingerprint) + bulk(owner) + terms.claim_argv, 5)
         return claim_from_reply(await self._run(self._claim, packed))
+
+    def combines(self, tags: Sequence[str], record: str) -> bool:
+        return True  # one server holds every key
+
+    async def ratelimit_take_claim(
+        self, plan: TakePlan, tags: Sequence[str], record: str, fingerprint: bytes, owner: bytes, *,
+        terms: LeaseTerms,
+    ) -> tuple[RateDecision, Claim | None]:
+        keys = self._keys.buckets(tags, plan.names)
+        keys.append(self._keys.record(record))
+        args = b"".join((bulk(b"%d" % len(plan.names)), _NO_OFFSET, plan.argv_resp, bulk(fingerprint),
+                         bulk(owner), terms.claim_argv))
+        packed = self._take_claim.evalsha(keys, args, 7 + len(plan.argv))
+        return admission_from_reply(await self._run(self._take_claim, packed))
 
     async def idempotency_complete(
         self, record: str, owner: bytes, response: StoredResponse, terms: LeaseTerms

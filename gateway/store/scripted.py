@@ -48,6 +48,7 @@ class ScriptStoreBase:
         self._complete = script_call("idempotency_complete")
         self._release = script_call("idempotency_release")
         self._renew = script_call("idempotency_renew")
+        self._take_claim = script_call("ratelimit_take_claim")
 
     def key(self, tag: str, policy: str) -> str:
         """The store key of one policy's bucket for one tag."""
