@@ -41,6 +41,7 @@ IDEMPOTENCY_OUTCOMES = ("executed", "replayed", "in_flight", "mismatch", "invali
 STORE_OPERATIONS = (
     "ratelimit_take",
     "ratelimit_refund",
+    "ratelimit_take_claim",
     "idempotency_claim",
     "idempotency_complete",
     "idempotency_release",

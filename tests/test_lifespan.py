@@ -61,6 +61,25 @@ async def test_startup_freezes_the_heap_built_so_far(monkeypatch: pytest.MonkeyP
     assert frozen_while_serving[0] > 1000  # modules, config, the app: thousands of objects
 
 
+@pytest.mark.parametrize(("before", "after"),
+                         [((700, 10, 10), (10_000, 10, 10)), ((1234, 5, 6), (1234, 5, 6))])
+async def test_startup_raises_the_youngest_threshold_unless_the_app_set_its_own(
+    monkeypatch: pytest.MonkeyPatch, before: tuple[int, int, int], after: tuple[int, int, int]
+) -> None:
+    """CPython's default 700 becomes GEN0_THRESHOLD once started; thresholds an app chose stay."""
+    spy = SpyStore()
+    monkeypatch.setattr(gateway.stack, "store_from_config", lambda config, **_: spy)
+    saved = gc.get_threshold()
+    gc.set_threshold(*before)
+    try:
+        seen: list[tuple[int, int, int]] = []
+        await run_lifespan(GatewayMiddleware(CountingApp(), {"rate_limit": [POLICY]}),
+                           between=lambda: seen.append(gc.get_threshold()))
+        assert seen == [after]
+    finally:
+        gc.set_threshold(*saved)
+
+
 async def test_shared_store_is_left_to_its_owner() -> None:
     """A store passed in is not opened or closed by the middleware's lifespan."""
     spy = SpyStore()

@@ -26,9 +26,11 @@ async def test_allowed_charges_every_bucket_once_and_claims(store: RedisStore) -
     decision, claim = await store.ratelimit_take_claim(PLAN, ["c1", "c1"], "r1", FP, b"o1", terms=TERMS)
     assert decision.allowed
     assert [b.remaining for b in decision.buckets] == [2, 3]
-    assert claim is not None and claim.outcome == "new"
+    assert claim is not None
+    assert claim.outcome == "new"
     record = await store.client.hgetall(store.record_key("r1"))
-    assert record[b"st"] == b"p" and record[b"o"] == b"o1"
+    assert record[b"st"] == b"p"
+    assert record[b"o"] == b"o1"
     # the next take sees exactly one charge
     after = await store.ratelimit_take(PLAN, ["c1", "c1"])
     assert [b.remaining for b in after.buckets] == [1, 1]
@@ -39,13 +41,15 @@ async def test_a_denial_claims_nothing_and_charges_nothing(store: RedisStore) ->
     first, _ = await store.ratelimit_take_claim(plan, ["c2"], "r-a", FP, b"o1", terms=TERMS)
     assert first.allowed
     denied, claim = await store.ratelimit_take_claim(plan, ["c2"], "r-b", FP, b"o2", terms=TERMS)
-    assert not denied.allowed and claim is None
+    assert not denied.allowed
+    assert claim is None
     assert denied.buckets[0].wait_ms > 0
     assert not await store.client.exists(store.record_key("r-b"))
     # so the same key, once the client may pass, runs: it is new, not in flight
     free = TakePlan.of([spec("other", 10, 1000, 10)])
     _, again = await store.ratelimit_take_claim(free, ["c2"], "r-b", FP, b"o3", terms=TERMS)
-    assert again is not None and again.outcome == "new"
+    assert again is not None
+    assert again.outcome == "new"
 
 
 async def test_a_resend_answers_the_same_and_charges_nothing_again(store: RedisStore) -> None:
@@ -55,20 +59,26 @@ async def test_a_resend_answers_the_same_and_charges_nothing_again(store: RedisS
     first = await store.ratelimit_take_claim(plan, ["c3"], "r3", FP, b"owner", terms=TERMS)
     resent = await store.ratelimit_take_claim(plan, ["c3"], "r3", FP, b"owner", terms=TERMS)
     assert resent == first
-    assert first[1] is not None and first[1].outcome == "new"
+    assert first[1] is not None
+    assert first[1].outcome == "new"
     left = await store.ratelimit_take(plan, ["c3"])
-    assert left.allowed and left.buckets[0].remaining == 0  # 2 - the one charge - this take
+    assert left.allowed
+    assert left.buckets[0].remaining == 0
 
 
 async def test_other_attempts_are_charged_and_meet_the_claim(store: RedisStore) -> None:
     plan = TakePlan.of([spec("p", 1, 3_600_000, 10)])
     await store.ratelimit_take_claim(plan, ["c4"], "r4", FP, b"o1", terms=TERMS)
     busy, claim = await store.ratelimit_take_claim(plan, ["c4"], "r4", FP, b"o2", terms=TERMS)
-    assert busy.allowed and busy.buckets[0].remaining == 8
-    assert claim is not None and claim.outcome == "in_flight" and claim.lease_left_ms > 0
+    assert busy.allowed
+    assert busy.buckets[0].remaining == 8
+    assert claim is not None
+    assert claim.outcome == "in_flight"
+    assert claim.lease_left_ms > 0
     other, mismatch = await store.ratelimit_take_claim(plan, ["c4"], "r4", b"g" * 64, b"o3", terms=TERMS)
     assert other.buckets[0].remaining == 7
-    assert mismatch is not None and mismatch.outcome == "mismatch"
+    assert mismatch is not None
+    assert mismatch.outcome == "mismatch"
 
 
 async def test_a_completed_record_is_replayed_and_forgets_the_take(store: RedisStore) -> None:
@@ -79,8 +89,10 @@ async def test_a_completed_record_is_replayed_and_forgets_the_take(store: RedisS
     assert await store.idempotency_complete("r5", b"o1", StoredResponse(201, b"", b"paid"), TERMS)
     assert not await store.client.hexists(store.record_key("r5"), "rl")
     replay, claim = await store.ratelimit_take_claim(plan, ["c5"], "r5", FP, b"o2", terms=TERMS)
-    assert replay.allowed and replay.buckets[0].remaining == 8  # a replay still counts
-    assert claim is not None and claim.outcome == "done"
+    assert replay.allowed
+    assert replay.buckets[0].remaining == 8
+    assert claim is not None
+    assert claim.outcome == "done"
     assert claim.response == StoredResponse(201, b"", b"paid")
 
 
@@ -94,7 +106,8 @@ async def test_same_answers_as_the_two_scripts_one_after_the_other(store: RedisS
         record = f"r{rng.randrange(8)}"
         fp = rng.choice((FP, b"g" * 64))
         owner = b"o%d" % i
-        combined = await store.ratelimit_take_claim(plan, ["x" + client] * 2, "x" + record, fp, owner, terms=TERMS)
+        combined = await store.ratelimit_take_claim(plan, ["x" + client] * 2, "x" + record, fp, owner,
+                                                    terms=TERMS)
         taken = await store.ratelimit_take(plan, ["y" + client] * 2)
         claimed = (await store.idempotency_claim("y" + record, fp, owner, TERMS)) if taken.allowed else None
         assert combined[0].allowed == taken.allowed, i
