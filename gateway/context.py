@@ -3,8 +3,9 @@
 ``GatewayMiddleware``'s outermost layer (``entry.py``) puts a ``RequestContext`` in the scope;
 the layers inside it read and add to it instead of doing the same work again:
 
-* identity tags are resolved once, by the stack's one ``IdentityResolver``, for the rate limit
-  and the Idempotency-Key scope alike;
+* the headers a decision reads are read once, by the request check's one pass over the header
+  list (``HeaderValues``), and identity tags are resolved once from them, by the stack's one
+  ``IdentityResolver``, for the rate limit and the Idempotency-Key scope alike;
 * the response fields a layer wants added (``RateLimit``, ``RateLimit-Policy``) go into
   ``response_headers``, and the entry's one ``send`` wrapper adds them, with ``X-Request-Id``, at
   ``http.response.start``, where it also counts the response and its timings;
@@ -29,10 +30,25 @@ if TYPE_CHECKING:
     from gateway.identity import IdentityResolver
     from gateway.store import RateDecision, TakePlan
 
-__all__ = ["CONTEXT_SCOPE_KEY", "DeferredTake", "RequestContext", "context_of"]
+__all__ = ["CONTEXT_SCOPE_KEY", "DeferredTake", "HeaderValues", "RequestContext", "context_of"]
 
 #: Where a request's scope carries its ``RequestContext``.
 CONTEXT_SCOPE_KEY = "gateway.context"
+
+
+class HeaderValues:
+    """The values of the headers in ``names`` that one request carries, from one pass.
+
+    A name the stack refuses twice (``request_check.decided_headers``) has its one line's value;
+    ``x-forwarded-for`` its non-empty lines joined with commas (one list, RFC 9110 §5.3);
+    ``content-length`` its last line. A name not in ``names`` was not looked for: a layer that
+    needs it reads the header list itself."""
+
+    __slots__ = ("names", "values")
+
+    def __init__(self, names: frozenset[bytes], values: dict[bytes, bytes]) -> None:
+        self.names = names
+        self.values = values
 
 
 class DeferredTake(Protocol):
@@ -61,7 +77,8 @@ class DeferredTake(Protocol):
 class RequestContext:
     """What the layers of one stack share about one HTTP request."""
 
-    __slots__ = ("_resolver", "_tags", "app_start", "counted", "deferred_take", "response_headers", "start")
+    __slots__ = ("_resolver", "_tags", "app_start", "counted", "deferred_take", "headers", "response_headers",
+                 "start")
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
@@ -71,6 +88,7 @@ class RequestContext:
         self._resolver: IdentityResolver | None = None
         self._tags: Mapping[str, str] = {}
         self.deferred_take: DeferredTake | None = None
+        self.headers: HeaderValues | None = None  # set by the request check
 
     def take_deferred(self) -> DeferredTake | None:
         """The deferred rate-limit take, once: whoever takes it must make it."""
@@ -80,7 +98,7 @@ class RequestContext:
     def tags(self, resolver: IdentityResolver, scope: Scope) -> Mapping[str, str]:
         """Every key tag ``resolver`` knows for this request, resolved on first use only."""
         if self._resolver is not resolver:
-            self._tags = resolver.tags(scope)
+            self._tags = resolver.tags(scope, found=self.headers)
             self._resolver = resolver
         return self._tags
 

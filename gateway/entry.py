@@ -56,7 +56,7 @@ class StackEntry:
 
         token = bind_request_id(rid.decode())
         try:
-            admitted = await self._check.admit(scope, send_decorated)
+            admitted = await self._check.admit(scope, send_decorated, ctx)
             if admitted is None:
                 return
             if is_ops_path(admitted["path"]):

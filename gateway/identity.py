@@ -19,6 +19,7 @@ from functools import lru_cache
 from typing import Any
 
 from gateway.config import IdentityConfig
+from gateway.context import HeaderValues
 
 __all__ = ["ANONYMOUS_TAG", "GLOBAL_TAG", "IdentityResolver", "header_name", "tag"]
 
@@ -64,18 +65,31 @@ class IdentityResolver:
             wanted.add(_XFF)
         self._headers = frozenset(wanted)
 
-    def tags(self, scope: Mapping[str, Any], keys: Iterable[str] | None = None) -> dict[str, str]:
-        """Map each policy key (all in use, or those of ``keys``) to its tag for this request."""
-        found: dict[bytes, bytes] = {}
+    def tags(
+        self, scope: Mapping[str, Any], keys: Iterable[str] | None = None, *,
+        found: HeaderValues | None = None,
+    ) -> dict[str, str]:
+        """Map each policy key (all in use, or those of ``keys``) to its tag for this request.
+
+        ``found``: the header values the stack's request check read; used, instead of a pass
+        over the headers of its own, when it holds every header this resolver reads."""
+        if found is not None and self._headers <= found.names:
+            return self._tags_of(scope, found.values, keys)
+        values: dict[bytes, bytes] = {}
         if self._headers:
             wanted = self._headers
             for name, value in scope["headers"]:
                 if name in wanted and value:
-                    if name == _XFF and name in found:
-                        found[name] += b"," + value  # several header lines form one list
-                    elif name not in found:
-                        found[name] = value
-        ip = self._client_ip(scope, found.get(_XFF)) if self._ip_needed else None
+                    if name == _XFF and name in values:
+                        values[name] += b"," + value  # several header lines form one list
+                    elif name not in values:
+                        values[name] = value
+        return self._tags_of(scope, values, keys)
+
+    def _tags_of(
+        self, scope: Mapping[str, Any], found: Mapping[bytes, bytes], keys: Iterable[str] | None
+    ) -> dict[str, str]:
+        ip = self._client_ip(scope, found.get(_XFF) or None) if self._ip_needed else None
         out: dict[str, str] = {}
         for key in self._keys if keys is None else keys:
             if key == "global":

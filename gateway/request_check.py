@@ -17,6 +17,10 @@ the same request:
   ``400``. A target with no one meaning (a ``\\``, raw or encoded; an encoded NUL; a malformed
   escape) is a ``400`` either way.
 
+The same pass over the header list keeps the values of those headers (and of
+``Content-Length`` and ``X-Forwarded-For``) in the request's context (``HeaderValues``): the
+rate limit, the identity and the Idempotency-Key gate read them there, not from the list again.
+
 Each refusal is problem+json, closes the connection (the rest of the request may not be framed
 the way the gateway read it) and is counted in ``gateway_requests_refused{reason}``.
 """
@@ -31,6 +35,7 @@ from urllib.parse import quote, unquote
 from gateway._asgi import Scope, Send
 from gateway._paths import normal_target
 from gateway.config import Config
+from gateway.context import HeaderValues, RequestContext
 from gateway.identity import header_name
 from gateway.metrics import Metrics
 from gateway.problem import problem_type, send_problem
@@ -39,6 +44,8 @@ from gateway.requestid import current_request_id
 __all__ = ["RequestCheck", "decided_headers"]
 
 _HOST = b"host"
+_CONTENT_LENGTH = b"content-length"
+_XFF = b"x-forwarded-for"
 _EXPECT = b"expect"
 _CONTINUE = b"100-continue"
 _VERSIONS = frozenset({"1.0", "1.1", "2", "3"})
@@ -61,12 +68,16 @@ class RequestCheck:
 
     def __init__(self, config: Config, *, metrics: Metrics) -> None:
         self._single = decided_headers(config)
+        self._read = self._single | {_CONTENT_LENGTH, _XFF}
         self._reject_non_normal = config.request.path_normalization == "reject"
         self._refused = metrics.refused
 
-    async def admit(self, scope: Scope, send: Send) -> Scope | None:
-        """The scope to go on with (its path in normal form), or None once a refusal is sent."""
-        refusal = self._refusal(scope)
+    async def admit(self, scope: Scope, send: Send, ctx: RequestContext) -> Scope | None:
+        """The scope to go on with (its path in normal form), or None once a refusal is sent;
+        the values of the headers the decisions read go into ``ctx.headers``."""
+        values: dict[bytes, bytes] = {}
+        refusal = self._refusal(scope, values)
+        ctx.headers = HeaderValues(self._read, values)
         if refusal is not None:
             reason, status, detail = refusal
             name = "expectation-failed" if status == 417 else "ambiguous-request"
@@ -96,22 +107,29 @@ class RequestCheck:
         await send_problem(send, status=status, type_=problem_type(name), title=title, detail=detail,
                            headers=_CLOSE)
 
-    def _refusal(self, scope: Scope) -> tuple[str, int, str] | None:
-        """(reason, status, detail) when the request is ambiguous, else None."""
+    def _refusal(self, scope: Scope, values: dict[bytes, bytes]) -> tuple[str, int, str] | None:
+        """(reason, status, detail) when the request is ambiguous, else None; ``values`` gets the
+        values of the headers the decisions read (see ``HeaderValues``)."""
         version = scope.get("http_version", "1.1")
         if version not in _VERSIONS:
             return "http_version", 400, f"HTTP/{version} is not served; send HTTP/1.1"
         single = self._single
-        seen: set[bytes] = set()
+        read = self._read
         host: bytes | None = None
         for name, value in scope["headers"]:
-            if name in single:
-                if name in seen:
-                    reason = "host" if name == _HOST else "duplicate_header"
-                    return reason, 400, f"more than one {name.decode('latin-1')} header line"
-                seen.add(name)
-                if name == _HOST:
-                    host = value
+            if name in read:
+                if name in single:
+                    if name in values:
+                        reason = "host" if name == _HOST else "duplicate_header"
+                        return reason, 400, f"more than one {name.decode('latin-1')} header line"
+                    values[name] = value
+                    if name == _HOST:
+                        host = value
+                elif name == _XFF:
+                    if value:  # several lines form one list
+                        values[name] = values[name] + b"," + value if name in values else value
+                else:
+                    values[name] = value  # Content-Length: the last line, as the server framed it
             elif name == _EXPECT and value.lower() != _CONTINUE:
                 return "expect", 417, "only Expect: 100-continue is supported"
         if host is None:
@@ -120,4 +138,3 @@ class RequestCheck:
         elif not _HOST_VALUE.fullmatch(host):
             return "host", 400, "the Host header is not host[:port]"
         return None
-

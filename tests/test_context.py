@@ -43,9 +43,9 @@ async def test_identity_is_resolved_once_for_the_rate_limit_and_the_key(
     calls: list[Any] = []
     real = IdentityResolver.tags
 
-    def counting(self: IdentityResolver, scope: Any, keys: Any = None) -> dict[str, str]:
+    def counting(self: IdentityResolver, scope: Any, keys: Any = None, **kwargs: Any) -> dict[str, str]:
         calls.append(keys)
-        return real(self, scope, keys)
+        return real(self, scope, keys, **kwargs)
 
     monkeypatch.setattr(IdentityResolver, "tags", counting)
     app = SendRecorder()
@@ -106,3 +106,49 @@ async def test_a_stack_inside_a_stack_keeps_each_its_own_context() -> None:
     for gw in (inner, outer):
         assert gw.metrics.registry.get_sample_value("gateway_upstream_latency_seconds_count") == 1
     assert len(r.headers.get_list("x-request-id")) == 1
+
+
+class WalkedHeaders(list[tuple[bytes, bytes]]):
+    """A request's header list that counts the passes over it."""
+
+    walks = 0
+
+    def __iter__(self) -> Any:
+        WalkedHeaders.walks += 1
+        return super().__iter__()
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+async def test_the_stack_walks_the_request_headers_twice_whatever_its_layers(keyed: bool) -> None:
+    """The request id's pass and the request check's: the identity (two policies and the key
+    scope) and the Idempotency-Key gate read the values the check kept, not the list again."""
+    app = SendRecorder()
+    gw = GatewayMiddleware(app, {
+        "rate_limit": [{"name": "per-client", "limit": 100, "period": "1m"},
+                       {"name": "per-key", "key": "header:x-api-key", "limit": 100, "period": "1m"}],
+        "identity": {"sources": ["header:x-api-key", "ip"]}})
+    headers = WalkedHeaders([(b"host", b"t"), (b"x-request-id", b"given-id"), (b"x-api-key", b"alice"),
+                             (b"content-length", b"2"), *([(b"idempotency-key", b"k1")] if keyed else [])])
+    WalkedHeaders.walks = 0
+    sent = await call_asgi(gw, {"type": "http", "method": "POST", "path": "/pay", "raw_path": b"/pay",
+                                "query_string": b"", "headers": headers, "client": ("203.0.113.5", 1)}, b"{}")
+    assert sent[0]["status"] == 200
+    assert (b"ratelimit", b'"per-client";r=99;t=1, "per-key";r=99;t=1') in sent[0]["headers"]
+    assert WalkedHeaders.walks == 2
+
+
+async def test_a_layer_configured_otherwise_reads_the_headers_itself() -> None:
+    """An Idempotency-Key gate inside the stack's app, with a header the stack does not read,
+    still finds its key (the values the check kept do not name that header)."""
+    from gateway import IdempotencyMiddleware
+    from tests.asgi_helpers import CountingApp
+
+    inner_app = CountingApp()
+    inner = IdempotencyMiddleware(inner_app, idempotency={"header": "X-Other-Key"},
+                                  identity={"sources": ["header:x-api-key"]})
+    gw = GatewayMiddleware(inner, {"identity": {"sources": ["header:x-api-key"]}})
+    async with client_for(gw) as c:
+        first = await c.post("/pay", content=b"{}", headers={"x-other-key": "k1", "x-api-key": "a"})
+        replay = await c.post("/pay", content=b"{}", headers={"x-other-key": "k1", "x-api-key": "a"})
+    assert first.status_code == replay.status_code == 200
+    assert inner_app.calls == 1

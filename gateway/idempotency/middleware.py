@@ -75,6 +75,7 @@ _FREE_MAX_TRIES = 40
 #: How long a settle goes on in the background once ``completion_timeout`` has passed (at most
 #: ``lease.MAX_ATTEMPTS`` store calls): the holder's outcome still lands after a long outage.
 LATE_SETTLE_S = 120.0
+_CONTENT_LENGTH = b"content-length"
 # extensions that send a response without body messages, which Capture could not keep
 _BODYLESS_EXTENSIONS = ("http.response.pathsend", "http.response.zerocopysend")
 
@@ -180,12 +181,18 @@ class IdempotencyMiddleware:
         lines = 0
         length = b""
         wanted = self._header
-        for name, value in scope["headers"]:
-            if name == wanted:
-                raw_key = value
-                lines += 1
-            elif name == b"content-length":
-                length = value
+        found = ctx.headers if ctx is not None else None
+        if found is not None and wanted in found.names:  # read once by the stack's request check
+            raw_key = found.values.get(wanted)
+            lines = 0 if raw_key is None else 1  # a second line was refused there
+            length = found.values.get(_CONTENT_LENGTH, b"")
+        else:
+            for name, value in scope["headers"]:
+                if name == wanted:
+                    raw_key = value
+                    lines += 1
+                elif name == _CONTENT_LENGTH:
+                    length = value
         if raw_key is None:
             if deferred is not None and not await deferred.alone(send):
                 return  # the rate limit answered
