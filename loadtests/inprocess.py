@@ -1,0 +1,143 @@
+"""The stack's own CPU per request, in-process: an ASGI driver, no HTTP server, no client.
+
+A benchmark, not a test. It starts a redis-server of its own (loopback, free port, no
+persistence) and drives ``GatewayMiddleware`` (one per-client policy that never denies) around
+a trivial app. Each round sends ``--requests`` requests, ``--concurrency`` at a time, and divides
+this process's CPU time by the requests: ``GET /hello`` (the rate limit), and ``POST /pay`` with
+a new Idempotency-Key each time (the rate limit and the claim, then the completion). With HTTP
+taken away, what is left is the gateway's Python, the store calls' share of the pipeline, and
+the garbage collector: the steadier evidence next to peer-bench on a noisy 2-core machine.
+
+    .venv/bin/python -m loadtests.inprocess --rounds 3
+
+Prints the median, min and max per workload. Stops the redis-server it started, by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway import GatewayMiddleware
+from loadtests.processes import Child, free_port
+
+_POLICY = [{"name": "per-client", "limit": 1_000_000, "period": "1m"}]
+_HEADERS = [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"wrk"), (b"accept", b"*/*")]
+
+
+async def _endpoint(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        while True:  # bounded by the driver: one startup, one shutdown
+            message = await receive()
+            done = message["type"] == "lifespan.shutdown"
+            await send({"type": "lifespan.shutdown.complete" if done else "lifespan.startup.complete"})
+            if done:
+                return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"hello"})
+
+
+class _Driver:
+    """Runs the app's lifespan and sends it requests, ``concurrency`` at a time."""
+
+    def __init__(self, app: GatewayMiddleware, post: bool) -> None:
+        self._app = app
+        self._post = post
+        self._keys = itertools.count()
+        self._lifespan: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+
+    async def start(self) -> asyncio.Task[None]:
+        started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                started.set_result(None)
+
+        await self._lifespan.put({"type": "lifespan.startup"})
+        task = asyncio.ensure_future(self._app({"type": "lifespan", "asgi": {"version": "3.0"}},
+                                               self._lifespan.get, send))
+        await asyncio.wait_for(started, 10)
+        return task
+
+    async def stop(self, task: asyncio.Task[None]) -> None:
+        await self._lifespan.put({"type": "lifespan.shutdown"})
+        await asyncio.wait_for(task, 10)
+
+    async def one(self) -> None:
+        headers = list(_HEADERS)
+        method, path = "GET", "/hello"
+        if self._post:
+            method, path = "POST", "/pay"
+            headers += [(b"idempotency-key", b"k%d" % next(self._keys)), (b"content-length", b"2")]
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "root_path": "", "headers": headers, "client": ("127.0.0.1", 5555),
+                 "server": ("127.0.0.1", 8000)}
+        status: list[int] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+
+        await self._app(scope, receive, send)
+        if status != [200]:
+            msg = f"{method} {path} answered {status}"
+            raise RuntimeError(msg)
+
+    async def burst(self, requests: int, concurrency: int) -> None:
+        for _ in range(requests // concurrency):
+            await asyncio.gather(*(self.one() for _ in range(concurrency)))
+
+
+async def _measure(url: str, post: bool, requests: int, concurrency: int) -> float:
+    """CPU microseconds per request of one fresh stack, after a warm-up."""
+    app = GatewayMiddleware(_endpoint, {"store": {"url": url, "key_prefix": f"bench{time.time_ns()}"},
+                                        "rate_limit": _POLICY})
+    driver = _Driver(app, post)
+    task = await driver.start()
+    try:
+        await driver.burst(min(requests, 16_000), concurrency)
+        before = time.process_time()
+        await driver.burst(requests, concurrency)
+        return (time.process_time() - before) / requests * 1e6
+    finally:
+        await driver.stop(task)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    import uvloop
+
+    workdir = Path(tempfile.mkdtemp(prefix="gateway-inprocess-"))
+    port = free_port()
+    redis = Child("redis", [shutil.which("redis-server") or "redis-server", "--port", str(port),
+                            "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], workdir)
+    try:
+        redis.wait_redis(port, 10)
+        url = f"redis://127.0.0.1:{port}/0"
+        for name, post in (("GET, rate limit", False), ("POST, rate limit + Idempotency-Key", True)):
+            # one process per workload would be steadier still; the rounds show the spread
+            runs = [uvloop.run(_measure(url, post, args.requests, args.concurrency)) for _ in range(args.rounds)]
+            print(f"{name}: {statistics.median(runs):.1f} us/req CPU "
+                  f"(min {min(runs):.1f}, max {max(runs):.1f}, {args.rounds} rounds)")
+    finally:
+        redis.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
