@@ -131,7 +131,8 @@ def main() -> None:
         url = f"redis://127.0.0.1:{port}/0"
         for name, post in (("GET, rate limit", False), ("POST, rate limit + Idempotency-Key", True)):
             # one process per workload would be steadier still; the rounds show the spread
-            runs = [uvloop.run(_measure(url, post, args.requests, args.concurrency)) for _ in range(args.rounds)]
+            runs = [uvloop.run(_measure(url, post, args.requests, args.concurrency))
+                    for _ in range(args.rounds)]
             print(f"{name}: {statistics.median(runs):.1f} us/req CPU "
                   f"(min {min(runs):.1f}, max {max(runs):.1f}, {args.rounds} rounds)")
     finally:
