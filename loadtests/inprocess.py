@@ -23,16 +23,16 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from gateway import GatewayMiddleware
+from gateway._asgi import Message, Receive, Scope, Send
 from loadtests.processes import Child, free_port
 
 _POLICY = [{"name": "per-client", "limit": 1_000_000, "period": "1m"}]
 _HEADERS = [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"wrk"), (b"accept", b"*/*")]
 
 
-async def _endpoint(scope: dict[str, Any], receive: Any, send: Any) -> None:
+async def _endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
         while True:  # bounded by the driver: one startup, one shutdown
             message = await receive()
@@ -51,12 +51,12 @@ class _Driver:
         self._app = app
         self._post = post
         self._keys = itertools.count()
-        self._lifespan: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+        self._lifespan: asyncio.Queue[Message] = asyncio.Queue()
 
     async def start(self) -> asyncio.Task[None]:
         started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
                 started.set_result(None)
 
@@ -76,16 +76,16 @@ class _Driver:
         if self._post:
             method, path = "POST", "/pay"
             headers += [(b"idempotency-key", b"k%d" % next(self._keys)), (b"content-length", b"2")]
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+        scope: Scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
                  "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
                  "root_path": "", "headers": headers, "client": ("127.0.0.1", 5555),
                  "server": ("127.0.0.1", 8000)}
         status: list[int] = []
 
-        async def receive() -> dict[str, Any]:
+        async def receive() -> Message:
             return {"type": "http.request", "body": b"{}", "more_body": False}
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status.append(message["status"])
 
