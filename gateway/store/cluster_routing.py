@@ -103,6 +103,11 @@ class ClusterRouter:
     def primaries(self) -> list[ClusterNode]:
         return self._nodes.get_nodes_by_server_type(PRIMARY)
 
+    @property
+    def piped_nodes(self) -> frozenset[str]:
+        """The nodes (``host:port``) that have a pipeline now, for diagnostics and tests."""
+        return frozenset(self._pipelines)
+
     def pipeline(self, node: ClusterNode) -> Pipeline:
         """The pipeline to ``node``, made on first use."""
         pipeline = self._pipelines.get(node.name)
