@@ -104,6 +104,28 @@ async def test_calls_of_one_turn_leave_in_one_write_on_one_connection_per_primar
             assert len(piped) == 1, (port, clients)
 
 
+async def test_a_store_whose_open_failed_reads_the_topology_on_first_use(
+    redis_cluster: RedisCluster,
+) -> None:
+    """``open`` may fail at startup (the lifespan goes on): the first ping reads the slot map
+    and pings every primary, the first take is decided (the scripts loaded on NOSCRIPT), and
+    close closes it all."""
+    store = ClusterStore.from_url(redis_cluster.url, key_prefix=unique_prefix(), timeout_s=2.0)
+    try:
+        assert store.router.primaries() == []
+        await store.ping()
+        assert {n.port for n in store.router.primaries()} == {m.port for m in redis_cluster.masters()}
+        fresh = ClusterStore.from_url(redis_cluster.url, key_prefix=unique_prefix(), timeout_s=2.0)
+        try:
+            decision = await fresh.ratelimit_take(TakePlan.of([*PLAN.specs, BucketSpec(
+                name="g", unit=3_600_000, refill=BURST, burst=BURST, cost=1)]), ["one", "global"])
+            assert decision.allowed
+        finally:
+            await fresh.close()
+    finally:
+        await store.close()
+
+
 # ---------------------------------------------------------------------- MOVED, ASK, NOSCRIPT
 async def test_a_stale_slot_map_follows_moved_and_is_corrected(redis_cluster: RedisCluster) -> None:
     """The store's map says another master serves a bucket's slot: that master answers MOVED,

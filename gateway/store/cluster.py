@@ -31,6 +31,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
+from redis.exceptions import ClusterError
 
 from gateway.errors import StoreError
 from gateway.store.base import BucketState, Claim, LeaseTerms, RateDecision, StoredResponse, TakePlan
@@ -249,10 +250,12 @@ class ClusterStore(ScriptStoreBase):
         """PING every primary; when one fails, once more after reading the slot map again
         (a failover may have replaced it)."""
         for attempt in range(2):
+            primaries = self._router.primaries()
             replies = await asyncio.gather(
-                *(self._router.pipeline(node).call(_PING) for node in self._router.primaries()),
-                return_exceptions=True)
+                *(self._router.pipeline(node).call(_PING) for node in primaries), return_exceptions=True)
             failed = next((r for r in replies if isinstance(r, BaseException)), None)
+            if not primaries:  # the topology was never read (open failed)
+                failed = ClusterError("no primary known: the slot map could not be read")
             if failed is None:
                 return
             if attempt:

@@ -120,7 +120,7 @@ class ClusterRouter:
         """Send ``packed`` to the slot's primary now (with this turn's other commands); its
         reply, to hand to ``send`` as ``first``. None when the map has no primary for it."""
         try:
-            node = self._nodes.get_node_from_slot(slot)
+            node = self._primary(slot)
         except SlotNotCoveredError:
             return None
         reply = self.pipeline(node).call(packed)
@@ -144,7 +144,7 @@ class ClusterRouter:
                     sent, first = first, None
                     return await sent
                 if node is None:
-                    node = self._nodes.get_node_from_slot(slot)
+                    node = self._primary(slot)
                     if not loading:
                         return await self.pipeline(node).call(packed)
                 heads = ([load] if loading and load else []) + ([_ASKING] if asked else [])
@@ -172,6 +172,13 @@ class ClusterRouter:
             except _NOT_RUN as exc:
                 retries = await self._recover(retries, node, exc)
                 asked = None
+
+    def _primary(self, slot: int) -> ClusterNode:
+        try:
+            return self._nodes.get_node_from_slot(slot)
+        except KeyError:  # no map yet: the topology was never read (open failed)
+            msg = f"slot {slot} is not in the slot map (not read yet)"
+            raise SlotNotCoveredError(msg) from None
 
     async def _node_at(self, host: str, port: int) -> ClusterNode:
         node = self._nodes.get_node(host=host, port=port)
@@ -211,7 +218,10 @@ class ClusterRouter:
     async def _refresh(self) -> None:
         try:
             async with asyncio.timeout(2 * self._timeout_s):  # room to ask a second node
-                await self._nodes.initialize()
+                if self._nodes.slots_cache:
+                    await self._nodes.initialize()
+                else:  # never read (open failed): as open does, so close closes it all
+                    await self._client.initialize()
             self._prune()
         finally:
             self._refreshing = None
