@@ -13,6 +13,9 @@ and a unique ``Idempotency-Key`` per request (rate limit, then claim + complete)
 wrk processes at once (``-t1``, half of ``--connections`` each): in mode ``one`` both aim at A, in
 mode ``two`` one aims at A and one at B, so the client side is identical and only the number of
 gateway processes changes. Rounds interleave the modes (and alternate which goes first).
+Mode ``redis`` is the comparison row: both wrk aim at gateway R (pinned to CPU 0, like A), the
+same config on one plain ``redis-server`` (no cluster), so a request's gateway CPU on the cluster
+can be set against the same request on one Redis, measured in the same run.
 
 The machine may have 2 cores (this one does): the Redis nodes and wrk are not pinned and compete
 with the gateways. So every run records CPU time from /proc (utime + stime deltas) per gateway,
@@ -64,14 +67,14 @@ CONFIG_ENV = "CLUSTER_SCALEOUT_CONFIG"  # the gateway's config, JSON, for the uv
 # that is full again expires; with a huge refill rate every bucket would be full within a
 # millisecond, and every take would create a fresh key.
 LIMIT, PERIOD, BURST = 1000, "1h", 100_000_000
-MODES = ("one", "two")
+MODES = ("one", "two", "redis")
 HELLO = b'{"message":"hello"}'
 CHARGE = b'{"charge":"ch_1","status":"succeeded"}'
 
 
-def gateway_config(store_url: str, store_timeout: str) -> dict[str, Any]:
+def gateway_config(store_url: str, store_timeout: str, *, cluster: bool = True) -> dict[str, Any]:
     return {
-        "store": {"url": store_url, "cluster": True, "timeout": store_timeout},
+        "store": {"url": store_url, "cluster": cluster, "timeout": store_timeout},
         "rate_limit": [
             {"name": "per-client", "limit": LIMIT, "period": PERIOD, "burst": BURST},
             {"name": "global", "limit": LIMIT, "period": PERIOD, "burst": BURST, "key": "global"},
@@ -311,6 +314,23 @@ def settle(pids: Iterable[int], timeout: float = 30.0) -> None:
         time.sleep(0.2)
 
 
+def verify_requests(gw: Gateway) -> None:
+    """The gateway decides: both policies shown, a keyed POST runs once and replays."""
+    status, headers, body = call(gw.port, "GET", "/hello", {"x-api-key": f"verify-{gw.name}"})
+    policy = headers.get("ratelimit-policy", "")
+    if status != 200 or body != HELLO or '"per-client"' not in policy or '"global"' not in policy:
+        msg = f"gateway {gw.name}: GET /hello gave {status} {headers} {body!r}"
+        raise RuntimeError(msg)
+    keyed = {"x-api-key": "verify", "Idempotency-Key": f"verify-{gw.name}",
+             "Content-Type": "application/json"}
+    first = call(gw.port, "POST", "/charge", keyed, b"{}")
+    again = call(gw.port, "POST", "/charge", keyed, b"{}")
+    if first[0] != 201 or again[0] != 201 or again[1].get("idempotent-replayed") != "true" \
+            or again[2] != first[2]:
+        msg = f"gateway {gw.name}: keyed POST gave {first}, then {again}"
+        raise RuntimeError(msg)
+
+
 def verify(gateways: list[Gateway], cluster: Any) -> dict[str, Any]:
     """Both gateways decide on the cluster: both policies shown, a keyed POST runs once and replays,
     and the buckets sit on the masters their slots name. Returns where the global bucket lives."""
@@ -318,19 +338,7 @@ def verify(gateways: list[Gateway], cluster: Any) -> dict[str, Any]:
     from gateway.store.layout import KeyLayout
 
     for gw in gateways:
-        status, headers, body = call(gw.port, "GET", "/hello", {"x-api-key": f"verify-{gw.name}"})
-        policy = headers.get("ratelimit-policy", "")
-        if status != 200 or body != HELLO or '"per-client"' not in policy or '"global"' not in policy:
-            msg = f"gateway {gw.name}: GET /hello gave {status} {headers} {body!r}"
-            raise RuntimeError(msg)
-        keyed = {"x-api-key": "verify", "Idempotency-Key": f"verify-{gw.name}",
-                 "Content-Type": "application/json"}
-        first = call(gw.port, "POST", "/charge", keyed, b"{}")
-        again = call(gw.port, "POST", "/charge", keyed, b"{}")
-        if first[0] != 201 or again[0] != 201 or again[1].get("idempotent-replayed") != "true" \
-                or again[2] != first[2]:
-            msg = f"gateway {gw.name}: keyed POST gave {first}, then {again}"
-            raise RuntimeError(msg)
+        verify_requests(gw)
     global_key = KeyLayout("gw").buckets([GLOBAL_TAG], [b"global"])[0]
     port = cluster.node_for_key(global_key).port
     if not cluster.node(port).call("EXISTS", global_key):
@@ -394,10 +402,12 @@ def timed_run(ports: list[int], script: Path, *, gateways: list[Gateway], watche
 
 def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from tests.redis_cluster import RedisCluster
+    from tests.redis_process import RedisProcess
 
     runs: list[dict[str, Any]] = []
     info: dict[str, Any] = {}
     cluster: RedisCluster | None = None
+    single: RedisProcess | None = None
     gateways: list[Gateway] = []
     with tempfile.TemporaryDirectory(prefix="cluster-scaleout-") as tmp_name, interrupts_as_exceptions():
         tmp = Path(tmp_name)
@@ -412,14 +422,20 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
             masters = cluster.masters()
             info["masters"] = [m.port for m in masters]
             print(f"cluster up in {cluster.startup_s:.1f} s: masters {info['masters']}", flush=True)
+            single = RedisProcess().start()
             config = gateway_config(cluster.url, args.store_timeout)
-            gateways = [Gateway("A", 0, tmp, config), Gateway("B", 1, tmp, config)]
+            gateways = [Gateway("A", 0, tmp, config), Gateway("B", 1, tmp, config),
+                        Gateway("R", 0, tmp, gateway_config(single.url, args.store_timeout, cluster=False))]
             for gw in gateways:
                 gw.wait_ready()
-            info.update(verify(gateways, cluster))
-            targets = {"one": [gateways[0].port] * 2, "two": [g.port for g in gateways]}
+            info.update(verify(gateways[:2], cluster))
+            verify_requests(gateways[2])
+            targets = {"one": [gateways[0].port] * 2, "two": [g.port for g in gateways[:2]],
+                       "redis": [gateways[2].port] * 2}
+            assert single.pid is not None
             watched = {**{f"gateway {g.name}": g.proc.pid for g in gateways},
-                       **{f"redis {n.port}": n.pid for n in cluster.nodes}}
+                       **{f"redis {n.port}": n.pid for n in cluster.nodes},
+                       f"redis {single.port}": single.pid}
             print(f"verified; global bucket on master {info['global_bucket_master']}; warming up "
                   f"({args.warmup} s per workload and mode)", flush=True)
             for script, mode in itertools.product(WORKLOADS.values(), MODES):
@@ -445,6 +461,8 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
                 gw.stop()
             if cluster is not None:
                 cluster.cleanup()
+            if single is not None:
+                single.cleanup()
     return runs, info
 
 
@@ -518,7 +536,9 @@ def render(rows: list[dict[str, Any]], info: dict[str, Any], command: str, args:
         "(ttl 10m).", "",
         f"Load: two wrk processes at once, each `-t1 -c{half} -d{args.seconds}s` ({args.connections} "
         f"connections in all), `x-api-key` cycling over {args.keys:,} values; mode `one`: both wrk on "
-        "gateway A; mode `two`: one on A, one on B. POST: a unique `Idempotency-Key` per request "
+        "gateway A; mode `two`: one on A, one on B; mode `redis` (the comparison): both wrk on "
+        "gateway R (CPU 0), the same config on one plain redis-server (no cluster, same run). "
+        "POST: a unique `Idempotency-Key` per request "
         f"(claim, then complete). {args.warmup} s warm-up per workload and mode, then {args.rounds} "
         "rounds, the modes interleaved (alternating which goes first). Medians over rounds; the ratio "
         "is two / one within each round.", "",
@@ -537,9 +557,10 @@ def render(rows: list[dict[str, Any]], info: dict[str, Any], command: str, args:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         med = {k[:-7]: v for k, v in r.items() if k.endswith("_median")}
-        ratio = "—" if r["mode"] == "one" else \
+        ratio = "—" if r["mode"] != "two" else \
             f"{med['ratio_to_one']:.2f} ({min(r['ratio_to_one']):.2f}-{max(r['ratio_to_one']):.2f})"
-        used = med["gateway_cpu_pct"][:1] if r["mode"] == "one" else med["gateway_cpu_pct"]
+        used = {"one": med["gateway_cpu_pct"][:1], "two": med["gateway_cpu_pct"][:2],
+                "redis": med["gateway_cpu_pct"][2:3]}[r["mode"]]
         statuses = ", ".join(f"{c}: {n}" for c, n in sorted(r["statuses"].items()))
         counters = ", ".join(f"{label} {n:.0f}" for label, n in sorted(r["gateway_errors"].items())) or "0"
         lines.append(
@@ -554,14 +575,15 @@ def render(rows: list[dict[str, Any]], info: dict[str, Any], command: str, args:
     keys = ", ".join(f"{port}: {count:,}" for port, count in info["keys_per_master"].items())
     lines += ["", f"Keys per master at the end (buckets + idempotency records): {keys}.", ""]
     for workload in dict.fromkeys(r["workload"] for r in rows):
-        one, two = (next(r for r in rows if (r["workload"], r["mode"]) == (workload, m)) for m in MODES)
+        one, two, single = (next(r for r in rows if (r["workload"], r["mode"]) == (workload, m))
+                            for m in MODES)
         alone = one["gateway_cpu_pct_median"][0]
         med2 = {k[:-7]: v for k, v in two.items() if k.endswith("_median")}
         other_us = med2["machine_cpu_us_per_req"] - med2["gateway_cpu_us_per_req"] \
             - med2["redis_cpu_us_per_req"] - med2["wrk_cpu_us_per_req"]
         # one process is bound by its core: 1 / gateway µs; two by the machine: cores / machine µs
         bound = cores * one["gateway_cpu_us_per_req_median"] / med2["machine_cpu_us_per_req"]
-        nodes = med2["redis_node_cpu_pct"]
+        nodes = {port: pct for port, pct in med2["redis_node_cpu_pct"].items() if port in info["masters"]}
         global_port = info["global_bucket_master"]
         verdict = "CPU-bound, the gateway process was the limit" if alone >= 90 else \
             "not CPU-bound, something else limited it"
@@ -570,13 +592,19 @@ def render(rows: list[dict[str, Any]], info: dict[str, Any], command: str, args:
             f"{alone:.0f} % of its core while the machine was {one['machine_busy_pct_median']:.0f} % busy: "
             f"{verdict}. Two: the machine was {med2['machine_busy_pct']:.0f} % busy (of {100 * cores}), "
             "the gateways got "
-            f"{' and '.join(f'{c:.0f} %' for c in med2['gateway_cpu_pct'])} of a core; each request cost "
+            f"{' and '.join(f'{c:.0f} %' for c in med2['gateway_cpu_pct'][:2])} of a core; each request cost "
             f"{med2['machine_cpu_us_per_req']:.0f} µs of machine CPU: gateway "
             f"{med2['gateway_cpu_us_per_req']:.0f}, Redis {med2['redis_cpu_us_per_req']:.0f}, wrk "
             f"{med2['wrk_cpu_us_per_req']:.0f}, other {other_us:.0f}. A saturated machine bounds the ratio "
             f"by {cores} x gateway µs (alone) / machine µs (two) = {bound:.2f}. Redis per master (two): "
             + ", ".join(f"{port}{' (global bucket)' if port == global_port else ''} {pct:.0f} %"
                         for port, pct in sorted(nodes.items())) + ".")
+        cluster_us, single_us = one["gateway_cpu_us_per_req_median"], single["gateway_cpu_us_per_req_median"]
+        lines.append(
+            f"- {workload}, cluster vs one Redis: gateway CPU per request {cluster_us:.0f} µs on the "
+            f"cluster (one process) against {single_us:.0f} µs on one Redis: "
+            f"**{cluster_us / single_us:.2f}x**; "
+            f"rps {one['rps_median']:,.0f} against {single['rps_median']:,.0f}.")
     return "\n".join(lines) + "\n"
 
 

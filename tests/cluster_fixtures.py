@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import require_redis_server
 from tests.redis_cluster import RedisCluster, redis_cli_binary
 
-__all__ = ["failover_cluster", "redis_cluster", "require_redis_cluster"]
+__all__ = ["failover_cluster", "own_cluster", "redis_cluster", "require_redis_cluster"]
 
 
 def require_redis_cluster() -> None:
@@ -45,3 +45,9 @@ def redis_cluster() -> Iterator[RedisCluster]:
 def failover_cluster() -> Iterator[RedisCluster]:
     """A 3-master cluster with one replica per master, of this test's own (it kills a master)."""
     yield from running_cluster(replicas=1)
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[RedisCluster]:
+    """A 3-master cluster (no replicas) of this test's own (it changes the topology)."""
+    yield from running_cluster(replicas=0)

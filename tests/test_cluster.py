@@ -669,3 +669,57 @@ async def test_master_killed_mid_run_keeps_the_promised_guarantees(failover_clus
           f"records lost with the killed master: {len(lost)}; in-flight key's retry: "
           f"{settled.status_code} after {len(slow_retries)} tries; slowest request "
           f"{slowest.elapsed:.2f}s ({slowest.kind} {slowest.status})")
+
+
+def _key_in_slot_of(store: Any, identity_tag: str, slot: int) -> str:
+    """An Idempotency-Key whose record lands in ``slot`` (about 16k tries on average, bounded)."""
+    from redis.crc import key_slot
+
+    for i in range(500_000):
+        key = f"k{i}"
+        if key_slot(store.record_key(record_name(identity_tag, key.encode())).encode()) == slot:
+            return key
+    msg = "no key found for the slot"
+    raise AssertionError(msg)
+
+
+async def test_take_and_claim_are_one_call_when_their_keys_share_a_slot(
+        redis_cluster: RedisCluster) -> None:
+    """On a cluster the combined admission runs where the record and the buckets share a slot
+    (one script on one master); elsewhere the take and the claim stay two calls. Both give the
+    same answers: one execution, the replay, and a denial that claims nothing."""
+    from redis.crc import key_slot
+
+    from gateway.identity import tag
+
+    app = RecordingApp()
+    gw = gateway_on(redis_cluster, app, rate_limit=[{"name": "pc", "limit": 1, "period": "1h", "burst": 3}])
+    store: Any = gw.store
+    identity = tag(b"h:x-api-key:alice")
+    slot = key_slot(store.key(identity, "pc").encode())
+    same = _key_in_slot_of(store, identity, slot)
+    other = next(f"o{i}" for i in range(100)
+                 if not store.combines([identity], record_name(identity, f"o{i}".encode())))
+    assert store.combines([identity], record_name(identity, same.encode()))
+    calls: Counter[str] = Counter()
+    real_combined, real_claim = store.ratelimit_take_claim, store.idempotency_claim
+
+    async def combined(*args: Any, **kwargs: Any) -> Any:
+        calls["take_claim"] += 1
+        return await real_combined(*args, **kwargs)
+
+    async def claim(*args: Any, **kwargs: Any) -> Any:
+        calls["claim"] += 1
+        return await real_claim(*args, **kwargs)
+
+    store.ratelimit_take_claim, store.idempotency_claim = combined, claim
+    async with lifespan_running(gw), client_for(gw) as c:
+        headers = {"x-api-key": "alice"}
+        codes = [(await c.post("/pay", content=b"{}", headers={**headers, "idempotency-key": k})).status_code
+                 for k in (same, same, other)]  # run, replayed, run
+        assert codes == [201, 201, 201]
+        assert calls == {"take_claim": 2, "claim": 1}
+        denied = await c.post("/pay", content=b"{}", headers={**headers, "idempotency-key": same + "x"})
+        assert denied.status_code == 429
+        assert not await store.client.exists(store.record_key(record_name(identity, (same + "x").encode())))
+    assert app.executions == {same: 1, other: 1}

@@ -1,62 +1,80 @@
-"""ClusterStore: the same decisions on a Redis Cluster, through redis-py's ``RedisCluster``.
+"""ClusterStore: the same decisions on a Redis Cluster, auto-pipelined per primary.
 
-The client owns the topology: it routes each EVALSHA by its keys' slot, follows MOVED and ASK,
-and after a connection error re-reads the slot map (a failover) and tries again, a bounded
-number of times; ``CallGuard`` bounds the whole of it by ``store.timeout`` and feeds the breaker.
+Each EVALSHA goes to the primary serving its keys' slot over that primary's one pipelined
+connection (``cluster_routing.py``: the commands of one event-loop turn for one primary leave
+in one write; MOVED, ASK, NOSCRIPT, failovers handled there). redis-py's ``RedisCluster`` only
+keeps the topology. ``CallGuard`` bounds the whole of each call, redirects and retries included,
+by ``store.timeout`` and feeds the breaker.
 
 Every script's keys share one hash tag (``layout.py``), so each call sits in one slot: an
 idempotency record is one key, and the buckets of one client share its tag. A request whose
 policies have different key values (a ``global`` policy beside a per-client one) spans slots:
-its buckets are grouped by slot, one ``ratelimit_take`` per group, the groups in parallel. All
-or none still holds: when any group denies (or fails), the groups that took tokens get them
-back through ``ratelimit_refund``. Between the take and the refund another request may see those
-tokens missing; that is the price of not coordinating across nodes.
+its buckets are grouped by slot, one ``ratelimit_take`` per group, the groups in parallel (all
+sent in the same turn, so one write per primary). All or none still holds: when any group
+denies (or fails), the groups that took tokens get them back through ``ratelimit_refund``.
+Between the take and the refund another request may see those tokens missing; that is the price
+of not coordinating across nodes.
 
-On NOSCRIPT (a promoted replica, a restarted node, ``SCRIPT FLUSH``) the call is sent once more
-as EVAL, which runs the script and caches it on that node: one extra round trip, no error.
+A command whose connection broke after it was written may have run. It is resent only when
+running a script twice does no harm (``RESEND_SAFE``); otherwise the caller gets
+``StoreUnanswered``, as on one Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError
+from redis.exceptions import ClusterError
 
 from gateway.errors import StoreError
 from gateway.store.base import BucketState, Claim, LeaseTerms, RateDecision, StoredResponse, TakePlan
 from gateway.store.breaker import CircuitBreaker
+from gateway.store.cluster_routing import CLUSTER_RETRIES, ClusterRouter
 from gateway.store.layout import admission_from_reply, claim_from_reply, decision_from_reply
 from gateway.store.redis import MAX_CONNECTIONS
-from gateway.store.resp import ScriptCall
+from gateway.store.resp import ScriptCall, bulk, bulks, command
 from gateway.store.scripted import ScriptStoreBase, script_call
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
 
-__all__ = ["CLUSTER_RETRIES", "ClusterStore"]
+__all__ = ["CLUSTER_RETRIES", "RESEND_SAFE", "ClusterStore"]
 
 _log = logging.getLogger("gateway.store")
-#: Times the client re-reads the slot map and resends after a connection error or a cluster
-#: mid-failover; MOVED/ASK redirects are followed separately (redis-py caps them at 16).
-CLUSTER_RETRIES = 2
+_PING = command("PING")
+_NO_OFFSET = bulk(b"0")
+
+#: The scripts resent after a lost reply (the connection broke after the command was written,
+#: so it may have run): those whose second run by the same caller changes nothing and answers
+#: as the first did. A claim by an owner that already holds the record answers "new"; a
+#: completion or a renewal by the record's owner writes the same again and answers 1;
+#: ``ratelimit_take_claim`` fences its charge by the claim's owner the same way. Not resent:
+#: ``ratelimit_take`` and ``ratelimit_refund`` (each run moves tokens again) and
+#: ``idempotency_release`` (the second run finds the record the first deleted, leaves a
+#: withdrawal marker and answers 0: "refused" where the release happened).
+RESEND_SAFE = frozenset({
+    "idempotency_claim", "idempotency_complete", "idempotency_renew", "ratelimit_take_claim",
+})
 
 
 class ClusterStore(ScriptStoreBase):
     """A ``Store`` on a Redis Cluster; ``url`` names any one of its nodes.
 
     Args:
-        client: a ``RedisCluster`` (not yet initialized is fine: ``open`` does it).
+        client: a ``RedisCluster`` (not yet initialized is fine: ``open`` does it); its slot
+            map and node connection settings are used, not its command path.
         key_prefix: ``store.key_prefix``.
         timeout_s: ``store.timeout``, the bound on one call, redirects and retries included.
         metrics: where call latency, errors and the breaker state are shown.
-        max_connections: ``store.max_connections``: calls in flight at once, over all nodes.
+        max_connections: ``store.max_connections``, accepted and unused: calls share one
+            pipelined connection per primary.
         breaker: the circuit breaker (a new one, 5 failures / 1 s, when None).
     """
 
@@ -71,9 +89,9 @@ class ClusterStore(ScriptStoreBase):
         breaker: CircuitBreaker | None = None,
     ) -> None:
         super().__init__(key_prefix=key_prefix, timeout_s=timeout_s, metrics=metrics, breaker=breaker)
+        del max_connections  # one connection per primary
         self._client = client
-        # redis-py's per-node pools raise instead of waiting when full: calls wait here instead
-        self._slots = asyncio.Semaphore(max_connections)
+        self._router = ClusterRouter(client, timeout_s=timeout_s)
         self._refund = script_call("ratelimit_refund")
         self._scripts = (self._take, self._refund, self._claim, self._complete, self._release,
                          self._renew, self._take_claim)
@@ -91,55 +109,78 @@ class ClusterStore(ScriptStoreBase):
     ) -> ClusterStore:
         client = RedisCluster.from_url(
             url,
-            socket_timeout=None,  # the call's one deadline covers reads
+            # these settings make the pipelines' connections too, which read without them
+            socket_timeout=timeout_s,  # a slot map read from a node that stopped answering
             socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), retries=CLUSTER_RETRIES),
-            max_connections=max_connections + 2,  # never the limit: the semaphore is
+            retry=Retry(NoBackoff(), retries=0),  # the router decides what is retried
         )
         return cls(client, key_prefix=key_prefix, timeout_s=timeout_s, metrics=metrics,
                    max_connections=max_connections, breaker=breaker)
 
     @property
     def client(self) -> RedisCluster:
-        """The redis-py cluster client, for diagnostics and tests."""
+        """The redis-py cluster client (the topology), for diagnostics and tests."""
         return self._client
 
+    @property
+    def router(self) -> ClusterRouter:
+        """Where commands are sent from, for diagnostics and tests."""
+        return self._router
+
     async def open(self) -> None:
-        await self._guard.run("open", self._load_scripts())
+        await self._guard.run("open", self._open())
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._router.close()
 
     async def ping(self) -> None:
-        await self._guard.run("ping", self._command("PING", target_nodes=RedisCluster.PRIMARIES))
+        await self._guard.run("ping", self._ping())
 
     async def ratelimit_take(
         self, plan: TakePlan, tags: Sequence[str], *, clock_offset_ms: int = 0
     ) -> RateDecision:
         keys = self._keys.buckets(tags, plan.names)
+        offset = bulk(b"%d" % clock_offset_ms) if clock_offset_ms else _NO_OFFSET
         groups = _by_slot(keys)
         if len(groups) == 1:
-            raw = await self._run(self._take, keys, (clock_offset_ms, *plan.argv))
-            return decision_from_reply(raw)
-        results = await asyncio.gather(
-            *(self._run(self._take, [keys[i] for i in group], (clock_offset_ms, *_argv(plan, group)))
-              for group in groups),
-            return_exceptions=True,
-        )
-        decisions: list[RateDecision | None] = []
-        failure: BaseException | None = None
-        for result in results:
-            if isinstance(result, BaseException):
-                failure = failure or result
-                decisions.append(None)
-            else:
-                decisions.append(decision_from_reply(result))
+            packed = self._take.evalsha(keys, offset + plan.argv_resp, 1 + len(plan.argv))
+            return decision_from_reply(await self._send(self._take, key_slot(keys[0]), packed))
+        replies: list[Any] = [None] * len(groups)
+        failure: StoreError | None = None
+        try:
+            await self._guard.run("ratelimit_take", self._take_groups(plan, keys, groups, offset, replies))
+        except StoreError as exc:
+            failure = exc
+        decisions = [decision_from_reply(r) if r is not None else None for r in replies]
         allowed = failure is None and all(d is not None and d.allowed for d in decisions)
         if not allowed:
             await self._refund_taken(plan, keys, groups, decisions)
         if failure is not None:
             raise failure
         return _merged(plan, groups, decisions, allowed)
+
+    async def _take_groups(
+        self, plan: TakePlan, keys: list[bytes], groups: list[list[int]], offset: bytes,
+        replies: list[Any],
+    ) -> None:
+        """One ``ratelimit_take`` per slot group, all sent at once; each reply lands in
+        ``replies`` as it comes (a group without one: not decided). The first failure is
+        raised once every group is settled."""
+        router, take = self._router, self._take
+        sends: list[tuple[int, bytes, Awaitable[Any] | None]] = []
+        for group in groups:
+            slot = key_slot(keys[group[0]])
+            packed = take.evalsha([keys[i] for i in group], offset + bulks(_argv(plan, group)),
+                                  1 + 4 * len(group))
+            sends.append((slot, packed, router.submit(slot, packed)))
+        failure: BaseException | None = None
+        for i, (slot, packed, first) in enumerate(sends):
+            try:
+                replies[i] = await router.send(slot, packed, load=take.load, first=first)
+            except Exception as exc:  # this group is undecided; the others still count
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     async def _refund_taken(
         self, plan: TakePlan, keys: list[bytes], groups: list[list[int]],
@@ -163,9 +204,9 @@ class ClusterStore(ScriptStoreBase):
     async def idempotency_claim(
         self, record: str, fingerprint: bytes, owner: bytes, terms: LeaseTerms
     ) -> Claim:
-        raw = await self._run(self._claim, [self._keys.record(record)],
-                              (fingerprint, owner, *terms.claim_values))
-        return claim_from_reply(raw)
+        key = self._keys.record(record)
+        packed = self._claim.evalsha([key], bulk(fingerprint) + bulk(owner) + terms.claim_argv, 5)
+        return claim_from_reply(await self._send(self._claim, key_slot(key), packed))
 
     def combines(self, tags: Sequence[str], record: str) -> bool:
         slot = key_slot(self._keys.record(record))
@@ -185,35 +226,56 @@ class ClusterStore(ScriptStoreBase):
     async def idempotency_complete(
         self, record: str, owner: bytes, response: StoredResponse, terms: LeaseTerms
     ) -> bool:
-        args = (owner, response.status, response.headers, response.body, *terms.ttl_values)
-        return bool(await self._run(self._complete, [self._keys.record(record)], args))
+        key = self._keys.record(record)
+        args = b"".join((bulk(owner), bulk(b"%d" % response.status), bulk(response.headers),
+                         bulk(response.body), terms.ttl_argv))
+        return bool(await self._send(self._complete, key_slot(key), self._complete.evalsha([key], args, 5)))
 
     async def idempotency_release(self, record: str, owner: bytes, terms: LeaseTerms) -> bool:
-        args = (owner, *terms.ttl_values)
-        return bool(await self._run(self._release, [self._keys.record(record)], args))
+        key = self._keys.record(record)
+        packed = self._release.evalsha([key], bulk(owner) + terms.ttl_argv, 2)
+        return bool(await self._send(self._release, key_slot(key), packed))
 
     async def idempotency_renew(self, record: str, owner: bytes, terms: LeaseTerms) -> bool:
-        args = (owner, *terms.renew_values)
-        return bool(await self._run(self._renew, [self._keys.record(record)], args))
+        key = self._keys.record(record)
+        packed = self._renew.evalsha([key], bulk(owner) + terms.renew_argv, 3)
+        return bool(await self._send(self._renew, key_slot(key), packed))
 
-    def _run(self, script: ScriptCall, keys: list[bytes], args: Sequence[Any]) -> Any:
-        return self._guard.run(script.name, self._eval(script, keys, args))
+    def _run(self, script: ScriptCall, keys: list[bytes], args: Sequence[Any]) -> Awaitable[Any]:
+        """``script`` on ``keys`` (one slot) with ``args``: its raw reply, within one
+        ``store.timeout``, resent after a lost reply only when ``script.name`` is in
+        ``RESEND_SAFE``; failures raised as ``StoreError``."""
+        return self._send(script, key_slot(keys[0]), script.evalsha(keys, bulks(args), len(args)))
 
-    async def _eval(self, script: ScriptCall, keys: list[bytes], args: Sequence[Any]) -> Any:
-        """EVALSHA in the keys' slot; after NOSCRIPT, EVAL (which also caches the script)."""
-        try:
-            return await self._command("EVALSHA", script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return await self._command("EVAL", script.source, len(keys), *keys, *args)
+    def _send(self, script: ScriptCall, slot: int, packed: bytes) -> Awaitable[Any]:
+        call = self._router.send(slot, packed, load=script.load, resend_safe=script.name in RESEND_SAFE)
+        return self._guard.run(script.name, call)
 
-    async def _command(self, *args: Any, **options: Any) -> Any:
-        async with self._slots:
-            return await self._client.execute_command(*args, **options)
+    async def _open(self) -> None:
+        """The topology, then every script loaded on every primary."""
+        await self._router.open()
+        loads = [script.load for script in self._scripts]
+        replies = await asyncio.gather(*(self._router.pipeline(node).call_adjacent(*loads)
+                                         for node in self._router.primaries()))
+        for reply in (r for node_replies in replies for r in node_replies):
+            if isinstance(reply, BaseException):
+                raise reply
 
-    async def _load_scripts(self) -> None:
-        await self._client.initialize()
-        for script in self._scripts:
-            await self._command("SCRIPT LOAD", script.source, target_nodes=RedisCluster.PRIMARIES)
+    async def _ping(self) -> None:
+        """PING every primary; when one fails, once more after reading the slot map again
+        (a failover may have replaced it)."""
+        for attempt in range(2):
+            primaries = self._router.primaries()
+            replies = await asyncio.gather(
+                *(self._router.pipeline(node).call(_PING) for node in primaries), return_exceptions=True)
+            failed = next((r for r in replies if isinstance(r, BaseException)), None)
+            if not primaries:  # the topology was never read (open failed)
+                failed = ClusterError("no primary known: the slot map could not be read")
+            if failed is None:
+                return
+            if attempt:
+                raise failed
+            await self._router.refresh()
 
 
 def _by_slot(keys: Sequence[bytes]) -> list[list[int]]:

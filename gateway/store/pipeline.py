@@ -184,6 +184,16 @@ class Pipeline:
             return self._call_opening(packed)
         return conn.send(packed)
 
+    async def call_adjacent(self, *packed: bytes) -> list[Any]:
+        """Send commands side by side on one connection in one write, nothing of another caller
+        between them (``ASKING`` holds for the next command only); their replies in order, an
+        error reply or a connection error as the exception itself, not raised."""
+        conn = self._current
+        if conn is None or conn.broken is not None:
+            async with asyncio.timeout(self._timeout_s):
+                conn = await self._connection()
+        return await asyncio.gather(*(conn.send(p) for p in packed), return_exceptions=True)
+
     async def _call_opening(self, packed: bytes) -> Any:
         async with asyncio.timeout(self._timeout_s):
             conn = await self._connection()
