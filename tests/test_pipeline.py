@@ -154,3 +154,27 @@ async def test_a_silent_connection_is_given_up_after_a_timeout(dedicated_redis: 
             pytest.fail("the store never answered again after the pause")
     finally:
         await store.close()
+
+
+async def test_replies_waiting_in_the_socket_when_a_stalled_loop_resumes_are_not_timeouts(
+        redis_server: RedisProcess) -> None:
+    """The process stalls (descheduled, or a callback blocks the loop) past store.timeout while
+    the replies are already in the socket. When the loop resumes, the write's timer is due
+    before the reader has run: the calls still get their replies, and the connection is kept."""
+    import time
+
+    s = RedisStore.from_url(redis_server.url, key_prefix=unique_prefix(), timeout_s=0.1,
+                            breaker=new_breaker(100, 1.0, None))
+    await s.open()
+    try:
+        await s.ratelimit_take(PLAN, ["warm"])
+        conn = s._lane._current  # type: ignore[union-attr]
+        calls = [asyncio.ensure_future(s.ratelimit_take(PLAN, [f"c{i}"])) for i in range(20)]
+        await asyncio.sleep(0)  # the calls are made and written in this turn's flush
+        await asyncio.sleep(0)
+        time.sleep(0.3)  # noqa: ASYNC251 - the point: the loop is stalled; Redis answers meanwhile
+        decisions = await asyncio.gather(*calls)
+        assert all(d.allowed for d in decisions)
+        assert s._lane._current is conn  # type: ignore[union-attr]
+    finally:
+        await s.close()

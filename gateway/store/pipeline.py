@@ -32,6 +32,9 @@ from redis.exceptions import ReadOnlyError
 __all__ = ["Pipeline", "ReplyLost"]
 
 _READ_SIZE = 1 << 16
+# a write's timer this late means the loop itself was stalled; the reader gets this long first
+_LATE_S = 0.010
+_GRACE_S = 0.005
 
 
 class ReplyLost(RedisConnectionError):
@@ -83,14 +86,23 @@ class _Connection:
         except Exception as exc:  # the transport is gone
             self.fail(exc)
             return
-        self._loop.call_at(self._loop.time() + self._timeout_s, self._expire, batch, self.answered)
+        due = self._loop.time() + self._timeout_s
+        self._loop.call_at(due, self._expire, batch, self.answered, due)
 
-    def _expire(self, batch: list[asyncio.Future[Any]], answered_then: int) -> None:
+    def _expire(self, batch: list[asyncio.Future[Any]], answered_then: int, due: float | None) -> None:
         """A write's timeout is up: its callers still waiting get ``TimeoutError``. When not a
         single reply came in all that time, the connection is dead or black-holed: give it up,
-        so the callers behind them do not each wait out their own timeout."""
+        so the callers behind them do not each wait out their own timeout.
+
+        A timer that fires ``_LATE_S`` past its time found a loop that was not running (the
+        process descheduled on a busy machine, a callback that blocked): the replies may be in
+        the socket, unread, since due timers run before the reader gets its turn. The verdict
+        then waits ``_GRACE_S`` more, once, so the reader takes them first."""
         late = [f for f in batch if not f.done()]
         if not late:
+            return
+        if due is not None and self._loop.time() - due > _LATE_S:
+            self._loop.call_later(_GRACE_S, self._expire, batch, answered_then, None)
             return
         error = f"the store did not answer within {self._timeout_s:g}s"
         for future in late:
