@@ -202,19 +202,9 @@ class RateLimitMiddleware:
             if await _DeferredTake(self, plan, values, sent_at, ctx).alone(send):
                 await self.app(scope, receive, send)
             return
-        try:
-            decision = await self._store.ratelimit_take(plan.take, values)
-        except StoreError as exc:
-            if self._store_failed(plan, exc):
-                await self._store_unavailable(plan, send)
-                return
-            # fail open: the policy is still true, the remaining count is unknown and not made up
-            fields: Headers = [(_POLICY_HEADER, plan.policy_field)]
-        else:
-            if not decision.allowed:
-                await self._denied(plan, values, decision, sent_at, send)
-                return
-            fields = self._allowed(plan, decision)
+        fields = await self._take(plan, values, sent_at, send)
+        if fields is None:
+            return
 
         async def send_with_fields(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -249,18 +239,34 @@ class RateLimitMiddleware:
             extensions={"violated-policies": violated},
         )
 
-    async def _denied(
-        self, plan: _Plan, values: Sequence[str], decision: RateDecision, sent_at: float, send: Send
-    ) -> None:
-        """The store denied: remembered for the local answers that follow, and a 429."""
-        self._denials.remember((plan, *values), decision, sent_at)
-        await self._deny(plan, decision, send, local=False)
+    async def _take(self, plan: _Plan, values: list[str], sent_at: float, send: Send) -> Headers | None:
+        """Make the take: the fields the response carries, or None once a 429 or 503 is sent."""
+        try:
+            decision = await self._store.ratelimit_take(plan.take, values)
+        except StoreError as exc:
+            return await self._failed(plan, exc, send)
+        return await self._decided(plan, values, decision, sent_at, send)
 
-    def _allowed(self, plan: _Plan, decision: RateDecision) -> Headers:
-        """The store allowed: counted, and the fields the response carries."""
+    async def _decided(
+        self, plan: _Plan, values: Sequence[str], decision: RateDecision, sent_at: float, send: Send
+    ) -> Headers | None:
+        """The store's decision: counted and its fields; a denial is remembered for the local
+        answers that follow and answered 429 (None)."""
+        if not decision.allowed:
+            self._denials.remember((plan, *values), decision, sent_at)
+            await self._deny(plan, decision, send, local=False)
+            return None
         for counter in plan.allowed:
             counter.inc()
         return [(_POLICY_HEADER, plan.policy_field), (_LIMIT_HEADER, plan.ratelimit_field(decision))]
+
+    async def _failed(self, plan: _Plan, exc: StoreError, send: Send) -> Headers | None:
+        """A store failure, per ``on_store_error``: 503 (None), or fail open with the policy
+        field alone (the policy is still true, the remaining count is unknown and not made up)."""
+        if self._store_failed(plan, exc):
+            await self._store_unavailable(plan, send)
+            return None
+        return [(_POLICY_HEADER, plan.policy_field)]
 
     def _store_failed(self, plan: _Plan, exc: StoreError) -> bool:
         """Count and log a store failure; True when ``on_store_error`` denies the request."""
@@ -305,23 +311,17 @@ class _DeferredTake:
         self._ctx = ctx
 
     async def alone(self, send: Send) -> bool:
-        try:
-            decision = await self._limiter.store.ratelimit_take(self.plan, self.tags)
-        except StoreError as exc:
-            return await self.failed(exc, send)
-        return await self.decided(decision, send)
+        return self._added(await self._limiter._take(self._rules, self.tags, self._sent_at, send))
 
     async def decided(self, decision: RateDecision, send: Send) -> bool:
-        if not decision.allowed:
-            await self._limiter._denied(self._rules, self.tags, decision, self._sent_at, send)
-            return False
-        self._ctx.response_headers += self._limiter._allowed(self._rules, decision)
-        return True
+        fields = await self._limiter._decided(self._rules, self.tags, decision, self._sent_at, send)
+        return self._added(fields)
 
     async def failed(self, error: StoreError, send: Send) -> bool:
-        rules = self._rules
-        if self._limiter._store_failed(rules, error):
-            await self._limiter._store_unavailable(rules, send)
-            return False
-        self._ctx.response_headers.append((_POLICY_HEADER, rules.policy_field))
+        return self._added(await self._limiter._failed(self._rules, error, send))
+
+    def _added(self, fields: Headers | None) -> bool:
+        if fields is None:
+            return False  # answered
+        self._ctx.response_headers += fields
         return True
