@@ -9,6 +9,7 @@ Each decision is one atomic Lua script in Redis (or, for one process, in the emb
 
 from __future__ import annotations
 
+from gateway.concurrency import ConcurrencyLimitMiddleware
 from gateway.config import Config, load_config
 from gateway.errors import (
     ConfigError,
@@ -24,6 +25,7 @@ from gateway.requestid import RequestIdMiddleware
 from gateway.stack import GatewayMiddleware
 
 __all__ = [
+    "ConcurrencyLimitMiddleware",
     "Config",
     "ConfigError",
     "GatewayError",

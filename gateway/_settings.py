@@ -1,7 +1,8 @@
 """Turning a single middleware's keyword settings into config sections and a store.
 
 ``RateLimitMiddleware(app, rate_limit=[{...}], identity={...}, store="redis://...")`` and
-``IdempotencyMiddleware(app, idempotency={...}, identity={...}, store=...)`` take the same
+``IdempotencyMiddleware(app, idempotency={...}, identity={...}, store=...)`` and
+``ConcurrencyLimitMiddleware(app, concurrency_limit=[{...}], ...)`` take the same
 settings as the TOML sections, as dicts or as the typed objects, and report problems with the
 same ``ConfigError`` lines as ``load_config``.
 """
@@ -13,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gateway.config import (
+    ConcurrencyLimit,
     Config,
     IdempotencyConfig,
     IdentityConfig,
@@ -30,6 +32,7 @@ StoreSetting = str | Mapping[str, Any] | StoreConfig | Store | None
 def resolve(
     *,
     rate_limit: Sequence[Mapping[str, Any] | RateLimitPolicy] | None = None,
+    concurrency_limit: Sequence[Mapping[str, Any] | ConcurrencyLimit] | None = None,
     identity: Mapping[str, Any] | IdentityConfig | None = None,
     idempotency: Mapping[str, Any] | IdempotencyConfig | None = None,
     store: StoreSetting = None,
@@ -48,6 +51,13 @@ def resolve(
             typed["rate_limits"] = tuple(rate_limit)
         else:
             data["rate_limit"] = list(rate_limit)
+    if concurrency_limit is not None:
+        if isinstance(concurrency_limit, Mapping | str):
+            data["concurrency_limit"] = concurrency_limit  # load_config names the problem
+        elif all(isinstance(c, ConcurrencyLimit) for c in concurrency_limit):
+            typed["concurrency_limits"] = tuple(concurrency_limit)
+        else:
+            data["concurrency_limit"] = list(concurrency_limit)
     if isinstance(identity, IdentityConfig):
         typed["identity"] = identity
     elif identity is not None:

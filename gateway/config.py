@@ -21,6 +21,7 @@ from gateway.errors import ConfigError
 
 __all__ = [
     "ENV_OVERRIDES",
+    "ConcurrencyLimit",
     "Config",
     "IdempotencyConfig",
     "IdentityConfig",
@@ -35,6 +36,8 @@ __all__ = [
 OnStoreError = Literal["allow", "deny"]
 OnLostClaim = Literal["unknown", "retry"]
 PathNormalization = Literal["normalize", "reject"]
+LimitMode = Literal["enforce", "shadow"]
+_LIMIT_MODES: tuple[LimitMode, ...] = ("enforce", "shadow")
 _PATH_NORMALIZATION: tuple[PathNormalization, ...] = ("normalize", "reject")
 _ON_STORE_ERROR: tuple[OnStoreError, ...] = ("allow", "deny")
 _ON_LOST_CLAIM: tuple[OnLostClaim, ...] = ("unknown", "retry")
@@ -121,6 +124,23 @@ class RateLimitPolicy:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ConcurrencyLimit:
+    """One ``[[concurrency_limit]]``: at most ``limit`` of a client's requests in flight at once.
+
+    A slot is held from admission until the response ends (or the client goes, the app raises,
+    the request is cancelled); ``lease`` is how long it outlives a gateway that died holding it."""
+
+    name: str = "concurrent"
+    limit: int = 20
+    key: str = "identity"
+    paths: tuple[str, ...] = ("/",)
+    methods: frozenset[str] = frozenset()
+    lease_ms: int = 30_000
+    on_store_error: OnStoreError = "allow"
+    mode: LimitMode = "enforce"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class IdempotencyConfig:
     """``[idempotency]``: Idempotency-Key deduplication."""
 
@@ -145,6 +165,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     rate_limits: tuple[RateLimitPolicy, ...] = ()
+    concurrency_limits: tuple[ConcurrencyLimit, ...] = ()
     idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
 
 
@@ -202,11 +223,13 @@ def _parse(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     store = _store(root.sub("store"), overrides["store"])
     identity = _identity(root.sub("identity"))
     rate_limits = tuple(_policy(t) for t in root.table_list("rate_limit"))
+    concurrency_limits = tuple(_concurrency_limit(t) for t in root.table_list("concurrency_limit"))
     idempotency = _idempotency(root.sub("idempotency"))
-    names = [p.name for p in rate_limits]
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            reader.problem(f"rate_limit[{i}].name", f'duplicate policy name "{name}"')
+    for section, named in (("rate_limit", rate_limits), ("concurrency_limit", concurrency_limits)):
+        names = [p.name for p in named]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                reader.problem(f"{section}[{i}].name", f'duplicate policy name "{name}"')
     root.finish()
     if reader.problems:
         raise ConfigError(reader.problems)
@@ -217,6 +240,7 @@ def _parse(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         store=store,
         identity=identity,
         rate_limits=rate_limits,
+        concurrency_limits=concurrency_limits,
         idempotency=idempotency,
     )
 
@@ -327,6 +351,23 @@ def _policy(t: Table) -> RateLimitPolicy:
     )
     t.finish()
     return policy
+
+
+def _concurrency_limit(t: Table) -> ConcurrencyLimit:
+    d = ConcurrencyLimit()
+    lease_s = t.duration("lease", d.lease_ms / 1000, low=0.1, high=86_400.0)  # renewed every third of it
+    limit = ConcurrencyLimit(
+        name=t.policy_name("name", d.name),
+        limit=t.integer("limit", d.limit, low=1, high=1_000_000),
+        key=t.policy_key("key", d.key),
+        paths=t.paths("paths", d.paths, empty_ok=False),
+        methods=t.methods("methods", d.methods),
+        lease_ms=max(1, round(lease_s * 1000)),
+        on_store_error=t.choice("on_store_error", d.on_store_error, _ON_STORE_ERROR),
+        mode=t.choice("mode", d.mode, _LIMIT_MODES),
+    )
+    t.finish()
+    return limit
 
 
 def _idempotency(t: Table) -> IdempotencyConfig:

@@ -23,6 +23,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from gateway.store.breaker import BREAKER_STATES, BreakerState
 
 __all__ = [
+    "CONCURRENCY_DECISIONS",
     "CONTENT_TYPE",
     "IDEMPOTENCY_OUTCOMES",
     "RATELIMIT_DECISIONS",
@@ -37,15 +38,20 @@ __all__ = [
 #: The Prometheus text exposition format, version 0.0.4.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RATELIMIT_DECISIONS = ("allow", "deny", "error")
+CONCURRENCY_DECISIONS = ("allow", "deny", "shadow_deny", "error")
 IDEMPOTENCY_OUTCOMES = ("executed", "replayed", "in_flight", "mismatch", "invalid", "store_error")
 STORE_OPERATIONS = (
     "ratelimit_take",
     "ratelimit_refund",
     "ratelimit_take_claim",
+    "ratelimit_take_acquire",
     "idempotency_claim",
     "idempotency_complete",
     "idempotency_release",
     "idempotency_renew",
+    "concurrency_acquire",
+    "concurrency_release",
+    "concurrency_renew",
     "ping",
 )
 UPSTREAM_ERRORS = ("unreachable", "timeout", "broken")
@@ -68,7 +74,7 @@ def multiprocess_dir() -> str | None:
 class Metrics:
     """The metric families the contract names, plus latency histograms, with bound children."""
 
-    def __init__(self, policies: Iterable[str] = ()) -> None:
+    def __init__(self, policies: Iterable[str] = (), concurrency_limits: Iterable[str] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
         self.requests = Counter(
@@ -79,6 +85,18 @@ class Metrics:
             "gateway_ratelimit_decisions",
             "Rate-limit decisions per matched policy: allow, deny, or error when the store failed.",
             ["policy", "decision"], registry=reg,
+        )
+        self._concurrency_decisions = Counter(
+            "gateway_concurrency_decisions",
+            "Concurrency-limit decisions per matched limit: allow, deny, shadow_deny (a shadow "
+            "limit that would have refused), or error when the store failed.",
+            ["limit", "decision"], registry=reg,
+        )
+        # livesum: under --workers N, the slots every live worker holds
+        self._concurrency_in_flight = Gauge(
+            "gateway_concurrency_in_flight",
+            "Requests holding a slot of each concurrency limit in this gateway (every worker's, summed).",
+            ["limit"], multiprocess_mode="livesum", registry=reg,
         )
         outcomes = Counter(
             "gateway_idempotency_outcomes", "Keyed requests by what the idempotency layer did.",
@@ -139,6 +157,18 @@ class Metrics:
             for decision in RATELIMIT_DECISIONS:
                 # exported at 0 from the start, so a rate() over a fresh series is defined
                 self._decisions.labels(policy=name, decision=decision)
+        for name in concurrency_limits:
+            self._concurrency_in_flight.labels(limit=name).set(0)
+            for decision in CONCURRENCY_DECISIONS:
+                self._concurrency_decisions.labels(limit=name, decision=decision)
+
+    def concurrency_decision(self, limit: str, decision: str) -> Counter:
+        """The counter of one concurrency limit's decisions of one kind."""
+        return self._concurrency_decisions.labels(limit=limit, decision=decision)
+
+    def concurrency_in_flight(self, limit: str) -> Gauge:
+        """The gauge of the requests holding a slot of one concurrency limit here."""
+        return self._concurrency_in_flight.labels(limit=limit)
 
     def decision(self, policy: str, decision: str) -> Counter:
         """The counter of one policy's decisions of one kind."""

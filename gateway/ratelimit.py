@@ -126,6 +126,9 @@ class RateLimitMiddleware:
         claim_methods: the methods of the requests an ``IdempotencyMiddleware`` inside this one,
             on the same store, claims: their take is left to it (in the request context), to be
             made with the claim. ``GatewayMiddleware`` sets it; used alone, nothing is deferred.
+        defer_every_take: leave every request's take in the request context: a
+            ``ConcurrencyLimitMiddleware`` inside this one makes it with its acquire (the
+            Idempotency-Key layer, or the stack's last layer, makes any it leaves).
     """
 
     def __init__(
@@ -138,6 +141,7 @@ class RateLimitMiddleware:
         metrics: Metrics | None = None,
         identity_resolver: IdentityResolver | None = None,
         claim_methods: frozenset[str] = frozenset(),
+        defer_every_take: bool = False,
     ) -> None:
         config, self._store, self._owns_store = resolve(
             rate_limit=rate_limit, identity=identity, store=store
@@ -152,6 +156,7 @@ class RateLimitMiddleware:
         self._all = self._plan(tuple(range(len(self._policies)))) if self._policies else None
         self._denials = LocalDenials()
         self._claim_methods = claim_methods
+        self._defer_every_take = defer_every_take
 
     @property
     def store(self) -> Store:
@@ -195,7 +200,7 @@ class RateLimitMiddleware:
                 await self._deny(plan, known, send, local=True)
                 return
         if ctx is not None:
-            if scope["method"] in self._claim_methods:
+            if self._defer_every_take or scope["method"] in self._claim_methods:
                 ctx.deferred_take = _DeferredTake(self, plan, values, sent_at, ctx)
                 await self.app(scope, receive, send)
                 return

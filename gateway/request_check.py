@@ -58,7 +58,8 @@ _log = logging.getLogger(__name__)
 def decided_headers(config: Config) -> frozenset[bytes]:
     """The lowercase names of the headers a decision reads, each allowed one line."""
     names = {_HOST, config.idempotency.header.lower().encode("latin-1")}
-    keys: Iterable[str] = (*config.identity.sources, *(p.key for p in config.rate_limits))
+    keys: Iterable[str] = (*config.identity.sources, *(p.key for p in config.rate_limits),
+                           *(c.key for c in config.concurrency_limits))
     names |= {header_name(k) for k in keys if k.startswith("header:")}
     return frozenset(names)
 

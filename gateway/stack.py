@@ -3,10 +3,11 @@
 Order of a request (DESIGN.md "One request, in order"): the entry (``entry.py``, one layer: the
 request id, the request's context, the refusal of ambiguous requests and the normal path
 (``request_check.py``), ``/_gateway/*`` (``ops.py``), and the one send wrapper that decorates
-and counts every response), then rate limit, then the Idempotency-Key gate, then the app: a
-denied request is never claimed, and a replay still counts against the client's rate limit and
+and counts every response), then rate limit, then concurrency limit, then the Idempotency-Key
+gate, then the app: a denied request is never claimed, and a replay still counts against the client's rate limit and
 carries its current RateLimit fields. For a request the Idempotency-Key layer claims, the rate
-limit's take is made with the claim, in one store call where the store can. The layers share
+limit's take is made with the claim, in one store call where the store can; for any other
+request a concurrency limit admits, with its acquire the same way. The layers share
 one identity resolver, so the context resolves a request's tags once. Lifespan opens the store
 at startup (and, once the app has started, freezes the heap built so far out of the garbage
 collector's scans); at shutdown, settles that outlived their requests finish before the store
@@ -21,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gateway._asgi import ASGIApp, Receive, Scope, Send
+from gateway.concurrency import ConcurrencyLimitMiddleware
 from gateway.config import Config, load_config
 from gateway.entry import StackEntry
 from gateway.idempotency import IdempotencyMiddleware
@@ -63,13 +65,15 @@ class GatewayMiddleware:
         metrics: Metrics | None = None,
     ) -> None:
         self.config = load_config(config)
-        self.metrics = metrics if metrics is not None else Metrics(p.name for p in self.config.rate_limits)
+        self.metrics = metrics if metrics is not None else Metrics(
+            (p.name for p in self.config.rate_limits), (c.name for c in self.config.concurrency_limits))
         self._owns_store = store is None
         self.store: Store = (
             store_from_config(self.config.store, metrics=self.metrics) if store is None else store
         )
         # one resolver for every layer: the request context resolves a request's tags once
-        keys = (*(p.key for p in self.config.rate_limits), "identity")
+        keys = (*(p.key for p in self.config.rate_limits), *(c.key for c in self.config.concurrency_limits),
+                "identity")
         resolver = IdentityResolver(self.config.identity, keys)
         self._idempotency = IdempotencyMiddleware(
             UpstreamTimer(app),
@@ -80,6 +84,18 @@ class GatewayMiddleware:
             identity_resolver=resolver,
         )
         inner: ASGIApp = self._idempotency
+        claim_methods = frozenset(self.config.idempotency.methods)
+        self._concurrency: ConcurrencyLimitMiddleware | None = None
+        if self.config.concurrency_limits:
+            inner = self._concurrency = ConcurrencyLimitMiddleware(
+                inner,
+                concurrency_limit=self.config.concurrency_limits,
+                identity=self.config.identity,
+                store=self.store,
+                metrics=self.metrics,
+                identity_resolver=resolver,
+                claim_methods=claim_methods,
+            )
         if self.config.rate_limits:
             inner = RateLimitMiddleware(
                 inner,
@@ -89,7 +105,9 @@ class GatewayMiddleware:
                 metrics=self.metrics,
                 identity_resolver=resolver,
                 # their take is made with the claim, one store call for both (ratelimit.py)
-                claim_methods=frozenset(self.config.idempotency.methods),
+                claim_methods=claim_methods,
+                # and any other, with a concurrency limit's acquire (concurrency.py)
+                defer_every_take=self._concurrency is not None,
             )
         self.app = app
         self._chain: ASGIApp = StackEntry(
@@ -108,6 +126,8 @@ class GatewayMiddleware:
 
     async def _drain(self) -> None:
         await self._idempotency.drain(SHUTDOWN_DRAIN_S)
+        if self._concurrency is not None:
+            await self._concurrency.drain(SHUTDOWN_DRAIN_S)
 
 
 def freeze_startup_heap() -> None:

@@ -2,7 +2,7 @@
 
 Renewal: every ``lock_ttl / 3`` the holder extends its lease, so a request may run however long
 it takes; a holder that dies stops renewing and its claim is lost ``lock_ttl`` later. One timer
-(``Renewals``) serves every lease of a middleware, so a request shorter than a third of
+(``gateway.renewals.Renewals``) serves every lease of a middleware, so a request shorter than a third of
 ``lock_ttl`` costs no timer of its own. A renewal the store does not answer (an outage) is
 tried again on the next turn: only the store saying "not yours" gives a claim up.
 
@@ -19,6 +19,7 @@ import logging
 from typing import Literal
 
 from gateway.errors import StoreError
+from gateway.renewals import Renewals
 from gateway.requestid import current_request_id
 from gateway.store import LeaseTerms, Store, StoredResponse
 
@@ -32,41 +33,6 @@ Settled = Literal["stored", "refused", "unanswered"]
 MAX_ATTEMPTS = 60
 _FIRST_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 2.0
-
-
-class Renewals:
-    """When each live lease is next due for renewal, behind one timer.
-
-    Leases share one interval and are added in time order, so they fall due in the order they
-    were added: the timer waits for the oldest only, and a lease settled before it is due costs
-    a dict entry, not a timer."""
-
-    __slots__ = ("_due", "_timer")
-
-    def __init__(self) -> None:
-        self._due: dict[Lease, float] = {}  # insertion order is due order
-        self._timer: asyncio.TimerHandle | None = None
-
-    def add(self, lease: Lease, due_at: float) -> None:
-        self._due[lease] = due_at
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_at(due_at, self._fire)
-
-    def discard(self, lease: Lease) -> None:
-        self._due.pop(lease, None)
-
-    def _fire(self) -> None:
-        self._timer = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        due = self._due
-        while due:  # bounded: each turn removes a lease, or returns
-            lease, at = next(iter(due.items()))
-            if at > now:
-                self._timer = loop.call_at(at, self._fire)
-                return
-            del due[lease]
-            lease.renew_now()
 
 
 class Lease:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from gateway.config import IdempotencyConfig, RateLimitPolicy
+from gateway.config import ConcurrencyLimit, IdempotencyConfig, RateLimitPolicy
 from gateway.store.breaker import BreakerState
 from gateway.store.resp import bulks
 
@@ -23,6 +23,8 @@ __all__ = [
     "ClaimOutcome",
     "LeaseTerms",
     "RateDecision",
+    "SlotDecision",
+    "SlotPlan",
     "Store",
     "StoredResponse",
     "TakePlan",
@@ -93,6 +95,52 @@ class RateDecision:
     allowed: bool
     now_ms: int  # the store's clock when it decided
     buckets: tuple[BucketState, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SlotPlan:
+    """The concurrency limits one request takes a slot from, with the script arguments built once."""
+
+    names: tuple[bytes, ...]  # per limit, its name as it appears in keys
+    argv: tuple[int, ...]  # per limit: slots, lease_ms
+    leases_ms: tuple[int, ...]  # per limit, for concurrency_renew
+    mask: bytes  # per limit '1' for shadow, '0' enforced; b"" when every limit is enforced
+    argv_resp: bytes  # argv (and the mask, when there is one) framed as RESP bulk strings, once
+    renew_resp: bytes  # the leases framed, once
+
+    @classmethod
+    def of(cls, limits: Sequence[ConcurrencyLimit]) -> SlotPlan:
+        argv = tuple(v for c in limits for v in (c.limit, c.lease_ms))
+        shadow = any(c.mode == "shadow" for c in limits)
+        mask = b"".join(b"1" if c.mode == "shadow" else b"0" for c in limits) if shadow else b""
+        leases = tuple(c.lease_ms for c in limits)
+        return cls(
+            names=tuple(c.name.encode() for c in limits),
+            argv=argv,
+            leases_ms=leases,
+            mask=mask,
+            argv_resp=bulks(argv) + (bulks((mask,)) if mask else b""),
+            renew_resp=bulks(leases),
+        )
+
+    @property
+    def nargs(self) -> int:
+        """How many ARGV values ``argv_resp`` holds."""
+        return len(self.argv) + (1 if self.mask else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class SlotDecision:
+    """The outcome of ``concurrency_acquire``: a slot of every enforced limit taken, or none.
+
+    ``allowed`` when every enforced limit had a free slot; ``would_allow`` when every limit,
+    shadow ones included, had one (a shadow limit's slot is only taken then)."""
+
+    allowed: bool
+    would_allow: bool
+    now_ms: int
+    in_flight: tuple[int, ...]  # per limit, holders after the call
+    free: tuple[bool, ...]  # per limit, whether it had a slot for this request
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +226,45 @@ class Store(Protocol):
             clock_offset_ms: added to the store's clock; tests move time with it, production
                 never passes it.
         """
+        ...
+
+    async def concurrency_acquire(
+        self, plan: SlotPlan, tags: Sequence[str], owner: bytes, *, clock_offset_ms: int = 0
+    ) -> SlotDecision:
+        """Take a slot of every limit in ``plan`` for the request ``owner``, all or none
+        (``lua/concurrency_acquire.lua``); a resend by the same owner takes no second slot.
+
+        Args:
+            plan: the limits, from ``SlotPlan.of``.
+            tags: per limit, the hashed key value or ``"global"``, as for ``ratelimit_take``.
+            owner: this request's random token; release and renew need it.
+            clock_offset_ms: added to the store's clock (tests only).
+        """
+        ...
+
+    def combines_slots(self, tags: Sequence[str], slot_tags: Sequence[str]) -> bool:
+        """Whether ``ratelimit_take_acquire`` can decide these buckets and slot sets in one
+        script: always on one Redis (Sentinel, ``memory://``); on a cluster when every key is in
+        one slot (the same key value: buckets and slot sets share its hash tag)."""
+        ...
+
+    async def ratelimit_take_acquire(
+        self, plan: TakePlan, tags: Sequence[str], slots: SlotPlan, slot_tags: Sequence[str], owner: bytes,
+    ) -> tuple[RateDecision, SlotDecision | None]:
+        """``ratelimit_take`` and, only when it allows, ``concurrency_acquire``, as one atomic
+        decision in one round trip (``lua/ratelimit_take_acquire.lua``); the slots are None when
+        the rate limit denied, and when the acquire refused the take's tokens are back. Callers
+        check ``combines_slots`` first."""
+        ...
+
+    async def concurrency_release(self, plan: SlotPlan, tags: Sequence[str], owner: bytes) -> int:
+        """Give back ``owner``'s slots; the number given back (0 for slots it no longer held)."""
+        ...
+
+    async def concurrency_renew(
+        self, plan: SlotPlan, tags: Sequence[str], owner: bytes, *, clock_offset_ms: int = 0
+    ) -> int:
+        """Extend the lease of ``owner``'s slots; the number of slots it still held."""
         ...
 
     async def idempotency_claim(

@@ -34,11 +34,26 @@ from redis.crc import key_slot
 from redis.exceptions import ClusterError
 
 from gateway.errors import StoreError
-from gateway.store.base import BucketState, Claim, LeaseTerms, RateDecision, StoredResponse, TakePlan
+from gateway.store.base import (
+    BucketState,
+    Claim,
+    LeaseTerms,
+    RateDecision,
+    SlotDecision,
+    SlotPlan,
+    StoredResponse,
+    TakePlan,
+)
 from gateway.store.breaker import CircuitBreaker
 from gateway.store.cluster_routing import CLUSTER_RETRIES, ClusterRouter
-from gateway.store.layout import admission_from_reply, claim_from_reply, decision_from_reply
-from gateway.store.redis import MAX_CONNECTIONS
+from gateway.store.layout import (
+    admission_from_reply,
+    claim_from_reply,
+    decision_from_reply,
+    slots_from_reply,
+    take_acquire_from_reply,
+)
+from gateway.store.redis import MAX_CONNECTIONS, _bucket_mask
 from gateway.store.resp import ScriptCall, bulk, bulks, command
 from gateway.store.scripted import ScriptStoreBase, script_call
 
@@ -55,12 +70,15 @@ _NO_OFFSET = bulk(b"0")
 #: so it may have run): those whose second run by the same caller changes nothing and answers
 #: as the first did. A claim by an owner that already holds the record answers "new"; a
 #: completion or a renewal by the record's owner writes the same again and answers 1;
-#: ``ratelimit_take_claim`` fences its charge by the claim's owner the same way. Not resent:
+#: ``ratelimit_take_claim`` fences its charge by the claim's owner the same way; a slot acquire
+#: by an owner that holds the slot counts it as free and takes no second one, and a slot
+#: release or renewal by the same owner a second time gives back or extends nothing new. Not resent:
 #: ``ratelimit_take`` and ``ratelimit_refund`` (each run moves tokens again) and
 #: ``idempotency_release`` (the second run finds the record the first deleted, leaves a
 #: withdrawal marker and answers 0: "refused" where the release happened).
 RESEND_SAFE = frozenset({
     "idempotency_claim", "idempotency_complete", "idempotency_renew", "ratelimit_take_claim",
+    "concurrency_acquire", "concurrency_release", "concurrency_renew",
 })
 
 
@@ -94,7 +112,8 @@ class ClusterStore(ScriptStoreBase):
         self._router = ClusterRouter(client, timeout_s=timeout_s)
         self._refund = script_call("ratelimit_refund")
         self._scripts = (self._take, self._refund, self._claim, self._complete, self._release,
-                         self._renew, self._take_claim)
+                         self._renew, self._take_claim, self._acquire, self._give_back, self._slot_renew,
+                         self._take_acquire)
 
     @classmethod
     def from_url(
@@ -201,6 +220,86 @@ class ClusterStore(ScriptStoreBase):
             elif isinstance(result, BaseException):
                 raise result
 
+    async def concurrency_acquire(
+        self, plan: SlotPlan, tags: Sequence[str], owner: bytes, *, clock_offset_ms: int = 0
+    ) -> SlotDecision:
+        """One ``concurrency_acquire`` per slot group, in parallel; all or none as on one Redis:
+        when a group refuses (or fails), the slots the other groups took are given back (and a
+        shadow limit's, when another group's shadow limit would refuse)."""
+        keys = self._keys.slot_sets(tags, plan.names)
+        groups = _by_slot(keys)
+        replies = await asyncio.gather(
+            *(self._run(self._acquire, [keys[i] for i in g], _slot_args(plan, g, owner, clock_offset_ms))
+              for g in groups),
+            return_exceptions=True)
+        decisions = [slots_from_reply(r) if not isinstance(r, BaseException) else None for r in replies]
+        failed = next((r for r in replies if isinstance(r, BaseException)), None)
+        allowed = failed is None and all(d is not None and d.allowed for d in decisions)
+        would = allowed and all(d is not None and d.would_allow for d in decisions)
+        shadow = plan.mask or b"0" * len(keys)
+        undo = [keys[i] for g, d in zip(groups, decisions, strict=True) if d is not None for i in g
+                if (d.allowed and not allowed and shadow[i:i + 1] == b"0")
+                or (d.would_allow and not would and shadow[i:i + 1] == b"1")]
+        if undo:
+            await self._give_back_slots(undo, owner)
+        if failed is not None:
+            raise failed
+        in_flight, free = [0] * len(keys), [False] * len(keys)
+        now_ms = 0
+        for g, d in zip(groups, decisions, strict=True):
+            assert d is not None
+            now_ms = max(now_ms, d.now_ms)
+            for i, count, ok in zip(g, d.in_flight, d.free, strict=True):
+                in_flight[i], free[i] = count, ok
+        return SlotDecision(allowed, would, now_ms, tuple(in_flight), tuple(free))
+
+    async def _give_back_slots(self, keys: Sequence[bytes], owner: bytes) -> int:
+        """Release ``owner``'s slots in ``keys``, one call per slot group; a failure is logged
+        and left to the lease (the slot comes back when it ends)."""
+        groups = _by_slot(keys)
+        results = await asyncio.gather(
+            *(self._run(self._give_back, [keys[i] for i in g], [owner]) for g in groups),
+            return_exceptions=True)
+        for result in results:
+            if isinstance(result, StoreError):
+                _log.warning("concurrency slots not given back; they return when their lease ends",
+                             extra={"event": "concurrency.release_failed", "error": str(result)})
+            elif isinstance(result, BaseException):
+                raise result
+        return sum(r for r in results if isinstance(r, int))
+
+    def combines_slots(self, tags: Sequence[str], slot_tags: Sequence[str]) -> bool:
+        keys = [*self._keys.buckets(tags, [b""] * len(tags)),
+                *self._keys.slot_sets(slot_tags, [b""] * len(slot_tags))]
+        return len({key_slot(k) for k in keys}) == 1
+
+    async def ratelimit_take_acquire(
+        self, plan: TakePlan, tags: Sequence[str], slots: SlotPlan, slot_tags: Sequence[str], owner: bytes,
+    ) -> tuple[RateDecision, SlotDecision | None]:
+        keys = [*self._keys.buckets(tags, plan.names), *self._keys.slot_sets(slot_tags, slots.names)]
+        if len(_by_slot(keys)) != 1:
+            msg = "ratelimit_take_acquire needs every key in one slot: check combines_slots() first"
+            raise ValueError(msg)
+        args = (len(plan.names), 0, *plan.argv, _bucket_mask(plan), owner, *slots.argv, slots.mask)
+        return take_acquire_from_reply(await self._run(self._take_acquire, keys, args))
+
+    async def concurrency_release(self, plan: SlotPlan, tags: Sequence[str], owner: bytes) -> int:
+        keys = self._keys.slot_sets(tags, plan.names)
+        groups = _by_slot(keys)
+        results = await asyncio.gather(*(self._run(self._give_back, [keys[i] for i in g], [owner])
+                                         for g in groups))
+        return sum(int(r) for r in results)
+
+    async def concurrency_renew(
+        self, plan: SlotPlan, tags: Sequence[str], owner: bytes, *, clock_offset_ms: int = 0
+    ) -> int:
+        keys = self._keys.slot_sets(tags, plan.names)
+        groups = _by_slot(keys)
+        results = await asyncio.gather(
+            *(self._run(self._slot_renew, [keys[i] for i in g],
+                        [owner, clock_offset_ms, *(plan.leases_ms[i] for i in g)]) for g in groups))
+        return sum(int(r) for r in results)
+
     async def idempotency_claim(
         self, record: str, fingerprint: bytes, owner: bytes, terms: LeaseTerms
     ) -> Claim:
@@ -284,6 +383,16 @@ def _by_slot(keys: Sequence[bytes]) -> list[list[int]]:
     for i, key in enumerate(keys):
         groups.setdefault(key_slot(key), []).append(i)
     return list(groups.values())
+
+
+def _slot_args(plan: SlotPlan, group: Sequence[int], owner: bytes, offset_ms: int) -> list[int | bytes]:
+    """``concurrency_acquire``'s arguments for the limits in ``group``: owner, offset, per limit
+    slots and lease, then the group's slice of the shadow mask (when the plan has one)."""
+    args: list[int | bytes] = [owner, offset_ms]
+    args += [v for i in group for v in plan.argv[2 * i:2 * i + 2]]
+    if plan.mask:
+        args.append(bytes(plan.mask[i] for i in group))
+    return args
 
 
 def _argv(plan: TakePlan, group: Sequence[int]) -> list[int]:

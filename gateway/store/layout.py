@@ -1,9 +1,10 @@
 """Where things live in Redis: key names, and the script replies turned into result types.
 
-Buckets are ``{key_prefix}:v1:rl:{TAG}:{policy}``, idempotency records
+Buckets are ``{key_prefix}:v1:rl:{TAG}:{policy}``, concurrency slot sets
+``{key_prefix}:v1:cl:{TAG}:{limit}``, idempotency records
 ``{key_prefix}:v1:idem:{RECORD}``. ``v1`` is the data version (bump it when a script reads or
 writes fields differently). ``{TAG}`` is a Redis Cluster hash tag, the hashed key value (or
-``global``), so all buckets of one client share a slot and one script can take them together;
+``global``), so all buckets (and slot sets) of one client share a slot and one script can take them together;
 ``{RECORD}`` (a hash of identity and key) spreads records over the slots.
 """
 
@@ -13,9 +14,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.errors import StoreScriptError
-from gateway.store.base import BucketState, Claim, RateDecision, StoredResponse
+from gateway.store.base import BucketState, Claim, RateDecision, SlotDecision, StoredResponse
 
-__all__ = ["DATA_VERSION", "KeyLayout", "admission_from_reply", "claim_from_reply", "decision_from_reply"]
+__all__ = ["DATA_VERSION", "KeyLayout", "admission_from_reply", "claim_from_reply", "decision_from_reply",
+           "slots_from_reply", "take_acquire_from_reply"]
 
 DATA_VERSION = "v1"
 _BUCKET_KEY = b"%b{%b}:%b"  # prefix, {tag} (the cluster hash tag), policy name
@@ -28,15 +30,21 @@ _UNKNOWN = Claim("unknown")
 class KeyLayout:
     """The store keys of one ``key_prefix``."""
 
-    __slots__ = ("_idem_prefix", "_rl_prefix")
+    __slots__ = ("_cl_prefix", "_idem_prefix", "_rl_prefix")
 
     def __init__(self, key_prefix: str) -> None:
         self._rl_prefix = f"{key_prefix}:{DATA_VERSION}:rl:".encode()
+        self._cl_prefix = f"{key_prefix}:{DATA_VERSION}:cl:".encode()
         self._idem_prefix = f"{key_prefix}:{DATA_VERSION}:idem:".encode()
 
     def buckets(self, tags: Sequence[str], names: Sequence[bytes]) -> list[bytes]:
         """The bucket keys of one request: per policy, its tag and its name."""
         prefix = self._rl_prefix
+        return [_BUCKET_KEY % (prefix, t.encode(), n) for t, n in zip(tags, names, strict=True)]
+
+    def slot_sets(self, tags: Sequence[str], names: Sequence[bytes]) -> list[bytes]:
+        """The slot-set keys of one request: per concurrency limit, its tag and its name."""
+        prefix = self._cl_prefix
         return [_BUCKET_KEY % (prefix, t.encode(), n) for t, n in zip(tags, names, strict=True)]
 
     def record(self, record: str) -> bytes:
@@ -48,6 +56,12 @@ def decision_from_reply(raw: Sequence[int]) -> RateDecision:
     """``ratelimit_take``'s reply: allowed, now, then remaining/full_ms/wait_ms per bucket."""
     buckets = [BucketState(raw[i], raw[i + 1], raw[i + 2]) for i in range(2, len(raw), 3)]
     return RateDecision(raw[0] == 1, raw[1], tuple(buckets))
+
+
+def slots_from_reply(raw: Sequence[int]) -> SlotDecision:
+    """``concurrency_acquire``'s reply: allowed (0, 1, or 2: a shadow limit would refuse), now,
+    then in_flight/free per limit."""
+    return SlotDecision(raw[0] != 0, raw[0] == 1, raw[1], tuple(raw[2::2]), tuple(f == 1 for f in raw[3::2]))
 
 
 def claim_from_reply(raw: Sequence[Any]) -> Claim:
@@ -72,3 +86,8 @@ def admission_from_reply(raw: Sequence[Any]) -> tuple[RateDecision, Claim | None
     """``ratelimit_take_claim``'s reply: the take's reply, then the claim's when it allowed."""
     decision = decision_from_reply(raw[0])
     return decision, (claim_from_reply(raw[1]) if len(raw) > 1 else None)
+
+
+def take_acquire_from_reply(raw: Sequence[Any]) -> tuple[RateDecision, SlotDecision | None]:
+    """``ratelimit_take_acquire``'s reply: the take's reply, then the acquire's when it allowed."""
+    return decision_from_reply(raw[0]), (slots_from_reply(raw[1]) if len(raw) > 1 else None)

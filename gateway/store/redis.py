@@ -31,11 +31,25 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
-from gateway.store.base import Claim, LeaseTerms, RateDecision, StoredResponse, TakePlan
+from gateway.store.base import (
+    Claim,
+    LeaseTerms,
+    RateDecision,
+    SlotDecision,
+    SlotPlan,
+    StoredResponse,
+    TakePlan,
+)
 from gateway.store.breaker import CircuitBreaker
-from gateway.store.layout import admission_from_reply, claim_from_reply, decision_from_reply
+from gateway.store.layout import (
+    admission_from_reply,
+    claim_from_reply,
+    decision_from_reply,
+    slots_from_reply,
+    take_acquire_from_reply,
+)
 from gateway.store.pipeline import Pipeline
-from gateway.store.resp import ScriptCall, bulk, command
+from gateway.store.resp import ScriptCall, bulk, bulks, command
 from gateway.store.scripted import ScriptStoreBase
 
 if TYPE_CHECKING:
@@ -177,7 +191,8 @@ class RedisStore(ScriptStoreBase):
         )
         self._bounded = pipelined  # the pipeline bounds every call itself, cheaper than the guard
         self._scripts = (self._take, self._claim, self._complete, self._release, self._renew,
-                         self._take_claim)
+                         self._take_claim, self._acquire, self._give_back, self._slot_renew,
+                         self._take_acquire)
 
     @classmethod
     def from_url(
@@ -255,6 +270,39 @@ class RedisStore(ScriptStoreBase):
         packed = self._take.evalsha(keys, offset + plan.argv_resp, 1 + len(plan.argv))
         return decision_from_reply(await self._run(self._take, packed))
 
+    async def concurrency_acquire(
+        self, plan: SlotPlan, tags: Sequence[str], owner: bytes, *, clock_offset_ms: int = 0
+    ) -> SlotDecision:
+        keys = self._keys.slot_sets(tags, plan.names)
+        offset = bulk(b"%d" % clock_offset_ms) if clock_offset_ms else _NO_OFFSET
+        packed = self._acquire.evalsha(keys, bulk(owner) + offset + plan.argv_resp, 2 + plan.nargs)
+        return slots_from_reply(await self._run(self._acquire, packed))
+
+    def combines_slots(self, tags: Sequence[str], slot_tags: Sequence[str]) -> bool:
+        return True  # one server holds every key
+
+    async def ratelimit_take_acquire(
+        self, plan: TakePlan, tags: Sequence[str], slots: SlotPlan, slot_tags: Sequence[str], owner: bytes,
+    ) -> tuple[RateDecision, SlotDecision | None]:
+        keys = self._keys.buckets(tags, plan.names)
+        keys += self._keys.slot_sets(slot_tags, slots.names)
+        args: tuple[int | bytes, ...] = (
+            len(plan.names), 0, *plan.argv, _bucket_mask(plan), owner, *slots.argv, slots.mask)
+        packed = self._take_acquire.evalsha(keys, bulks(args), len(args))
+        return take_acquire_from_reply(await self._run(self._take_acquire, packed))
+
+    async def concurrency_release(self, plan: SlotPlan, tags: Sequence[str], owner: bytes) -> int:
+        keys = self._keys.slot_sets(tags, plan.names)
+        return int(await self._run(self._give_back, self._give_back.evalsha(keys, bulk(owner), 1)))
+
+    async def concurrency_renew(
+        self, plan: SlotPlan, tags: Sequence[str], owner: bytes, *, clock_offset_ms: int = 0
+    ) -> int:
+        keys = self._keys.slot_sets(tags, plan.names)
+        offset = bulk(b"%d" % clock_offset_ms) if clock_offset_ms else _NO_OFFSET
+        packed = self._slot_renew.evalsha(keys, bulk(owner) + offset + plan.renew_resp, 2 + len(keys))
+        return int(await self._run(self._slot_renew, packed))
+
     async def idempotency_claim(
         self, record: str, fingerprint: bytes, owner: bytes, terms: LeaseTerms
     ) -> Claim:
@@ -309,6 +357,11 @@ class RedisStore(ScriptStoreBase):
             async with asyncio.timeout(self._timeout_s):
                 await self._lane.call(script.load)
                 return await self._lane.call(packed)
+
+
+def _bucket_mask(plan: TakePlan) -> bytes:
+    """The buckets' shadow mask for the combined scripts (b"": every bucket enforced)."""
+    return b""
 
 
 def _host_port(address: str) -> tuple[str, int]:

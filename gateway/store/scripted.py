@@ -49,6 +49,10 @@ class ScriptStoreBase:
         self._release = script_call("idempotency_release")
         self._renew = script_call("idempotency_renew")
         self._take_claim = script_call("ratelimit_take_claim")
+        self._acquire = script_call("concurrency_acquire")
+        self._give_back = script_call("concurrency_release")
+        self._slot_renew = script_call("concurrency_renew")
+        self._take_acquire = script_call("ratelimit_take_acquire")
 
     def key(self, tag: str, policy: str) -> str:
         """The store key of one policy's bucket for one tag."""
