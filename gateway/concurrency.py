@@ -277,8 +277,14 @@ class ConcurrencyLimitMiddleware:
 
         try:
             await self.app(scope, receive, send_then_release)
-        finally:
-            self._give_back(holding)  # no whole response (raised, cancelled, client gone): now
+        except asyncio.CancelledError:
+            self._give_back(holding)  # goes on in its own task
+            raise
+        except BaseException:
+            # before the server answers 500: a retry must not find this request's slot held
+            await asyncio.shield(self._give_back(holding))
+            raise
+        await asyncio.shield(self._give_back(holding))  # done already after a whole response
 
     async def _acquire(
         self, rules: _Rules, tags: list[str], owner: bytes, send: Send

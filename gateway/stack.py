@@ -1,17 +1,16 @@
 """GatewayMiddleware: the whole stack built from one config, sharing one store and one metrics.
-
 Order of a request (DESIGN.md "One request, in order"): the entry (``entry.py``, one layer: the
 request id, the request's context, the refusal of ambiguous requests and the normal path
 (``request_check.py``), ``/_gateway/*`` (``ops.py``), and the one send wrapper that decorates
 and counts every response), then rate limit, then concurrency limit, then the Idempotency-Key
-gate, then the app: a denied request is never claimed, and a replay still counts against the client's rate limit and
-carries its current RateLimit fields. For a request the Idempotency-Key layer claims, the rate
-limit's take is made with the claim, in one store call where the store can; for any other
-request a concurrency limit admits, with its acquire the same way. The layers share
-one identity resolver, so the context resolves a request's tags once. Lifespan opens the store
-at startup (and, once the app has started, freezes the heap built so far out of the garbage
-collector's scans); at shutdown, settles that outlived their requests finish before the store
-closes. Other non-HTTP scopes pass through untouched.
+gate, then the app: a denied request is never claimed, and a replay still counts against the
+client's rate limit and carries its current RateLimit fields. For a request the Idempotency-Key
+layer claims, the rate limit's take is made with the claim, in one store call where the store
+can; for any other request a concurrency limit admits, with its acquire the same way. The layers
+share one identity resolver, so the context resolves a request's tags once. Lifespan opens the
+store at startup (and, once the app has started, freezes the heap built so far out of the
+garbage collector's scans); at shutdown, settles that outlived their requests finish before the
+store closes. Other non-HTTP scopes pass through untouched.
 """
 
 from __future__ import annotations

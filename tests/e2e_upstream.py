@@ -311,6 +311,27 @@ async def soak_in_flight(scope: Scope, receive: Receive, send: Send) -> None:
     await _json(send, 200, {host: n for host, n in _soak_in_flight.items() if n})
 
 
+_held = {"now": 0, "peak": 0, "done": 0}
+
+
+async def held(scope: Scope, receive: Receive, send: Send) -> None:
+    """Holds the request ``s`` seconds and records how many it holds at once: the upstream's
+    own view of a concurrency limit."""
+    await _read_body(receive)
+    _held["now"] += 1
+    _held["peak"] = max(_held["peak"], _held["now"])
+    try:
+        await asyncio.sleep(_seconds(_query(scope).get("s"), 0.2))
+    finally:
+        _held["now"] -= 1
+        _held["done"] += 1
+    await _json(send, 200, {"held": True})
+
+
+async def held_stats(scope: Scope, receive: Receive, send: Send) -> None:
+    await _json(send, 200, _held)
+
+
 async def health(scope: Scope, receive: Receive, send: Send) -> None:
     await _respond(send, 200, b"ok", content_type=b"text/plain")
 
@@ -337,6 +358,8 @@ ROUTES: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]] = {
     "/soak/pay": soak_pay,
     "/soak/records": soak_records,
     "/soak/in-flight": soak_in_flight,
+    "/held": held,
+    "/held/stats": held_stats,
 }
 
 
