@@ -1,4 +1,5 @@
 """GatewayMiddleware: the whole stack built from one config, sharing one store and one metrics.
+
 Order of a request (DESIGN.md "One request, in order"): the entry (``entry.py``, one layer: the
 request id, the request's context, the refusal of ambiguous requests and the normal path
 (``request_check.py``), ``/_gateway/*`` (``ops.py``), and the one send wrapper that decorates
