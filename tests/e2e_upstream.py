@@ -42,7 +42,7 @@ import itertools
 import json
 import os
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs
@@ -311,25 +311,26 @@ async def soak_in_flight(scope: Scope, receive: Receive, send: Send) -> None:
     await _json(send, 200, {host: n for host, n in _soak_in_flight.items() if n})
 
 
-_held = {"now": 0, "peak": 0, "done": 0}
+_held: dict[str, dict[str, int]] = defaultdict(lambda: {"now": 0, "peak": 0, "done": 0})
 
 
 async def held(scope: Scope, receive: Receive, send: Send) -> None:
-    """Holds the request ``s`` seconds and records how many it holds at once: the upstream's
-    own view of a concurrency limit."""
+    """Holds the request ``s`` seconds and records how many it holds at once, per
+    ``X-Api-Key``: the upstream's own view of a concurrency limit."""
     await _read_body(receive)
-    _held["now"] += 1
-    _held["peak"] = max(_held["peak"], _held["now"])
+    count = _held[_header(scope, b"x-api-key") or ""]
+    count["now"] += 1
+    count["peak"] = max(count["peak"], count["now"])
     try:
         await asyncio.sleep(_seconds(_query(scope).get("s"), 0.2))
     finally:
-        _held["now"] -= 1
-        _held["done"] += 1
+        count["now"] -= 1
+        count["done"] += 1
     await _json(send, 200, {"held": True})
 
 
 async def held_stats(scope: Scope, receive: Receive, send: Send) -> None:
-    await _json(send, 200, _held)
+    await _json(send, 200, _held[_query(scope).get("key", "")])
 
 
 async def health(scope: Scope, receive: Receive, send: Send) -> None:
