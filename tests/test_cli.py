@@ -455,6 +455,18 @@ class TestDemoServes:
         assert 'gateway_requests_total{code="429"} 1.0' in counted
         assert health == '{"status":"ok"}{"status":"ready","breaker":"closed"}'
 
+    def test_printed_report_line_shows_a_concurrency_refusal(self, tmp_path: Path) -> None:
+        """Three slow reports at once: two run (200), the third is refused as too many in flight."""
+        with running_demo(tmp_path) as (_, out_path, err_path):
+            printed = [line.strip() for line in out_path.read_text().splitlines()]
+            line = next(line for line in printed if "/report" in line and line.startswith("for i in"))
+            out = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=30,
+                                 check=True).stdout
+        codes = sorted(row.rsplit(" ", 1)[1] for row in out.strip().splitlines())
+        assert codes == ["200", "200", "429"], out
+        assert "urn:gateway:problem:concurrency-limit-exceeded" in out
+        assert "Traceback" not in err_path.read_text()
+
     def test_printed_charge_lines_show_replay_422_400_and_409(self, tmp_path: Path) -> None:
         """The demo's printed charge lines, run by curl, give 201, its replay, 422, 400 and a 409."""
         with running_demo(tmp_path) as (_, out_path, err_path):

@@ -39,6 +39,8 @@ YAML_FILES = sorted([*DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml")])
 EXPORTED_SERIES = {
     "gateway_requests_total",
     "gateway_ratelimit_decisions_total",
+    "gateway_concurrency_decisions_total",
+    "gateway_concurrency_in_flight",
     "gateway_idempotency_outcomes_total",
     "gateway_store_latency_seconds_bucket",
     "gateway_upstream_latency_seconds_bucket",
@@ -403,6 +405,7 @@ async def test_dashboard_queries_only_what_the_gateway_exports(monkeypatch: pyte
         "upstream": {"url": f"http://127.0.0.1:{free_port()}", "connect_timeout": "1s"},
         "store": {"url": "memory://"},
         "rate_limit": [{"name": "per-client", "limit": 1, "period": "1m", "paths": ["/limited"]}],
+        "concurrency_limit": [{"name": "in-flight", "limit": 5, "paths": ["/limited"]}],
     }, env={})
     app = build_app(config)
     seen: dict[str, Any] = {}
