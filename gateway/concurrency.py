@@ -33,14 +33,12 @@ stays with the claim, and the slot is taken first, by itself.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from random import getrandbits
 from typing import TYPE_CHECKING, Any, Literal
 
-from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
+from gateway._asgi import ASGIApp, Receive, Scope, Send
 from gateway._paths import PathPrefixes, match_form
 from gateway._settings import StoreSetting, resolve
 from gateway.config import ConcurrencyLimit, IdentityConfig
@@ -49,8 +47,8 @@ from gateway.errors import StoreError
 from gateway.identity import IdentityResolver
 from gateway.lifespan import run_lifespan
 from gateway.problem import STORE_UNAVAILABLE, problem_type, send_problem
-from gateway.renewals import Renewals
 from gateway.requestid import current_request_id
+from gateway.slots import SlotHolding, SlotKeeper
 from gateway.store import SlotDecision, SlotPlan, Store
 
 if TYPE_CHECKING:
@@ -58,15 +56,11 @@ if TYPE_CHECKING:
 
     from gateway.metrics import Metrics
 
-__all__ = ["CONCURRENCY_LIMITED", "RELEASE_ATTEMPTS", "ConcurrencyLimitMiddleware"]
+__all__ = ["CONCURRENCY_LIMITED", "ConcurrencyLimitMiddleware"]
 
 _log = logging.getLogger("gateway.concurrency")
 #: The problem type of a concurrency refusal.
 CONCURRENCY_LIMITED = problem_type("concurrency-limit-exceeded")
-#: The most store calls one release makes (each bounded by ``store.timeout``); past them the
-#: slots come back when their lease ends.
-RELEASE_ATTEMPTS = 3
-_RELEASE_BACKOFF_S = 0.05
 _RETRY_AFTER = b"1"  # a slot frees when some request ends: soon, but nobody can say when
 
 
@@ -112,66 +106,6 @@ class _Rules:
             self.held = tuple(metrics.concurrency_in_flight(n) for n in self.names)
 
 
-class _Holding:
-    """The slots one request holds, from the store's grant to their release."""
-
-    __slots__ = ("_layer", "_renewing", "_rules", "_tags", "held", "owner", "releasing", "stopped")
-
-    def __init__(self, layer: ConcurrencyLimitMiddleware, rules: _Rules, tags: list[str], owner: bytes,
-                 held: tuple[int, ...]) -> None:
-        self._layer = layer
-        self._rules = rules
-        self._tags = tags
-        self.owner = owner
-        self.held = held  # indexes of the limits whose slot this request holds
-        self.stopped = False
-        self._renewing: asyncio.Task[None] | None = None
-        self.releasing: asyncio.Task[None] | None = None
-
-    def renew_now(self) -> None:
-        """Extend the slots' lease (``Renewals`` calls this when it is due)."""
-        self._renewing = asyncio.get_running_loop().create_task(self._renew())
-
-    async def _renew(self) -> None:
-        layer = self._layer
-        try:
-            kept = await layer.store.concurrency_renew(self._rules.plan, self._tags, self.owner)
-        except StoreError as exc:
-            _log.warning("concurrency slots not renewed; trying again", extra={
-                "event": "concurrency.renew_failed", "error": str(exc), "request_id": current_request_id()})
-            kept = len(self.held)  # not answered is not lost: the slots are ours until their lease ends
-        self._renewing = None
-        if kept < len(self.held):
-            _log.warning("concurrency slot lost: its lease ended before it was renewed", extra={
-                "event": "concurrency.slot_lost", "policies": list(self._rules.names),
-                "request_id": current_request_id()})
-        if not self.stopped:
-            layer.renewals.add(self, asyncio.get_running_loop().time() + layer.renew_interval_s)
-
-    async def release(self) -> None:
-        """Stop renewing and give the slots back; bounded by ``RELEASE_ATTEMPTS`` store calls."""
-        self.stopped = True
-        layer = self._layer
-        layer.renewals.discard(self)
-        if self._renewing is not None:
-            self._renewing.cancel()
-        for gauge in (self._rules.held[i] for i in self.held if self._rules.held):
-            gauge.dec()
-        for attempt in range(1, RELEASE_ATTEMPTS + 1):
-            try:
-                await layer.store.concurrency_release(self._rules.plan, self._tags, self.owner)
-            except StoreError as exc:
-                last = attempt == RELEASE_ATTEMPTS
-                _log.warning("concurrency slots not given back; %s", "they return when their lease ends"
-                             if last else "retrying", extra={
-                                 "event": "concurrency.release_failed", "attempt": attempt,
-                                 "error": str(exc), "request_id": current_request_id()})
-                if not last:
-                    await asyncio.sleep(_RELEASE_BACKOFF_S * attempt)
-            else:
-                return
-
-
 class ConcurrencyLimitMiddleware:
     """Pure ASGI concurrency limiting: in-flight slots counted atomically in the store.
 
@@ -212,10 +146,8 @@ class ConcurrencyLimitMiddleware:
         self._rules: dict[tuple[int, ...], _Rules] = {}
         self._everywhere = all(c.paths.everything and not c.methods for c in self._limits)
         self._all = self._rules_of(tuple(range(len(self._limits)))) if self._limits else None
-        shortest = min((c.limit.lease_ms for c in self._limits), default=30_000)
-        self.renew_interval_s = shortest / 3000  # one interval for every holding: one timer
-        self.renewals = Renewals()
-        self._releasing: set[asyncio.Task[None]] = set()
+        self.slots = SlotKeeper(self._store, shortest_lease_ms=min(
+            (c.limit.lease_ms for c in self._limits), default=30_000))
         self._claim_methods = claim_methods
 
     @property
@@ -268,45 +200,29 @@ class ConcurrencyLimitMiddleware:
             await self.app(scope, receive, send)
             return
 
-        async def send_then_release(message: Message) -> None:
-            # the slots are back before the client has the whole response: its next request
-            # never finds its own finished one still holding a slot
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                await asyncio.shield(self._give_back(holding))
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_then_release)
-        except asyncio.CancelledError:
-            self._give_back(holding)  # goes on in its own task
-            raise
-        except BaseException:
-            # before the server answers 500: a retry must not find this request's slot held
-            await asyncio.shield(self._give_back(holding))
-            raise
-        await asyncio.shield(self._give_back(holding))  # done already after a whole response
+        await self.slots.run(self.app, scope, receive, send, holding)
 
     async def _acquire(
         self, rules: _Rules, tags: list[str], owner: bytes, send: Send
-    ) -> _Holding | Literal[False] | None:
+    ) -> SlotHolding | Literal[False] | None:
         """The slots, None to go on without them (fail-open), False once a 429 or 503 is sent."""
         try:
             decision = await self._store.concurrency_acquire(rules.plan, tags, owner)
         except StoreError as exc:
-            self._release_unheard(rules, tags, owner)
+            self.slots.release_unheard(rules.plan, tags, owner)
             return await self._failed(rules, exc, send)
         return await self._decided(rules, tags, owner, decision, send)
 
     async def _take_and_acquire(
         self, rules: _Rules, tags: list[str], owner: bytes, deferred: DeferredTake, send: Send
-    ) -> _Holding | Literal[False] | None:
+    ) -> SlotHolding | Literal[False] | None:
         """The rate limit's take and the acquire in one store call; each layer's outcome as if
         it had made its own call, the rate limit's first."""
         try:
             decision, slots = await self._store.ratelimit_take_acquire(
                 deferred.plan, deferred.tags, rules.plan, tags, owner)
         except StoreError as exc:
-            self._release_unheard(rules, tags, owner)
+            self.slots.release_unheard(rules.plan, tags, owner)
             if not await deferred.failed(exc, send):
                 return False
             return await self._failed(rules, exc, send)
@@ -318,21 +234,9 @@ class ConcurrencyLimitMiddleware:
         # refused: the take's tokens are back, so the rate limit counts nothing either
         return await self._decided(rules, tags, owner, slots, send)
 
-    def _release_unheard(self, rules: _Rules, tags: list[str], owner: bytes) -> None:
-        """An acquire that failed may still have run (its reply was lost): give back whatever
-        it took, once, in the background (giving back a slot never taken changes nothing)."""
-
-        async def release() -> None:
-            with contextlib.suppress(StoreError):  # then the lease ends it
-                await self._store.concurrency_release(rules.plan, tags, owner)
-
-        task = asyncio.get_running_loop().create_task(release())
-        self._releasing.add(task)
-        task.add_done_callback(self._releasing.discard)
-
     async def _decided(
         self, rules: _Rules, tags: list[str], owner: bytes, decision: SlotDecision, send: Send
-    ) -> _Holding | Literal[False]:
+    ) -> SlotHolding | Literal[False]:
         """Count the decision; a refusal is answered (False), else the slots the request holds."""
         refused = [i for i, free in enumerate(decision.free) if not free]
         shadow_refused = [i for i in refused if not rules.enforced[i]]
@@ -352,13 +256,9 @@ class ConcurrencyLimitMiddleware:
                 if free:
                     rules.allowed[i].inc()
         # enforced slots are taken when allowed; shadow ones only when every limit had room
-        held = tuple(i for i, enforced in enumerate(rules.enforced) if enforced or decision.would_allow)
-        for i in held:
-            if rules.held:
-                rules.held[i].inc()
-        holding = _Holding(self, rules, tags, owner, held)
-        self.renewals.add(holding, asyncio.get_running_loop().time() + self.renew_interval_s)
-        return holding
+        held = [i for i, enforced in enumerate(rules.enforced) if enforced or decision.would_allow]
+        return self.slots.hold(rules.plan, tags, owner, count=len(held),
+                               gauges=[rules.held[i] for i in held] if rules.held else (), names=rules.names)
 
     async def _refuse(self, rules: _Rules, refused: list[int], decision: SlotDecision, send: Send) -> None:
         names = [rules.names[i] for i in refused]
@@ -399,18 +299,6 @@ class ConcurrencyLimitMiddleware:
         )
         return False
 
-    def _give_back(self, holding: _Holding) -> asyncio.Task[None]:
-        """The release, started once, in a task of its own: a cancelled request still gives
-        its slots back."""
-        task = holding.releasing
-        if task is None:
-            task = holding.releasing = asyncio.get_running_loop().create_task(holding.release())
-            self._releasing.add(task)
-            task.add_done_callback(self._releasing.discard)
-        return task
-
     async def drain(self, within_s: float = 10.0) -> None:
-        """Wait (at most ``within_s``) for the releases still under way: at shutdown, before
-        the store closes."""
-        if self._releasing:
-            await asyncio.wait(set(self._releasing), timeout=within_s)
+        """Wait (at most ``within_s``) for the slot releases still under way (at shutdown)."""
+        await self.slots.drain(within_s)

@@ -129,7 +129,7 @@ async def test_the_slot_comes_back_when_the_app_raises(store_section: dict[str, 
         for _ in range(3):
             with pytest.raises(RuntimeError):
                 await client.get("/a", headers=KEY)
-        await poll(lambda: not gw._concurrency._releasing)  # type: ignore[union-attr]
+        await poll(lambda: not gw._concurrency.slots.releasing)  # type: ignore[union-attr]
         assert await slot_holders(gw) == 0
         app.fail = False
         assert (await client.get("/a", headers=KEY)).status_code == 200
@@ -146,7 +146,7 @@ async def test_the_slot_comes_back_when_the_request_is_cancelled(store_section: 
         with contextlib.suppress(asyncio.CancelledError):
             await held
         await poll(lambda: app.now == 0)
-        await poll(lambda: not gw._concurrency._releasing)  # type: ignore[union-attr]
+        await poll(lambda: not gw._concurrency.slots.releasing)  # type: ignore[union-attr]
         assert await slot_holders(gw) == 0
         app.release.set()
         assert (await client.get("/a", headers=KEY)).status_code == 200
@@ -184,7 +184,7 @@ async def test_the_slot_comes_back_when_the_client_disconnects(store_section: di
         await gw(scope, receive, send)
         assert arrived.is_set()
         assert sent == []
-        await poll(lambda: not gw._concurrency._releasing)  # type: ignore[union-attr]
+        await poll(lambda: not gw._concurrency.slots.releasing)  # type: ignore[union-attr]
         assert await slot_holders(gw) == 0
 
 
@@ -328,7 +328,7 @@ async def test_keyed_posts_hold_a_slot_and_are_replayed(store_section: dict[str,
         assert first.status_code == replay.status_code == 200
         assert replay.headers["idempotent-replayed"] == "true"
         assert app.entered == 1
-        await poll(lambda: not gw._concurrency._releasing)  # type: ignore[union-attr]
+        await poll(lambda: not gw._concurrency.slots.releasing)  # type: ignore[union-attr]
         assert await slot_holders(gw) == 0
     # the slot alone, then the take with the claim
     assert metric(gw, "gateway_store_latency_seconds_count", operation="concurrency_acquire") == 2
