@@ -252,7 +252,8 @@ class RedisStore(ScriptStoreBase):
     ) -> RateDecision:
         keys = self._keys.buckets(tags, plan.names)
         offset = bulk(b"%d" % clock_offset_ms) if clock_offset_ms else _NO_OFFSET
-        packed = self._take.evalsha(keys, offset + plan.argv_resp, 1 + len(plan.argv))
+        packed = self._take.evalsha(keys, offset + plan.argv_resp + plan.mask_resp,
+                                    1 + len(plan.argv) + plan.mask_args)
         return decision_from_reply(await self._run(self._take, packed))
 
     async def idempotency_claim(
@@ -272,8 +273,8 @@ class RedisStore(ScriptStoreBase):
         keys = self._keys.buckets(tags, plan.names)
         keys.append(self._keys.record(record))
         args = b"".join((bulk(b"%d" % len(plan.names)), _NO_OFFSET, plan.argv_resp, bulk(fingerprint),
-                         bulk(owner), terms.claim_argv))
-        packed = self._take_claim.evalsha(keys, args, 7 + len(plan.argv))
+                         bulk(owner), terms.claim_argv, plan.mask_resp))
+        packed = self._take_claim.evalsha(keys, args, 7 + len(plan.argv) + plan.mask_args)
         return admission_from_reply(await self._run(self._take_claim, packed))
 
     async def idempotency_complete(
