@@ -35,12 +35,14 @@ __all__ = [
 
 OnStoreError = Literal["allow", "deny"]
 OnLostClaim = Literal["unknown", "retry"]
+PolicyMode = Literal["enforce", "shadow"]
 PathNormalization = Literal["normalize", "reject"]
 LimitMode = Literal["enforce", "shadow"]
 _LIMIT_MODES: tuple[LimitMode, ...] = ("enforce", "shadow")
 _PATH_NORMALIZATION: tuple[PathNormalization, ...] = ("normalize", "reject")
 _ON_STORE_ERROR: tuple[OnStoreError, ...] = ("allow", "deny")
 _ON_LOST_CLAIM: tuple[OnLostClaim, ...] = ("unknown", "retry")
+_POLICY_MODE: tuple[PolicyMode, ...] = ("enforce", "shadow")
 
 #: Environment variables that override one key each, as container deploys expect.
 ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
@@ -105,7 +107,11 @@ class IdentityConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RateLimitPolicy:
-    """One ``[[rate_limit]]``: a token bucket of ``burst`` tokens refilled at limit/period."""
+    """One ``[[rate_limit]]``: a token bucket of ``burst`` tokens refilled at limit/period.
+
+    ``mode = "shadow"`` decides and counts the policy exactly as enforcing it would (its bucket
+    is charged only when the request would pass with it enforced), but never refuses a request
+    for it and never shows it in the response's ``RateLimit`` fields: a dark launch."""
 
     name: str = "per-client"
     limit: int = 100
@@ -116,6 +122,12 @@ class RateLimitPolicy:
     paths: tuple[str, ...] = ("/",)
     methods: frozenset[str] = frozenset()
     on_store_error: OnStoreError = "allow"
+    mode: PolicyMode = "enforce"
+
+    @property
+    def shadow(self) -> bool:
+        """Whether the policy is only observed (``mode = "shadow"``), not enforced."""
+        return self.mode == "shadow"
 
     @property
     def window_s(self) -> int:
@@ -348,6 +360,7 @@ def _policy(t: Table) -> RateLimitPolicy:
         paths=t.paths("paths", d.paths, empty_ok=False),
         methods=t.methods("methods", d.methods),
         on_store_error=t.choice("on_store_error", d.on_store_error, _ON_STORE_ERROR),
+        mode=t.choice("mode", d.mode, _POLICY_MODE),
     )
     t.finish()
     return policy

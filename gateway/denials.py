@@ -13,13 +13,17 @@ asking. Replies are aged on the local clock: ``wait_ms`` and ``full_ms`` shrink 
 passed, so ``Retry-After`` and ``RateLimit`` stay true; a bucket's ``remaining`` is the count
 at the denial, a lower bound (it can only have grown).
 
+Only enforced denials are remembered: a shadow policy (``mode = "shadow"``) never refuses, so
+a request only a shadow policy would deny is never answered here, and a shadow bucket's wait
+does not shorten an entry.
+
 Per process, bounded: at most ``max_entries``; when full, expired entries go first, then the
 oldest.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 
 from gateway.store import BucketState, RateDecision
 
@@ -46,9 +50,15 @@ class LocalDenials:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def remember(self, key: Hashable, decision: RateDecision, sent_at: float) -> None:
-        """Note a denial of ``key`` by the store, for a call sent at ``sent_at`` (loop clock)."""
-        waits = [b.wait_ms for b in decision.buckets if b.wait_ms > 0]
+    def remember(
+        self, key: Hashable, decision: RateDecision, sent_at: float, *, among: Sequence[int] | None = None
+    ) -> None:
+        """Note a denial of ``key`` by the store, for a call sent at ``sent_at`` (loop clock).
+
+        ``among``: the buckets that can deny (the enforced ones); a shadow bucket never refuses,
+        so its wait neither makes nor bounds an entry. All of them when None."""
+        buckets = decision.buckets if among is None else [decision.buckets[i] for i in among]
+        waits = [b.wait_ms for b in buckets if b.wait_ms > 0]
         if not waits:
             return  # no bucket says how long: nothing to answer locally
         entries = self._entries
@@ -74,8 +84,9 @@ class LocalDenials:
             False,
             decision.now_ms + elapsed_ms,
             tuple(
-                BucketState(b.remaining, max(0, b.full_ms - elapsed_ms),
-                            b.wait_ms - elapsed_ms if b.wait_ms else 0)
+                # a shadow bucket's wait may end before the entry does: then it shows 0, it has
+                # its cost again (an enforced denying bucket's wait outlasts the entry)
+                BucketState(b.remaining, max(0, b.full_ms - elapsed_ms), max(0, b.wait_ms - elapsed_ms))
                 for b in decision.buckets
             ),
         )

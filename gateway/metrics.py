@@ -37,7 +37,8 @@ __all__ = [
 
 #: The Prometheus text exposition format, version 0.0.4.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-RATELIMIT_DECISIONS = ("allow", "deny", "error")
+#: shadow_deny: a shadow policy (mode = "shadow") that would have denied; the request was not refused for it
+RATELIMIT_DECISIONS = ("allow", "deny", "error", "shadow_deny")
 CONCURRENCY_DECISIONS = ("allow", "deny", "shadow_deny", "error")
 IDEMPOTENCY_OUTCOMES = ("executed", "replayed", "in_flight", "mismatch", "invalid", "store_error")
 STORE_OPERATIONS = (
@@ -83,7 +84,8 @@ class Metrics:
         )
         self._decisions = Counter(
             "gateway_ratelimit_decisions",
-            "Rate-limit decisions per matched policy: allow, deny, or error when the store failed.",
+            "Rate-limit decisions per matched policy: allow, deny, error when the store failed, "
+            "shadow_deny when a shadow policy would have denied.",
             ["policy", "decision"], registry=reg,
         )
         self._concurrency_decisions = Counter(

@@ -19,6 +19,15 @@ sees it. The same client's requests are then answered 429 locally, without a sto
 the store could allow them again (``denials.py``). When the store fails, each policy's
 ``on_store_error`` decides: any ``deny`` among the matched policies answers 503, otherwise the
 request passes and the failure is logged.
+
+A shadow policy (``mode = "shadow"``) is decided by the same script and charged exactly when
+the request would pass with it enforced (``lua/ratelimit_take.lua``), and counted as enforcing it
+would count it (``decision="shadow_deny"`` where it would deny, ``allow`` where the request would
+pass), with one ``ratelimit.shadow_denied`` log line; but it never refuses a request (no 429, no
+503: its ``on_store_error`` is not consulted, so a store failure with only shadow policies
+matched fails open), it is not remembered as a local denial, and it never appears in the
+``RateLimit``/``RateLimit-Policy`` fields, whose values clients act on. A request that matches
+only shadow policies gets no fields at all.
 """
 
 from __future__ import annotations
@@ -74,40 +83,68 @@ class _Policy:
 
 
 class _Plan:
-    """Everything a given set of matched policies needs, built once per distinct set."""
+    """Everything a given set of matched policies needs, built once per distinct set.
 
-    __slots__ = ("allowed", "denied", "deny_on_error", "distinct_keys", "errored", "items", "keys", "names",
-                 "policy_field", "take")
+    ``enforced`` and ``shadows`` are the indices (in the take's bucket order) of the enforced
+    and the shadow policies; only the enforced ones refuse, and only they are shown."""
+
+    __slots__ = ("allowed", "denied", "deny_on_error", "distinct_keys", "enforced", "errored", "items",
+                 "keys", "names", "policy_field", "shadow_allowed", "shadow_denied", "shadows", "take")
 
     def __init__(self, policies: Sequence[_Policy], metrics: Metrics | None) -> None:
         self.take = TakePlan.of([p.spec for p in policies])
         self.keys = tuple(p.policy.key for p in policies)
         self.distinct_keys = tuple(dict.fromkeys(self.keys))
         self.names = tuple(p.policy.name for p in policies)
-        self.items = tuple(p.item for p in policies)
+        self.enforced = tuple(i for i, p in enumerate(policies) if not p.policy.shadow)
+        self.shadows = tuple(i for i, p in enumerate(policies) if p.policy.shadow)
+        shown = [policies[i] for i in self.enforced]
+        self.items = tuple(p.item for p in shown)
         self.policy_field = ", ".join(
-            f"{p.item}q={p.policy.limit};w={p.policy.window_s}" for p in policies
+            f"{p.item}q={p.policy.limit};w={p.policy.window_s}" for p in shown
         ).encode()
-        self.deny_on_error = any(p.policy.on_store_error == "deny" for p in policies)
-        # gateway_ratelimit_decisions_total children, per policy in order (none without metrics)
+        self.deny_on_error = any(p.policy.on_store_error == "deny" for p in shown)
+        # gateway_ratelimit_decisions_total children (none without metrics): allowed and denied
+        # per enforced policy, shadow_* per shadow policy, errored per policy, each in order
         self.allowed: tuple[Counter, ...] = ()
         self.denied: tuple[Counter, ...] = ()
+        self.shadow_allowed: tuple[Counter, ...] = ()
+        self.shadow_denied: tuple[Counter, ...] = ()
         self.errored: tuple[Counter, ...] = ()
         if metrics is not None:
-            self.allowed = tuple(metrics.decision(n, "allow") for n in self.names)
-            self.denied = tuple(metrics.decision(n, "deny") for n in self.names)
+            self.allowed = tuple(metrics.decision(self.names[i], "allow") for i in self.enforced)
+            self.denied = tuple(metrics.decision(self.names[i], "deny") for i in self.enforced)
+            self.shadow_allowed = tuple(metrics.decision(self.names[i], "allow") for i in self.shadows)
+            self.shadow_denied = tuple(metrics.decision(self.names[i], "shadow_deny") for i in self.shadows)
             self.errored = tuple(metrics.decision(n, "error") for n in self.names)
 
+    def fields(self, decision: RateDecision) -> Headers:
+        """The response's RateLimit fields for the enforced policies; none when all are shadow."""
+        if not self.enforced:
+            return []
+        return [(_POLICY_HEADER, self.policy_field), (_LIMIT_HEADER, self.ratelimit_field(decision))]
+
     def ratelimit_field(self, decision: RateDecision) -> bytes:
-        """``RateLimit``: whole tokens left and seconds (rounded up) until full, per policy;
-        a denying policy shows r=0 and the seconds until the request's cost is there."""
+        """``RateLimit``: whole tokens left and seconds (rounded up) until full, per enforced
+        policy; a denying policy shows r=0 and the seconds until the request's cost is there."""
         parts = []
-        for item, b in zip(self.items, decision.buckets, strict=True):
+        for item, i in zip(self.items, self.enforced, strict=True):
+            b = decision.buckets[i]
             if decision.allowed or not b.wait_ms:
                 parts.append(f"{item}r={b.remaining};t={-(-b.full_ms // 1000)}")
             else:
                 parts.append(f"{item}r=0;t={-(-b.wait_ms // 1000)}")
         return ", ".join(parts).encode()
+
+    def lacking(self, decision: RateDecision, among: Sequence[int]) -> list[int]:
+        """Which of the buckets ``among`` lacked the request's cost: a bucket the take did not
+        charge and whose cost is not there yet (a charged bucket's wait is the next request's).
+        Nothing is charged in a denial, and no shadow bucket unless the request would pass."""
+        if decision.would_allow:
+            return []
+        if decision.allowed:  # the enforced buckets were charged: none of them lacked
+            among = [i for i in among if i in self.shadows]
+        return [i for i in among if decision.buckets[i].wait_ms > 0]
 
 
 class RateLimitMiddleware:
@@ -197,6 +234,8 @@ class RateLimitMiddleware:
         if self._denials:  # a client the store denied is answered here until it could pass
             known = self._denials.answer((plan, *values), sent_at)
             if known is not None:
+                if plan.shadows:
+                    self._shadowed(plan, known, local=True)
                 await self._deny(plan, known, send, local=True)
                 return
         if ctx is not None:
@@ -210,6 +249,9 @@ class RateLimitMiddleware:
         fields = await self._take(plan, values, sent_at, send)
         if fields is None:
             return
+        if not fields:  # only shadow policies matched: the response is the app's, untouched
+            await self.app(scope, receive, send)
+            return
 
         async def send_with_fields(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -220,15 +262,13 @@ class RateLimitMiddleware:
 
     async def _deny(self, plan: _Plan, decision: RateDecision, send: Send, *, local: bool) -> None:
         """429 for a denial: the store's own, or (``local``) one it made earlier, aged."""
-        fields: Headers = [
-            (_POLICY_HEADER, plan.policy_field),
-            (_LIMIT_HEADER, plan.ratelimit_field(decision)),
-        ]
-        violated = [n for n, b in zip(plan.names, decision.buckets, strict=True) if b.wait_ms]
-        for counter, b in zip(plan.denied, decision.buckets, strict=False):
-            if b.wait_ms:
+        fields = plan.fields(decision)
+        denying = plan.lacking(decision, plan.enforced)
+        violated = [plan.names[i] for i in denying]
+        for counter, i in zip(plan.denied, plan.enforced, strict=False):
+            if i in denying:
                 counter.inc()
-        retry_after = max(-(-b.wait_ms // 1000) for b in decision.buckets)
+        retry_after = max(-(-decision.buckets[i].wait_ms // 1000) for i in denying)
         _log.info(
             "rate limit denied",
             extra={"event": "ratelimit.denied", "request_id": current_request_id(),
@@ -255,15 +295,41 @@ class RateLimitMiddleware:
     async def _decided(
         self, plan: _Plan, values: Sequence[str], decision: RateDecision, sent_at: float, send: Send
     ) -> Headers | None:
-        """The store's decision: counted and its fields; a denial is remembered for the local
-        answers that follow and answered 429 (None)."""
+        """The store's decision: counted and its fields; a denial (by an enforced policy) is
+        remembered for the local answers that follow and answered 429 (None)."""
+        if plan.shadows:
+            self._shadowed(plan, decision, local=False)
         if not decision.allowed:
-            self._denials.remember((plan, *values), decision, sent_at)
+            self._denials.remember((plan, *values), decision, sent_at, among=plan.enforced)
             await self._deny(plan, decision, send, local=False)
             return None
         for counter in plan.allowed:
             counter.inc()
-        return [(_POLICY_HEADER, plan.policy_field), (_LIMIT_HEADER, plan.ratelimit_field(decision))]
+        return plan.fields(decision)
+
+    def _shadowed(self, plan: _Plan, decision: RateDecision, *, local: bool) -> None:
+        """Count the shadow policies as enforcing them would: ``allow`` each when the request
+        would pass, ``shadow_deny`` each that lacked its cost (one with room in a request that
+        would be denied anyway counts nothing, as an enforced one); log the would-be 429."""
+        if decision.would_allow:
+            for counter in plan.shadow_allowed:
+                counter.inc()
+            return
+        denying = plan.lacking(decision, plan.shadows)
+        if not denying:
+            return
+        for counter, i in zip(plan.shadow_denied, plan.shadows, strict=False):
+            if i in denying:
+                counter.inc()
+        # the Retry-After a 429 with every policy enforced would carry: all lacking buckets
+        waits = [decision.buckets[i].wait_ms for i in plan.lacking(decision, range(len(plan.names)))]
+        _log.info(
+            "rate limit shadow policy would deny",
+            extra={"event": "ratelimit.shadow_denied", "request_id": current_request_id(),
+                   "policies": [plan.names[i] for i in denying],
+                   "retry_after_s": max(-(-w // 1000) for w in waits),
+                   "enforced": "denied" if not decision.allowed else "allowed", "local": local},
+        )
 
     async def _failed(self, plan: _Plan, exc: StoreError, send: Send) -> Headers | None:
         """A store failure, per ``on_store_error``: 503 (None), or fail open with the policy
@@ -271,10 +337,11 @@ class RateLimitMiddleware:
         if self._store_failed(plan, exc):
             await self._store_unavailable(plan, send)
             return None
-        return [(_POLICY_HEADER, plan.policy_field)]
+        return [(_POLICY_HEADER, plan.policy_field)] if plan.enforced else []
 
     def _store_failed(self, plan: _Plan, exc: StoreError) -> bool:
-        """Count and log a store failure; True when ``on_store_error`` denies the request."""
+        """Count and log a store failure; True when ``on_store_error`` denies the request (that
+        of an enforced policy: a shadow policy never refuses)."""
         action = "deny" if plan.deny_on_error else "allow"
         for counter in plan.errored:
             counter.inc()

@@ -1,6 +1,8 @@
 --[[
 ratelimit_refund: give back the tokens one request took from these buckets, because a bucket in
-another cluster slot denied that request (all matching policies are charged, or none).
+another cluster slot denied that request (all matching policies are charged, or none), or, for
+shadow buckets, because a shadow bucket in another slot lacked its cost (a shadow bucket is
+charged only when every bucket of the request had its cost: see ratelimit_take).
 
 Only a Redis Cluster needs it: on one Redis all of a request's buckets are decided by one
 ratelimit_take. Each bucket gets `cost` tokens back, at most up to `burst`; the write time `t` is

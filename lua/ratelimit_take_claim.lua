@@ -1,6 +1,6 @@
 --[[
 ratelimit_take_claim: admit a keyed request in one round trip: charge its rate-limit buckets,
-all or none, and only when every one is charged, claim its Idempotency-Key record.
+all or none, and only when the take allows the request, claim its Idempotency-Key record.
 
 The two decisions are ratelimit_take.lua and idempotency_claim.lua themselves, included below
 as functions (gateway/store/scripts.py composes the source), so each keeps one definition.
@@ -15,10 +15,14 @@ ARGV[1]    n, the number of buckets
 ARGV[2]    clock offset, ms (ratelimit_take's ARGV[1])
 ARGV[3..4n+2]  per bucket: unit, refill, burst, cost (ratelimit_take's ARGV[2..])
 ARGV[4n+3..4n+7]  fingerprint, owner, lock_ttl, linger, on_lost_claim (idempotency_claim's ARGV)
+ARGV[4n+8] optional: the shadow mask, n characters '0'/'1' (ratelimit_take's ARGV[4n+2]),
+           passed on to the take; absent: every bucket is enforced
 
 Returns    {take}          denied (take[1] == 0): nothing written, nothing claimed
-           {take, claim}   every bucket charged; claim is idempotency_claim's reply
-           take is ratelimit_take's reply: {allowed, now, then remaining, full_ms, wait_ms per bucket}
+           {take, claim}   allowed (take[1] == 1, or 2 when a shadow bucket lacked its cost:
+                           the enforced buckets charged, the shadow ones not); claim is
+                           idempotency_claim's reply
+           take is ratelimit_take's reply: {decision, now, then remaining, full_ms, wait_ms per bucket}
 
 TTL        the buckets as ratelimit_take sets them; the record as idempotency_claim sets it
            (rl lives in the record, and idempotency_complete removes it).
@@ -42,8 +46,9 @@ end
 local bucket_keys, take_argv = {}, {ARGV[2]}
 for i = 1, n do bucket_keys[i] = KEYS[i] end
 for i = 3, 4 * n + 2 do take_argv[#take_argv + 1] = ARGV[i] end
+if ARGV[4 * n + 8] then take_argv[#take_argv + 1] = ARGV[4 * n + 8] end
 local decision = take(bucket_keys, take_argv)
-if decision[1] ~= 1 then
+if decision[1] == 0 then
   return {decision}
 end
 

@@ -38,7 +38,8 @@ class BucketSpec:
     """A policy's bucket in the script's integer terms.
 
     One token is ``unit`` units and the bucket gains ``refill`` units per millisecond:
-    limit/period reduced by their gcd, so the script's arithmetic stays exact.
+    limit/period reduced by their gcd, so the script's arithmetic stays exact. A ``shadow``
+    bucket (``mode = "shadow"``) is decided and charged as if enforced, but never denies.
     """
 
     name: str
@@ -46,6 +47,7 @@ class BucketSpec:
     refill: int
     burst: int
     cost: int
+    shadow: bool = False
 
     @classmethod
     def from_policy(cls, policy: RateLimitPolicy) -> BucketSpec:
@@ -56,27 +58,42 @@ class BucketSpec:
             refill=policy.limit // g,
             burst=policy.burst,
             cost=policy.cost,
+            shadow=policy.shadow,
         )
 
 
 @dataclass(frozen=True, slots=True)
 class TakePlan:
-    """The buckets one request takes from, with the script arguments built once."""
+    """The buckets one request takes from, with the script arguments built once.
+
+    ``mask`` is the scripts' optional shadow mask (one ``0``/``1`` per bucket, ``1`` = shadow),
+    empty when every bucket is enforced: then it is not sent at all, and the call is the one
+    made before shadow mode existed."""
 
     specs: tuple[BucketSpec, ...]
     argv: tuple[int, ...]  # per bucket: unit, refill, burst, cost
     names: tuple[bytes, ...]  # per bucket, the policy name as it appears in keys
     argv_resp: bytes  # argv framed as RESP bulk strings, once
+    mask: bytes = b""  # b"0110": which buckets are shadow; b"" when none is
+    mask_resp: bytes = b""  # the mask framed as one RESP bulk string, b"" when there is none
 
     @classmethod
     def of(cls, specs: Sequence[BucketSpec]) -> TakePlan:
         argv = tuple(v for s in specs for v in (s.unit, s.refill, s.burst, s.cost))
+        mask = b"".join(b"1" if s.shadow else b"0" for s in specs) if any(s.shadow for s in specs) else b""
         return cls(
             specs=tuple(specs),
             argv=argv,
             names=tuple(s.name.encode() for s in specs),
             argv_resp=bulks(argv),
+            mask=mask,
+            mask_resp=bulks((mask,)) if mask else b"",
         )
+
+    @property
+    def mask_args(self) -> int:
+        """How many arguments the mask adds to a script call: 1, or 0 without shadow buckets."""
+        return 1 if self.mask else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,11 +107,23 @@ class BucketState:
 
 @dataclass(frozen=True, slots=True)
 class RateDecision:
-    """The outcome of ``ratelimit_take``: all buckets charged, or none."""
+    """The outcome of ``ratelimit_take``: all buckets charged, or none.
+
+    With shadow buckets: ``allowed`` when every enforced bucket had its cost (those are
+    charged); ``would_allow`` when every bucket, shadow ones included, had it (then the shadow
+    buckets are charged too). ``shadow_denied`` marks the third case, allowed but not
+    ``would_allow`` (the script's reply 2). A bucket that was not charged lacked its cost
+    iff its ``wait_ms`` is above 0."""
 
     allowed: bool
     now_ms: int  # the store's clock when it decided
     buckets: tuple[BucketState, ...]
+    shadow_denied: bool = False  # allowed, but a shadow bucket lacked its cost (nothing shadow charged)
+
+    @property
+    def would_allow(self) -> bool:
+        """Whether the request passes with every policy enforced, shadow ones too."""
+        return self.allowed and not self.shadow_denied
 
 
 @dataclass(frozen=True, slots=True)

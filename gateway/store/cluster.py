@@ -12,6 +12,11 @@ policies have different key values (a ``global`` policy beside a per-client one)
 its buckets are grouped by slot, one ``ratelimit_take`` per group, the groups in parallel (all
 sent in the same turn, so one write per primary). All or none still holds: when any group
 denies (or fails), the groups that took tokens get them back through ``ratelimit_refund``.
+Shadow buckets (``mode = "shadow"``) keep their rule across slots too: each group gets its slice
+of the shadow mask, the request is allowed when every group allowed and would be allowed when
+every group would; when it is allowed but not every group would, the groups that charged their
+shadow buckets give those back, so a shadow bucket ends up charged iff the whole request would
+have passed with it enforced.
 Between the take and the refund another request may see those tokens missing; that is the price
 of not coordinating across nodes.
 
@@ -53,7 +58,7 @@ from gateway.store.layout import (
     slots_from_reply,
     take_acquire_from_reply,
 )
-from gateway.store.redis import MAX_CONNECTIONS, _bucket_mask
+from gateway.store.redis import MAX_CONNECTIONS
 from gateway.store.resp import ScriptCall, bulk, bulks, command
 from gateway.store.scripted import ScriptStoreBase, script_call
 
@@ -162,7 +167,8 @@ class ClusterStore(ScriptStoreBase):
         offset = bulk(b"%d" % clock_offset_ms) if clock_offset_ms else _NO_OFFSET
         groups = _by_slot(keys)
         if len(groups) == 1:
-            packed = self._take.evalsha(keys, offset + plan.argv_resp, 1 + len(plan.argv))
+            packed = self._take.evalsha(keys, offset + plan.argv_resp + plan.mask_resp,
+                                        1 + len(plan.argv) + plan.mask_args)
             return decision_from_reply(await self._send(self._take, key_slot(keys[0]), packed))
         replies: list[Any] = [None] * len(groups)
         failure: StoreError | None = None
@@ -172,11 +178,13 @@ class ClusterStore(ScriptStoreBase):
             failure = exc
         decisions = [decision_from_reply(r) if r is not None else None for r in replies]
         allowed = failure is None and all(d is not None and d.allowed for d in decisions)
-        if not allowed:
-            await self._refund_taken(plan, keys, groups, decisions)
+        would = allowed and all(d is not None and d.would_allow for d in decisions)
+        refunds = _refunds(plan, groups, decisions, allowed=allowed, would=would)
+        if any(refunds):
+            await self._refund_taken(plan, keys, refunds)
         if failure is not None:
             raise failure
-        return _merged(plan, groups, decisions, allowed)
+        return _merged(plan, groups, decisions, refunds, allowed=allowed, would=would)
 
     async def _take_groups(
         self, plan: TakePlan, keys: list[bytes], groups: list[list[int]], offset: bytes,
@@ -189,8 +197,9 @@ class ClusterStore(ScriptStoreBase):
         sends: list[tuple[int, bytes, Awaitable[Any] | None]] = []
         for group in groups:
             slot = key_slot(keys[group[0]])
-            packed = take.evalsha([keys[i] for i in group], offset + bulks(_argv(plan, group)),
-                                  1 + 4 * len(group))
+            mask = _mask(plan, group)
+            args = offset + bulks(_argv(plan, group)) + (bulk(mask) if mask else b"")
+            packed = take.evalsha([keys[i] for i in group], args, 1 + 4 * len(group) + (1 if mask else 0))
             sends.append((slot, packed, router.submit(slot, packed)))
         failure: BaseException | None = None
         for i, (slot, packed, first) in enumerate(sends):
@@ -201,13 +210,10 @@ class ClusterStore(ScriptStoreBase):
         if failure is not None:
             raise failure
 
-    async def _refund_taken(
-        self, plan: TakePlan, keys: list[bytes], groups: list[list[int]],
-        decisions: Sequence[RateDecision | None],
-    ) -> None:
-        """Give back what the groups that allowed took; a refund that fails is logged (those
+    async def _refund_taken(self, plan: TakePlan, keys: list[bytes], refunds: list[list[int]]) -> None:
+        """Give back, per group, what ``_refunds`` names; a refund that fails is logged (those
         tokens come back by refill)."""
-        taken = [g for g, d in zip(groups, decisions, strict=True) if d is not None and d.allowed]
+        taken = [g for g in refunds if g]
         results = await asyncio.gather(
             *(self._run(self._refund, [keys[i] for i in group], _argv(plan, group)) for group in taken),
             return_exceptions=True,
@@ -280,7 +286,7 @@ class ClusterStore(ScriptStoreBase):
         if len(_by_slot(keys)) != 1:
             msg = "ratelimit_take_acquire needs every key in one slot: check combines_slots() first"
             raise ValueError(msg)
-        args = (len(plan.names), 0, *plan.argv, _bucket_mask(plan), owner, *slots.argv, slots.mask)
+        args = (len(plan.names), 0, *plan.argv, plan.mask, owner, *slots.argv, slots.mask)
         return take_acquire_from_reply(await self._run(self._take_acquire, keys, args))
 
     async def concurrency_release(self, plan: SlotPlan, tags: Sequence[str], owner: bytes) -> int:
@@ -319,7 +325,8 @@ class ClusterStore(ScriptStoreBase):
         if len(_by_slot(keys)) != 1:
             msg = "ratelimit_take_claim needs every key in one slot: check combines() first"
             raise ValueError(msg)
-        args = (len(plan.names), 0, *plan.argv, fingerprint, owner, *terms.claim_values)
+        args = (len(plan.names), 0, *plan.argv, fingerprint, owner, *terms.claim_values,
+                *((plan.mask,) if plan.mask else ()))
         return admission_from_reply(await self._run(self._take_claim, keys, args))
 
     async def idempotency_complete(
@@ -400,21 +407,49 @@ def _argv(plan: TakePlan, group: Sequence[int]) -> list[int]:
     return [v for i in group for v in plan.argv[4 * i:4 * i + 4]]
 
 
+def _mask(plan: TakePlan, group: Sequence[int]) -> bytes:
+    """The shadow mask of the buckets in ``group``; empty when none of them is shadow."""
+    if not any(plan.specs[i].shadow for i in group):
+        return b""
+    return b"".join(b"1" if plan.specs[i].shadow else b"0" for i in group)
+
+
+def _refunds(
+    plan: TakePlan, groups: Sequence[Sequence[int]], decisions: Sequence[RateDecision | None], *,
+    allowed: bool, would: bool,
+) -> list[list[int]]:
+    """Per group, the buckets whose charge must be given back (empty lists when none).
+
+    A group charged its enforced buckets when it allowed and its shadow buckets when it would.
+    A request not allowed overall (a group denied or failed) gives back all of that; one
+    allowed but not ``would`` (a shadow bucket lacked somewhere) gives back the shadow charges
+    only, so every shadow bucket is charged iff the whole request would have passed."""
+    out: list[list[int]] = []
+    for group, d in zip(groups, decisions, strict=True):
+        if d is None or would:
+            out.append([])
+            continue
+        charged = [i for i in group if d.would_allow or (d.allowed and not plan.specs[i].shadow)]
+        out.append(charged if not allowed else [i for i in charged if plan.specs[i].shadow])
+    return out
+
+
 def _merged(
     plan: TakePlan, groups: Sequence[Sequence[int]], decisions: Sequence[RateDecision | None],
-    allowed: bool,
+    refunds: Sequence[Sequence[int]], *, allowed: bool, would: bool,
 ) -> RateDecision:
     """One decision in plan order from the groups' decisions.
 
-    After a denial, a group that took tokens and got them back shows its state as of before
-    the take: ``cost`` more tokens and the fill time shortened by what they are worth."""
+    A bucket that was charged and got its tokens back shows its state as of before the take:
+    ``cost`` more tokens, the fill time shortened by what they are worth, and no wait (it had
+    its cost)."""
     buckets: list[BucketState | None] = [None] * len(plan.specs)
     now_ms = 0
-    for group, decision in zip(groups, decisions, strict=True):
+    for group, decision, refunded in zip(groups, decisions, refunds, strict=True):
         assert decision is not None
         now_ms = max(now_ms, decision.now_ms)
         for i, state in zip(group, decision.buckets, strict=True):
-            if not allowed and decision.allowed:
+            if i in refunded:
                 spec = plan.specs[i]
                 buckets[i] = BucketState(
                     min(spec.burst, state.remaining + spec.cost),
@@ -423,4 +458,5 @@ def _merged(
                 )
             else:
                 buckets[i] = state
-    return RateDecision(allowed, now_ms, tuple(b for b in buckets if b is not None))
+    return RateDecision(allowed, now_ms, tuple(b for b in buckets if b is not None),
+                        shadow_denied=allowed and not would)

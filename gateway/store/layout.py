@@ -53,9 +53,10 @@ class KeyLayout:
 
 
 def decision_from_reply(raw: Sequence[int]) -> RateDecision:
-    """``ratelimit_take``'s reply: allowed, now, then remaining/full_ms/wait_ms per bucket."""
+    """``ratelimit_take``'s reply: the decision (1 allowed, 2 allowed but a shadow bucket lacked
+    its cost, 0 denied), now, then remaining/full_ms/wait_ms per bucket."""
     buckets = [BucketState(raw[i], raw[i + 1], raw[i + 2]) for i in range(2, len(raw), 3)]
-    return RateDecision(raw[0] == 1, raw[1], tuple(buckets))
+    return RateDecision(raw[0] != 0, raw[1], tuple(buckets), shadow_denied=raw[0] == 2)
 
 
 def slots_from_reply(raw: Sequence[int]) -> SlotDecision:

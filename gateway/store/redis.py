@@ -267,7 +267,8 @@ class RedisStore(ScriptStoreBase):
     ) -> RateDecision:
         keys = self._keys.buckets(tags, plan.names)
         offset = bulk(b"%d" % clock_offset_ms) if clock_offset_ms else _NO_OFFSET
-        packed = self._take.evalsha(keys, offset + plan.argv_resp, 1 + len(plan.argv))
+        packed = self._take.evalsha(keys, offset + plan.argv_resp + plan.mask_resp,
+                                    1 + len(plan.argv) + plan.mask_args)
         return decision_from_reply(await self._run(self._take, packed))
 
     async def concurrency_acquire(
@@ -287,7 +288,7 @@ class RedisStore(ScriptStoreBase):
         keys = self._keys.buckets(tags, plan.names)
         keys += self._keys.slot_sets(slot_tags, slots.names)
         args: tuple[int | bytes, ...] = (
-            len(plan.names), 0, *plan.argv, _bucket_mask(plan), owner, *slots.argv, slots.mask)
+            len(plan.names), 0, *plan.argv, plan.mask, owner, *slots.argv, slots.mask)
         packed = self._take_acquire.evalsha(keys, bulks(args), len(args))
         return take_acquire_from_reply(await self._run(self._take_acquire, packed))
 
@@ -320,8 +321,8 @@ class RedisStore(ScriptStoreBase):
         keys = self._keys.buckets(tags, plan.names)
         keys.append(self._keys.record(record))
         args = b"".join((bulk(b"%d" % len(plan.names)), _NO_OFFSET, plan.argv_resp, bulk(fingerprint),
-                         bulk(owner), terms.claim_argv))
-        packed = self._take_claim.evalsha(keys, args, 7 + len(plan.argv))
+                         bulk(owner), terms.claim_argv, plan.mask_resp))
+        packed = self._take_claim.evalsha(keys, args, 7 + len(plan.argv) + plan.mask_args)
         return admission_from_reply(await self._run(self._take_claim, packed))
 
     async def idempotency_complete(
@@ -357,11 +358,6 @@ class RedisStore(ScriptStoreBase):
             async with asyncio.timeout(self._timeout_s):
                 await self._lane.call(script.load)
                 return await self._lane.call(packed)
-
-
-def _bucket_mask(plan: TakePlan) -> bytes:
-    """The buckets' shadow mask for the combined scripts (b"": every bucket enforced)."""
-    return b""
 
 
 def _host_port(address: str) -> tuple[str, int]:

@@ -153,3 +153,20 @@ async def test_a_rate_limit_denial_takes_no_slot(store: RedisStore) -> None:
     assert not denied.allowed
     assert granted is None
     assert await holders(store, "c", "t") == 1
+
+
+async def test_a_concurrency_refusal_gives_shadow_buckets_back_too(store: RedisStore) -> None:
+    """With a shadow policy beside an enforced one, the combined call passes the mask on: the
+    shadow bucket is charged when it would allow, and given back with the rest on a refusal."""
+    enforced = spec("rl", 1, 3_600_000, 3)
+    shadow = BucketSpec(name="dark", unit=enforced.unit, refill=enforced.refill, burst=3, cost=1, shadow=True)
+    take = TakePlan.of([enforced, shadow])
+    slots = SlotPlan.of([limit("c", 1)])
+    first, _ = await store.ratelimit_take_acquire(take, ["t", "t"], slots, ["t"], b"o1")
+    assert first.allowed
+    assert [b.remaining for b in first.buckets] == [2, 2]
+    _, refused = await store.ratelimit_take_acquire(take, ["t", "t"], slots, ["t"], b"o2")
+    assert refused is not None
+    assert not refused.allowed
+    after = await store.ratelimit_take(take, ["t", "t"])
+    assert [b.remaining for b in after.buckets] == [1, 1]  # one charge each before, this one now
