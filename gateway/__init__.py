@@ -22,6 +22,7 @@ from gateway.errors import (
 from gateway.idempotency import IdempotencyMiddleware, mark_not_sent
 from gateway.ratelimit import RateLimitMiddleware
 from gateway.requestid import RequestIdMiddleware
+from gateway.shedding import LoadSheddingMiddleware
 from gateway.stack import GatewayMiddleware
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "GatewayError",
     "GatewayMiddleware",
     "IdempotencyMiddleware",
+    "LoadSheddingMiddleware",
     "RateLimitMiddleware",
     "RequestIdMiddleware",
     "StoreError",

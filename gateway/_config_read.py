@@ -124,6 +124,27 @@ class Table:
             return default
         return value
 
+    def fraction(self, key: str, default: float) -> float:
+        """A share between 0 (included) and 1 (excluded), as a number."""
+        value = self._get(key)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+            self.problem(key, f"expected a number from 0 up to (not including) 1, got {show(value)}")
+            return default
+        return float(value)
+
+    def header_match(self, key: str) -> tuple[str, str] | None:
+        """``"Name: value"``: the lowercase name and the exact value, or None when absent."""
+        value = self._get(key)
+        if value is _MISSING:
+            return None
+        name, sep, wanted = value.partition(":") if isinstance(value, str) else ("", "", "")
+        if not sep or not _TOKEN.fullmatch(name.strip()) or not wanted.strip():
+            self.problem(key, f'expected "Header-Name: value", got {show(value)}')
+            return None
+        return name.strip().lower(), wanted.strip()
+
     def duration(self, key: str, default: float, *, low: float = 0.001, high: float = 1e9) -> float:
         """Seconds, from ``"250ms"``/``"2s"``/``"5m"``/``"24h"``/``"7d"`` or a number of seconds,
         between ``low`` (at least 1ms: a shorter timeout or expiry only defeats its purpose) and

@@ -34,11 +34,13 @@ def resolve(
     rate_limit: Sequence[Mapping[str, Any] | RateLimitPolicy] | None = None,
     concurrency_limit: Sequence[Mapping[str, Any] | ConcurrencyLimit] | None = None,
     identity: Mapping[str, Any] | IdentityConfig | None = None,
+    sections: Mapping[str, Any] | None = None,
     idempotency: Mapping[str, Any] | IdempotencyConfig | None = None,
     store: StoreSetting = None,
 ) -> tuple[Config, Store, bool]:
     """The config these settings describe, the store to use, and whether the caller owns it.
 
+    ``sections``: more top-level sections shaped like the TOML (``priority``, ``shedding``).
     A ``Store`` instance is shared (its owner opens and closes it); anything else builds a new
     store that the middleware owns.
     """
@@ -66,6 +68,7 @@ def resolve(
         typed["idempotency"] = idempotency
     elif idempotency is not None:
         data["idempotency"] = idempotency
+    data.update(sections or {})  # more TOML-shaped sections, checked by load_config
     shared: Store | None = None
     if isinstance(store, StoreConfig):
         typed["store"] = store

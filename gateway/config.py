@@ -23,11 +23,15 @@ __all__ = [
     "ENV_OVERRIDES",
     "ConcurrencyLimit",
     "Config",
+    "FleetShedding",
     "IdempotencyConfig",
     "IdentityConfig",
+    "LocalShedding",
+    "PriorityClass",
     "RateLimitPolicy",
     "RequestConfig",
     "ServerConfig",
+    "SheddingConfig",
     "StoreConfig",
     "UpstreamConfig",
     "load_config",
@@ -153,6 +157,53 @@ class ConcurrencyLimit:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PriorityClass:
+    """One ``[[priority]]`` class, listed from the most critical to the most sheddable.
+
+    A request is in the first class whose paths, methods and (when set) header it matches; a
+    header match is believed only from ``identity.trusted_proxies``. ``reserve`` is the share of
+    the fleet budget kept for this class and those above it: classes below may not use it."""
+
+    name: str
+    paths: tuple[str, ...] = ("/",)
+    methods: frozenset[str] = frozenset()
+    header: tuple[str, str] | None = None  # (lowercase name, value)
+    reserve: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FleetShedding:
+    """``[shedding.fleet]``: one in-flight budget counted in the store across every gateway."""
+
+    enabled: bool = False  # the kill switch
+    limit: int = 1000  # requests in flight across the fleet
+    lease_ms: int = 30_000
+    mode: LimitMode = "enforce"
+    on_store_error: OnStoreError = "allow"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LocalShedding:
+    """``[shedding.local]``: this process's own in-flight requests and event-loop lag, no store."""
+
+    enabled: bool = False  # the kill switch
+    max_in_flight: int = 256
+    max_loop_lag_s: float = 0.1
+    mode: LimitMode = "enforce"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SheddingConfig:
+    """``[shedding]``: which class a request matching no ``[[priority]]`` is in (``"default"``,
+    the most sheddable, after every listed class, unless a listed class has that name), and the
+    two shedders."""
+
+    default_class: str = "default"
+    fleet: FleetShedding = field(default_factory=FleetShedding)
+    local: LocalShedding = field(default_factory=LocalShedding)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class IdempotencyConfig:
     """``[idempotency]``: Idempotency-Key deduplication."""
 
@@ -178,6 +229,8 @@ class Config:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     rate_limits: tuple[RateLimitPolicy, ...] = ()
     concurrency_limits: tuple[ConcurrencyLimit, ...] = ()
+    priorities: tuple[PriorityClass, ...] = ()
+    shedding: SheddingConfig = field(default_factory=SheddingConfig)
     idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
 
 
@@ -236,8 +289,19 @@ def _parse(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     identity = _identity(root.sub("identity"))
     rate_limits = tuple(_policy(t) for t in root.table_list("rate_limit"))
     concurrency_limits = tuple(_concurrency_limit(t) for t in root.table_list("concurrency_limit"))
+    priorities = tuple(_priority(t) for t in root.table_list("priority"))
+    shedding = _shedding(root.sub("shedding"), priorities)
+    reserved = 0.0
+    for i, cls in enumerate(priorities):
+        reserved += cls.reserve
+        if reserved >= 1:
+            reader.problem(f"priority[{i}].reserve", "the reserves add up to 1 or more: the classes "
+                           "after this one would get no share of the fleet budget")
+            break
     idempotency = _idempotency(root.sub("idempotency"))
-    for section, named in (("rate_limit", rate_limits), ("concurrency_limit", concurrency_limits)):
+    named_sections: tuple[tuple[str, tuple[Any, ...]], ...] = (
+        ("rate_limit", rate_limits), ("concurrency_limit", concurrency_limits), ("priority", priorities))
+    for section, named in named_sections:
         names = [p.name for p in named]
         for i, name in enumerate(names):
             if name in names[:i]:
@@ -253,6 +317,8 @@ def _parse(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         identity=identity,
         rate_limits=rate_limits,
         concurrency_limits=concurrency_limits,
+        priorities=priorities,
+        shedding=shedding,
         idempotency=idempotency,
     )
 
@@ -381,6 +447,48 @@ def _concurrency_limit(t: Table) -> ConcurrencyLimit:
     )
     t.finish()
     return limit
+
+
+def _priority(t: Table) -> PriorityClass:
+    cls = PriorityClass(
+        name=t.policy_name("name", ""),
+        paths=t.paths("paths", ("/",), empty_ok=False),
+        methods=t.methods("methods", frozenset()),
+        header=t.header_match("header"),
+        reserve=t.fraction("reserve", 0.0),
+    )
+    if not cls.name:
+        t.problem("name", "required: the class's name, shown in metrics and problems")
+    t.finish()
+    return cls
+
+
+def _shedding(t: Table, priorities: tuple[PriorityClass, ...]) -> SheddingConfig:
+    d = SheddingConfig()
+    names = [p.name for p in priorities]
+    default_class = t.policy_name("default_class", d.default_class)
+    if default_class != d.default_class and default_class not in names:
+        t.problem("default_class", f'names no [[priority]] class: "{default_class}"')
+    fleet_t, local_t = t.sub("fleet"), t.sub("local")
+    fd, ld = FleetShedding(), LocalShedding()
+    fleet = FleetShedding(
+        enabled=fleet_t.boolean("enabled", fd.enabled),
+        limit=fleet_t.integer("limit", fd.limit, low=1, high=10_000_000),
+        lease_ms=max(1, round(fleet_t.duration("lease", fd.lease_ms / 1000, low=0.1, high=86_400.0) * 1000)),
+        mode=fleet_t.choice("mode", fd.mode, _LIMIT_MODES),
+        on_store_error=fleet_t.choice("on_store_error", fd.on_store_error, _ON_STORE_ERROR),
+    )
+    fleet_t.finish()
+    local = LocalShedding(
+        enabled=local_t.boolean("enabled", ld.enabled),
+        max_in_flight=local_t.integer("max_in_flight", ld.max_in_flight, low=1, high=1_000_000),
+        max_loop_lag_s=local_t.duration("max_loop_lag", ld.max_loop_lag_s, low=0.005, high=60.0),
+        mode=local_t.choice("mode", ld.mode, _LIMIT_MODES),
+    )
+    local_t.finish()
+    cfg = SheddingConfig(default_class=default_class, fleet=fleet, local=local)
+    t.finish()
+    return cfg
 
 
 def _idempotency(t: Table) -> IdempotencyConfig:

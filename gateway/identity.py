@@ -21,7 +21,7 @@ from typing import Any
 from gateway.config import IdentityConfig
 from gateway.context import HeaderValues
 
-__all__ = ["ANONYMOUS_TAG", "GLOBAL_TAG", "IdentityResolver", "header_name", "tag"]
+__all__ = ["ANONYMOUS_TAG", "GLOBAL_TAG", "IdentityResolver", "TrustedProxies", "header_name", "tag"]
 
 #: The tag of ``key = "global"`` policies: one bucket for everyone.
 GLOBAL_TAG = "global"
@@ -56,7 +56,7 @@ class IdentityResolver:
         self._sources = tuple(header_name(s) if s.startswith("header:") else b"" for s in config.sources)
         needs_identity = "identity" in self._keys
         self._ip_needed = "ip" in self._keys or (needs_identity and "ip" in config.sources)
-        self._trusted = _TrustedProxies(config.trusted_proxies)
+        self._trusted = TrustedProxies(config.trusted_proxies)
         self._key_headers = {k: header_name(k) for k in self._keys if k.startswith("header:")}
         wanted = set(self._key_headers.values())
         if needs_identity:
@@ -131,7 +131,7 @@ class IdentityResolver:
         return _normalise(hops[0]) if hops else peer
 
 
-class _TrustedProxies:
+class TrustedProxies:
     """CIDRs parsed once; ``host in trusted`` answers with a bounded cache."""
 
     __slots__ = ("_contains", "_networks")

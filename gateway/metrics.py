@@ -100,6 +100,18 @@ class Metrics:
             "Requests holding a slot of each concurrency limit in this gateway (every worker's, summed).",
             ["limit"], multiprocess_mode="livesum", registry=reg,
         )
+        self._shed = Counter(
+            "gateway_shed",
+            "Requests shed by a load shedder (local, fleet) per priority class: shed (503), "
+            "shadow_shed (a shadow shedder would have shed it; it went on).",
+            ["shedder", "priority", "decision"], registry=reg,
+        )
+        # liveall: each worker's own share (the local shedder is per process)
+        self._shed_admitting = Gauge(
+            "gateway_shed_admitting",
+            "The share of each priority class the local load shedder lets through (1: all, 0: none).",
+            ["priority"], multiprocess_mode="liveall", registry=reg,
+        )
         outcomes = Counter(
             "gateway_idempotency_outcomes", "Keyed requests by what the idempotency layer did.",
             ["outcome"], registry=reg,
@@ -171,6 +183,16 @@ class Metrics:
     def concurrency_in_flight(self, limit: str) -> Gauge:
         """The gauge of the requests holding a slot of one concurrency limit here."""
         return self._concurrency_in_flight.labels(limit=limit)
+
+    def shed(self, shedder: str, priority: str, decision: str) -> Counter:
+        """The counter of one shedder's decisions of one kind for one priority class."""
+        return self._shed.labels(shedder=shedder, priority=priority, decision=decision)
+
+    def shed_admitting(self, priority: str) -> Gauge:
+        """The gauge of the share of one class the local shedder admits (set to 1 here)."""
+        gauge = self._shed_admitting.labels(priority=priority)
+        gauge.set(1)
+        return gauge
 
     def decision(self, policy: str, decision: str) -> Counter:
         """The counter of one policy's decisions of one kind."""

@@ -3,15 +3,15 @@
 Order of a request (DESIGN.md "One request, in order"): the entry (``entry.py``, one layer: the
 request id, the request's context, the refusal of ambiguous requests and the normal path
 (``request_check.py``), ``/_gateway/*`` (``ops.py``), and the one send wrapper that decorates
-and counts every response), then rate limit, then concurrency limit, then the Idempotency-Key
-gate, then the app: a denied request is never claimed, and a replay still counts against the
-client's rate limit and carries its current RateLimit fields. For a request the Idempotency-Key
-layer claims, the rate limit's take is made with the claim, in one store call where the store
-can; for any other request a concurrency limit admits, with its acquire the same way. The layers
-share one identity resolver, so the context resolves a request's tags once. Lifespan opens the
-store at startup (and, once the app has started, freezes the heap built so far out of the
-garbage collector's scans); at shutdown, settles that outlived their requests finish before the
-store closes. Other non-HTTP scopes pass through untouched.
+and counts every response), then load shedding by priority, then rate limit, then concurrency
+limit, then the Idempotency-Key gate, then the app: a denied request is never claimed, and a
+replay still counts against the client's rate limit and carries its current RateLimit fields.
+For a request the Idempotency-Key layer claims, the rate limit's take is made with the claim, in
+one store call where the store can; for any other request a concurrency limit admits, with its
+acquire the same way. The layers share one identity resolver, so the context resolves a
+request's tags once. Lifespan opens the store at startup (and, once the app has started, freezes
+the heap built so far out of the garbage collector's scans); at shutdown, settles that outlived
+their requests finish before the store closes. Other non-HTTP scopes pass through untouched.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from gateway.metrics import Metrics
 from gateway.ops import OpsRoutes, UpstreamTimer
 from gateway.ratelimit import RateLimitMiddleware
 from gateway.request_check import RequestCheck
+from gateway.shedding import LoadSheddingMiddleware
 from gateway.store import Store, store_from_config
 
 __all__ = ["GEN0_THRESHOLD", "SHUTDOWN_DRAIN_S", "GatewayMiddleware", "freeze_startup_heap"]
@@ -109,6 +110,11 @@ class GatewayMiddleware:
                 # and any other, with a concurrency limit's acquire (concurrency.py)
                 defer_every_take=self._concurrency is not None,
             )
+        shedding = self.config.shedding
+        self._shedding: LoadSheddingMiddleware | None = None
+        if shedding.local.enabled or shedding.fleet.enabled:  # first: a shed request costs nothing more
+            inner = self._shedding = LoadSheddingMiddleware(
+                inner, config=self.config, store=self.store, metrics=self.metrics)
         self.app = app
         self._chain: ASGIApp = StackEntry(
             inner,
@@ -128,6 +134,8 @@ class GatewayMiddleware:
         await self._idempotency.drain(SHUTDOWN_DRAIN_S)
         if self._concurrency is not None:
             await self._concurrency.drain(SHUTDOWN_DRAIN_S)
+        if self._shedding is not None:
+            await self._shedding.drain(SHUTDOWN_DRAIN_S)
 
 
 def freeze_startup_heap() -> None:

@@ -1,0 +1,347 @@
+"""LoadSheddingMiddleware: when capacity runs short, shed the least critical requests first.
+
+Stripe's two load shedders ("Scaling your API with rate limiters"), behind ``[[priority]]``
+classes listed from the most critical to the most sheddable (a request is in the first class it
+matches; one that matches none is in ``shedding.default_class``, ``"default"``: last):
+
+* **local** (``[shedding.local]``, no store call): this process's own in-flight requests and
+  event-loop lag, sampled every ``TICK_S``. While either is over its threshold, one more class
+  is shed per tick, the most sheddable first; once both are well under (``CALM``), the most
+  critical class still shed is let back a ``LET_BACK_STEP`` share per tick (admitted at random
+  at that share), so a recovering process is not flooded at once. Past ``max_in_flight`` every
+  class but the most critical is shed at once, between ticks. The most critical class is never
+  shed locally, unless it is the only class.
+* **fleet** (``[shedding.fleet]``): one budget of requests in flight across every gateway
+  process, counted in the store (a ``concurrency_acquire`` on one global slot set, its slot held
+  as a concurrency limit's is, ``slots.py``). A class may fill it up to ``limit`` minus the
+  ``reserve`` shares of the classes above it, so the most critical class always finds room.
+
+A shed request gets ``503`` problem+json (``urn:gateway:problem:load-shed``, its class in
+``priority``, ``Retry-After: 1``) before any other decision: it spends no rate-limit tokens.
+Each shedder has a kill switch (``enabled``) and a ``mode``: ``"shadow"`` sheds nothing and
+counts what it would have shed (``decision="shadow_shed"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from random import getrandbits, random
+from typing import TYPE_CHECKING, Any, Literal
+
+from gateway._asgi import ASGIApp, Receive, Scope, Send
+from gateway._paths import PathPrefixes, match_form
+from gateway._settings import StoreSetting, resolve
+from gateway.config import (
+    ConcurrencyLimit,
+    Config,
+    FleetShedding,
+    IdentityConfig,
+    LocalShedding,
+    PriorityClass,
+    StoreConfig,
+)
+from gateway.errors import StoreError
+from gateway.identity import GLOBAL_TAG, TrustedProxies
+from gateway.lifespan import run_lifespan
+from gateway.problem import problem_type, send_problem
+from gateway.requestid import current_request_id
+from gateway.slots import SlotHolding, SlotKeeper
+from gateway.store import SlotPlan, Store
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter, Gauge
+
+    from gateway.metrics import Metrics
+
+__all__ = ["CALM", "LET_BACK_STEP", "LOAD_SHED", "TICK_S", "LoadSheddingMiddleware", "LocalShedder",
+           "PriorityClasses"]
+
+_log = logging.getLogger("gateway.shedding")
+#: The problem type of a shed request.
+LOAD_SHED = problem_type("load-shed")
+#: How often the local shedder samples its in-flight count and the event loop's lag.
+TICK_S = 0.05
+#: The share of a shed class let back per calm tick (all of it after 10 calm ticks).
+LET_BACK_STEP = 0.1
+#: Calm: in flight at most this share of ``max_in_flight``, and lag at most this share of
+#: ``max_loop_lag``; between calm and over, the shed classes stay as they are (hysteresis).
+CALM = 0.5
+_RETRY_AFTER = b"1"
+
+
+class PriorityClasses:
+    """Which class a request is in: the first listed class it matches, else the default one."""
+
+    def __init__(
+        self, priorities: Sequence[PriorityClass], default_class: str, identity: IdentityConfig
+    ) -> None:
+        classes = list(priorities)
+        names = [c.name for c in classes]
+        if default_class not in names:
+            classes.append(PriorityClass(name=default_class, paths=()))  # matched by nothing: the fallback
+            names.append(default_class)
+        self.classes = tuple(classes)
+        self.names = tuple(names)
+        self._default = names.index(default_class)
+        self._match = tuple(
+            (PathPrefixes(c.paths), c.methods,
+             None if c.header is None else (c.header[0].encode("latin-1"), c.header[1].encode("latin-1")))
+            for c in classes)
+        self._trusted = TrustedProxies(identity.trusted_proxies)
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def of(self, scope: Scope) -> int:
+        """The index of the request's class, 0 the most critical."""
+        form = match_form(scope["path"])
+        method = scope["method"]
+        for i, (paths, methods, header) in enumerate(self._match):
+            if not paths or (methods and method not in methods) or not paths.matches_form(form):
+                continue
+            if header is not None and not self._has(scope, header):
+                continue
+            return i
+        return self._default
+
+    def _has(self, scope: Scope, header: tuple[bytes, bytes]) -> bool:
+        """The header match, believed only from a trusted proxy: a client cannot raise its own class."""
+        client = scope.get("client")
+        if not client or client[0] not in self._trusted:
+            return False
+        name, value = header
+        return any(n == name and v.strip() == value for n, v in scope["headers"])
+
+
+class LocalShedder:
+    """The process's own pressure, sampled every ``TICK_S``, and the share of each class admitted."""
+
+    def __init__(self, config: LocalShedding, classes: int, admitting: Sequence[Gauge] = ()) -> None:
+        self._max_in_flight = config.max_in_flight
+        self._max_lag_s = config.max_loop_lag_s
+        self._classes = classes
+        self._spared = 1 if classes > 1 else 0  # the most critical class is never shed, unless alone
+        self.admitting = [1.0] * classes  # per class, the share let through
+        self._gauges = tuple(admitting)
+        self.in_flight = 0
+        self.lag_s = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._due = 0.0
+
+    def admits(self, k: int) -> bool:
+        """Whether a request of class ``k`` may go on now."""
+        if self._timer is None:
+            self._start()
+        if k < self._spared:
+            return True
+        if self.in_flight >= self._max_in_flight:
+            return False  # a flood between two ticks
+        share = self.admitting[k]
+        return share >= 1.0 or (share > 0.0 and random() < share)  # noqa: S311 - a share of traffic, no secret
+
+    def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._due = loop.time() + TICK_S
+        self._timer = loop.call_at(self._due, self._tick)
+
+    def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self.lag_s = max(0.0, now - self._due)  # how late the loop ran this timer
+        if self.lag_s > self._max_lag_s or self.in_flight >= self._max_in_flight:
+            self._shed_one_more()
+        elif self.lag_s <= self._max_lag_s * CALM and self.in_flight <= self._max_in_flight * CALM:
+            self._let_back_some()
+        self._due = now + TICK_S
+        self._timer = loop.call_at(self._due, self._tick)
+
+    def _shed_one_more(self) -> None:
+        for k in range(self._classes - 1, self._spared - 1, -1):  # the most sheddable first
+            if self.admitting[k] > 0.0:
+                self._set(k, 0.0)
+                _log.warning("shedding load: class %d of %d shed", k, self._classes, extra={
+                    "event": "shedding.local_shed", "class_index": k, "in_flight": self.in_flight,
+                    "loop_lag_ms": round(self.lag_s * 1000, 1)})
+                return
+
+    def _let_back_some(self) -> None:
+        for k in range(self._spared, self._classes):  # the most critical first
+            if self.admitting[k] < 1.0:
+                self._set(k, min(1.0, round(self.admitting[k] + LET_BACK_STEP, 3)))
+                return
+
+    def _set(self, k: int, share: float) -> None:
+        self.admitting[k] = share
+        if self._gauges:
+            self._gauges[k].set(share)
+
+    def stop(self) -> None:
+        """Stop sampling (at shutdown); the next request starts it again."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class _Fleet:
+    """The fleet budget: per class, a plan for one slot of the global set, up to its allocation."""
+
+    def __init__(self, config: FleetShedding, classes: Sequence[PriorityClass], store: Store) -> None:
+        self.config = config
+        self.plans: list[SlotPlan] = []
+        self.allocations: list[int] = []
+        reserved = 0.0
+        for cls in classes:
+            allocation = max(1, math.floor(config.limit * (1.0 - reserved) + 1e-9))
+            self.allocations.append(allocation)
+            self.plans.append(SlotPlan.of([ConcurrencyLimit(
+                name="fleet", limit=allocation, key="global", lease_ms=config.lease_ms, mode=config.mode)]))
+            reserved += cls.reserve
+        self.slots = SlotKeeper(store, shortest_lease_ms=config.lease_ms)
+
+
+class LoadSheddingMiddleware:
+    """Pure ASGI load shedding by priority class: the local shedder, then the fleet budget.
+
+    Args:
+        app: the ASGI app to protect.
+        priority: the ``[[priority]]`` classes, most critical first (dicts shaped like the TOML).
+        shedding: the ``[shedding]`` section (dict shaped like the TOML).
+        identity: the ``[identity]`` section (its ``trusted_proxies`` gate header matches).
+        store: as for the other middlewares; used by the fleet shedder only.
+        metrics: where shed requests are counted; none when None.
+        config: ``GatewayMiddleware``'s whole config (with its shared ``store``), instead of
+            the sections above.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        priority: Sequence[Mapping[str, Any]] = (),
+        shedding: Mapping[str, Any] | None = None,
+        identity: Mapping[str, Any] | IdentityConfig | None = None,
+        store: StoreSetting = None,
+        metrics: Metrics | None = None,
+        config: Config | None = None,
+    ) -> None:
+        if config is not None:  # GatewayMiddleware's, with its store
+            if store is None or isinstance(store, str | Mapping | StoreConfig):
+                msg = "config= needs the Store instance the stack shares"
+                raise TypeError(msg)
+            self._store, self._owns_store = store, False
+        else:
+            sections: dict[str, Any] = {"priority": list(priority)}
+            if shedding is not None:
+                sections["shedding"] = shedding
+            config, self._store, self._owns_store = resolve(identity=identity, store=store, sections=sections)
+        self.app = app
+        self.classes = PriorityClasses(config.priorities, config.shedding.default_class, config.identity)
+        names = self.classes.names
+        local, fleet = config.shedding.local, config.shedding.fleet
+        self._shed: dict[tuple[str, str], tuple[Counter, ...]] = {}
+        admitting: tuple[Gauge, ...] = ()
+        if metrics is not None:
+            for shedder in ("local", "fleet"):
+                for decision in ("shed", "shadow_shed"):
+                    self._shed[shedder, decision] = tuple(metrics.shed(shedder, n, decision) for n in names)
+            admitting = tuple(metrics.shed_admitting(n) for n in names)
+        self.local = LocalShedder(local, len(names), admitting) if local.enabled else None
+        self._local_shadow = local.mode == "shadow"
+        self.fleet = _Fleet(fleet, self.classes.classes, self._store) if fleet.enabled else None
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan" and self._owns_store:
+                await run_lifespan(self.app, scope, receive, send, self._store, before_close=self.drain)
+            else:
+                await self.app(scope, receive, send)
+            return
+        k = self.classes.of(scope)
+        local = self.local
+        if local is None:
+            await self._through_fleet(k, scope, receive, send)
+            return
+        if not local.admits(k) and not self._refused("local", k, shadow=self._local_shadow):
+            await self._send_shed(send, k, "local")
+            return
+        local.in_flight += 1
+        try:
+            await self._through_fleet(k, scope, receive, send)
+        finally:
+            local.in_flight -= 1
+
+    async def _through_fleet(self, k: int, scope: Scope, receive: Receive, send: Send) -> None:
+        fleet = self.fleet
+        if fleet is None:
+            await self.app(scope, receive, send)
+            return
+        holding = await self._take_fleet_slot(fleet, k, send)
+        if holding is False:
+            return
+        if holding is None:
+            await self.app(scope, receive, send)
+            return
+        await fleet.slots.run(self.app, scope, receive, send, holding)
+
+    async def _take_fleet_slot(
+        self, fleet: _Fleet, k: int, send: Send
+    ) -> SlotHolding | Literal[False] | None:
+        """The class's slot of the fleet budget; None to go on without one, False once shed."""
+        plan, tags, owner = fleet.plans[k], [GLOBAL_TAG], b"%032x" % getrandbits(128)
+        try:
+            decision = await self._store.concurrency_acquire(plan, tags, owner)
+        except StoreError as exc:
+            fleet.slots.release_unheard(plan, tags, owner)
+            deny = fleet.config.on_store_error == "deny" and fleet.config.mode == "enforce"
+            _log.warning("fleet load shedder store failed; %s per on_store_error",
+                         "deny" if deny else "allow", extra={
+                             "event": "shedding.store_error", "error": str(exc),
+                             "request_id": current_request_id()})
+            if deny:
+                await self._send_shed(send, k, "fleet")
+                return False
+            return None
+        # a full budget refuses an enforced shedder (not allowed), a shadow one only would have
+        if not decision.would_allow and not self._refused("fleet", k, shadow=decision.allowed):
+            await self._send_shed(send, k, "fleet")
+            return False
+        return fleet.slots.hold(plan, tags, owner, count=1 if decision.would_allow else 0)
+
+    def _refused(self, shedder: str, k: int, *, shadow: bool) -> bool:
+        """Count a shed decision; True when it is a shadow one (the request goes on)."""
+        decision = "shadow_shed" if shadow else "shed"
+        counters = self._shed.get((shedder, decision))
+        if counters:
+            counters[k].inc()
+        name = self.classes.names[k]
+        _log.info("request %s (%s load shedder, class %s)", "would be shed" if shadow else "shed",
+                  shedder, name, extra={"event": f"shedding.{decision}", "shedder": shedder, "priority": name,
+                         "request_id": current_request_id()})
+        return shadow
+
+    async def _send_shed(self, send: Send, k: int, shedder: str) -> None:
+        name = self.classes.names[k]
+        await send_problem(
+            send,
+            status=503,
+            type_=LOAD_SHED,
+            title="Service overloaded",
+            detail=f"The gateway is shedding {name} requests ({shedder} capacity) so that more "
+                   "critical ones are served; retry later.",
+            headers=[(b"retry-after", _RETRY_AFTER)],
+            extensions={"priority": name},
+        )
+
+    async def drain(self, within_s: float = 10.0) -> None:
+        """At shutdown: stop sampling, and wait for the fleet slots being given back."""
+        if self.local is not None:
+            self.local.stop()
+        if self.fleet is not None:
+            await self.fleet.slots.drain(within_s)
