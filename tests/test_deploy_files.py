@@ -41,6 +41,8 @@ EXPORTED_SERIES = {
     "gateway_ratelimit_decisions_total",
     "gateway_concurrency_decisions_total",
     "gateway_concurrency_in_flight",
+    "gateway_shed_total",
+    "gateway_shed_admitting",
     "gateway_idempotency_outcomes_total",
     "gateway_store_latency_seconds_bucket",
     "gateway_upstream_latency_seconds_bucket",
@@ -406,6 +408,7 @@ async def test_dashboard_queries_only_what_the_gateway_exports(monkeypatch: pyte
         "store": {"url": "memory://"},
         "rate_limit": [{"name": "per-client", "limit": 1, "period": "1m", "paths": ["/limited"]}],
         "concurrency_limit": [{"name": "in-flight", "limit": 5, "paths": ["/limited"]}],
+        "shedding": {"local": {"enabled": True}, "fleet": {"enabled": True}},
     }, env={})
     app = build_app(config)
     seen: dict[str, Any] = {}
