@@ -38,8 +38,8 @@ _RELEASE_BACKOFF_S = 0.05
 class SlotHolding:
     """The slots one request holds, from the store's grant to their release."""
 
-    __slots__ = ("_gauges", "_keeper", "_names", "_plan", "_renewing", "_tags", "count", "owner", "releasing",
-                 "stopped")
+    __slots__ = ("_gauges", "_keeper", "_names", "_plan", "_renewing", "_tags", "count", "done", "owner",
+                 "releasing", "stopped")
 
     def __init__(self, keeper: SlotKeeper, plan: SlotPlan, tags: list[str], owner: bytes, *, count: int,
                  gauges: Sequence[Gauge], names: Sequence[str]) -> None:
@@ -50,9 +50,10 @@ class SlotHolding:
         self.count = count  # slots held (a shadow limit that would refuse holds none)
         self._gauges = gauges
         self._names = names
-        self.stopped = False
+        self.stopped = False  # renewals stopped, gauges down: the release has begun
+        self.done = False  # the release is over (given back, or given up to the lease)
         self._renewing: asyncio.Task[None] | None = None
-        self.releasing: asyncio.Task[None] | None = None
+        self.releasing: asyncio.Task[None] | None = None  # a release in a task of its own
         for gauge in gauges:
             gauge.inc()
 
@@ -77,14 +78,24 @@ class SlotHolding:
             keeper.renewals.add(self, asyncio.get_running_loop().time() + keeper.renew_interval_s)
 
     async def release(self) -> None:
-        """Stop renewing and give the slots back; bounded by ``RELEASE_ATTEMPTS`` store calls."""
-        self.stopped = True
+        """Stop renewing and give the slots back; bounded by ``RELEASE_ATTEMPTS`` store calls.
+        Running it again (a release cut off by a cancellation) only repeats the store call,
+        which gives back nothing twice."""
         keeper = self._keeper
-        keeper.renewals.discard(self)
-        if self._renewing is not None:
-            self._renewing.cancel()
-        for gauge in self._gauges:
-            gauge.dec()
+        if not self.stopped:
+            self.stopped = True
+            keeper.renewals.discard(self)
+            if self._renewing is not None:
+                self._renewing.cancel()
+            for gauge in self._gauges:
+                gauge.dec()
+        try:
+            await self._give_back()
+        finally:
+            self.done = True
+
+    async def _give_back(self) -> None:
+        keeper = self._keeper
         for attempt in range(1, RELEASE_ATTEMPTS + 1):
             try:
                 await keeper.store.concurrency_release(self._plan, self._tags, self.owner)
@@ -123,20 +134,28 @@ class SlotKeeper:
 
         async def send_then_release(message: Message) -> None:
             # the slots are back before the client has the whole response
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                await asyncio.shield(self.give_back(holding))
+            if message["type"] == "http.response.body" and not message.get("more_body", False) \
+                    and not holding.stopped:
+                try:
+                    await holding.release()  # inline: no task for the common ending
+                except asyncio.CancelledError:
+                    self.give_back(holding)  # cut off: finished in a task of its own
+                    raise
             await send(message)
 
         try:
             await app(scope, receive, send_then_release)
         except asyncio.CancelledError:
-            self.give_back(holding)  # goes on in its own task
+            if not holding.done:
+                self.give_back(holding)  # goes on in its own task
             raise
         except BaseException:
             # before the server answers 500: a retry must not find this request's slot held
-            await asyncio.shield(self.give_back(holding))
+            if not holding.done:
+                await asyncio.shield(self.give_back(holding))
             raise
-        await asyncio.shield(self.give_back(holding))  # done already after a whole response
+        if not holding.done:  # no whole response: the client went away
+            await asyncio.shield(self.give_back(holding))
 
     def give_back(self, holding: SlotHolding) -> asyncio.Task[None]:
         """The release, started once, in a task of its own: a cancelled request still gives

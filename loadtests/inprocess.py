@@ -4,7 +4,9 @@ A benchmark, not a test. It starts a redis-server of its own (loopback, free por
 persistence) and drives ``GatewayMiddleware`` (one per-client policy that never denies) around
 a trivial app. Each round sends ``--requests`` requests, ``--concurrency`` at a time, and divides
 this process's CPU time by the requests: ``GET /hello`` (the rate limit), and ``POST /pay`` with
-a new Idempotency-Key each time (the rate limit and the claim, then the completion). With HTTP
+a new Idempotency-Key each time (the rate limit and the claim, then the completion), and
+``GET /hello`` under a concurrency limit too (the take and the acquire in one call, then the
+release). With HTTP
 taken away, what is left is the gateway's Python, the store calls' share of the pipeline, and
 the garbage collector: the steadier evidence next to peer-bench on a noisy 2-core machine.
 
@@ -29,6 +31,7 @@ from gateway._asgi import Message, Receive, Scope, Send
 from loadtests.processes import Child, free_port
 
 _POLICY = [{"name": "per-client", "limit": 1_000_000, "period": "1m"}]
+_IN_FLIGHT = [{"name": "in-flight", "limit": 1_000}]  # never refuses at 32 at a time
 _HEADERS = [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"wrk"), (b"accept", b"*/*")]
 
 
@@ -99,10 +102,15 @@ class _Driver:
             await asyncio.gather(*(self.one() for _ in range(concurrency)))
 
 
-async def _measure(url: str, post: bool, requests: int, concurrency: int) -> float:
+async def _measure(
+    url: str, post: bool, requests: int, concurrency: int, *, in_flight: bool = False
+) -> float:
     """CPU microseconds per request of one fresh stack, after a warm-up."""
-    app = GatewayMiddleware(_endpoint, {"store": {"url": url, "key_prefix": f"bench{time.time_ns()}"},
-                                        "rate_limit": _POLICY})
+    store = {"url": url, "key_prefix": f"bench{time.time_ns()}"}
+    config: dict[str, object] = {"store": store, "rate_limit": _POLICY}
+    if in_flight:
+        config["concurrency_limit"] = _IN_FLIGHT
+    app = GatewayMiddleware(_endpoint, config)
     driver = _Driver(app, post)
     task = await driver.start()
     try:
@@ -129,9 +137,11 @@ def main() -> None:
     try:
         redis.wait_redis(port, 10)
         url = f"redis://127.0.0.1:{port}/0"
-        for name, post in (("GET, rate limit", False), ("POST, rate limit + Idempotency-Key", True)):
+        workloads = (("GET, rate limit", False, False), ("POST, rate limit + Idempotency-Key", True, False),
+                     ("GET, rate limit + concurrency limit", False, True))
+        for name, post, in_flight in workloads:
             # one process per workload would be steadier still; the rounds show the spread
-            runs = [uvloop.run(_measure(url, post, args.requests, args.concurrency))
+            runs = [uvloop.run(_measure(url, post, args.requests, args.concurrency, in_flight=in_flight))
                     for _ in range(args.rounds)]
             print(f"{name}: {statistics.median(runs):.1f} us/req CPU "
                   f"(min {min(runs):.1f}, max {max(runs):.1f}, {args.rounds} rounds)")

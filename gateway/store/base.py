@@ -136,6 +136,7 @@ class SlotPlan:
     mask: bytes  # per limit '1' for shadow, '0' enforced; b"" when every limit is enforced
     argv_resp: bytes  # argv (and the mask, when there is one) framed as RESP bulk strings, once
     renew_resp: bytes  # the leases framed, once
+    combined_resp: bytes  # argv then the mask (b"" too) framed, as ratelimit_take_acquire takes them
 
     @classmethod
     def of(cls, limits: Sequence[ConcurrencyLimit]) -> SlotPlan:
@@ -150,6 +151,7 @@ class SlotPlan:
             mask=mask,
             argv_resp=bulks(argv) + (bulks((mask,)) if mask else b""),
             renew_resp=bulks(leases),
+            combined_resp=bulks((*argv, mask)),
         )
 
     @property

@@ -49,7 +49,7 @@ from gateway.store.layout import (
     take_acquire_from_reply,
 )
 from gateway.store.pipeline import Pipeline
-from gateway.store.resp import ScriptCall, bulk, bulks, command
+from gateway.store.resp import ScriptCall, bulk, command
 from gateway.store.scripted import ScriptStoreBase
 
 if TYPE_CHECKING:
@@ -287,9 +287,10 @@ class RedisStore(ScriptStoreBase):
     ) -> tuple[RateDecision, SlotDecision | None]:
         keys = self._keys.buckets(tags, plan.names)
         keys += self._keys.slot_sets(slot_tags, slots.names)
-        args: tuple[int | bytes, ...] = (
-            len(plan.names), 0, *plan.argv, plan.mask, owner, *slots.argv, slots.mask)
-        packed = self._take_acquire.evalsha(keys, bulks(args), len(args))
+        args = b"".join((bulk(b"%d" % len(plan.names)), _NO_OFFSET, plan.argv_resp, bulk(plan.mask),
+                         bulk(owner), slots.combined_resp))
+        # n, offset, the buckets' arguments, their mask, owner, the limits' arguments, their mask
+        packed = self._take_acquire.evalsha(keys, args, 5 + len(plan.argv) + len(slots.argv))
         return take_acquire_from_reply(await self._run(self._take_acquire, packed))
 
     async def concurrency_release(self, plan: SlotPlan, tags: Sequence[str], owner: bytes) -> int:
