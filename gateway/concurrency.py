@@ -230,6 +230,7 @@ class ConcurrencyLimitMiddleware:
             await deferred.decided(decision, send)
             return False
         if slots.allowed and not await deferred.decided(decision, send):
+            self.slots.release_unheard(rules.plan, tags, owner)  # answered after all: no slot kept
             return False
         # refused: the take's tokens are back, so the rate limit counts nothing either
         return await self._decided(rules, tags, owner, slots, send)
