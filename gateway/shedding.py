@@ -46,7 +46,7 @@ from gateway.config import (
 from gateway.errors import StoreError
 from gateway.identity import GLOBAL_TAG, TrustedProxies
 from gateway.lifespan import run_lifespan
-from gateway.problem import problem_type, send_problem
+from gateway.problem import STORE_UNAVAILABLE, problem_type, send_problem
 from gateway.requestid import current_request_id
 from gateway.slots import SlotHolding, SlotKeeper
 from gateway.store import SlotPlan, Store
@@ -305,7 +305,10 @@ class LoadSheddingMiddleware:
                              "event": "shedding.store_error", "error": str(exc),
                              "request_id": current_request_id()})
             if deny:
-                await self._send_shed(send, k, "fleet")
+                await send_problem(
+                    send, status=503, type_=STORE_UNAVAILABLE, title="Load shedder store unavailable",
+                    detail="The fleet's capacity could not be checked and it does not run unchecked.",
+                    headers=[(b"retry-after", _RETRY_AFTER)])
                 return False
             return None
         # a full budget refuses an enforced shedder (not allowed), a shadow one only would have

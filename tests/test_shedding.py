@@ -14,7 +14,7 @@ import pytest
 
 from gateway import GatewayMiddleware, LoadSheddingMiddleware
 from gateway.config import IdentityConfig, PriorityClass, load_config
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, StoreUnavailable
 from gateway.shedding import LET_BACK_STEP, LOAD_SHED, TICK_S, PriorityClasses
 from tests.asgi_helpers import assert_problem, client_for, lifespan_running, poll
 from tests.conftest import unique_prefix
@@ -238,3 +238,24 @@ def test_config_problems_name_their_key() -> None:
                 "shedding.default_class", "shedding.fleet.limit", "shedding.fleet.mode",
                 "shedding.local.max_loop_lag", "shedding.local.bogus"):
         assert key in text, key
+
+
+@pytest.mark.parametrize(("on_store_error", "status"), [("allow", 200), ("deny", 503)])
+async def test_a_fleet_store_failure_follows_on_store_error(
+    store_section: dict[str, Any], on_store_error: str, status: int, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app = HoldingApp(hold_s=0)
+    fleet = {"enabled": True, "on_store_error": on_store_error}
+    gw = GatewayMiddleware(app, shed_config(store_section, fleet=fleet))
+
+    async def down(*args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailable("store down")
+
+    async with lifespan_running(gw), client_for(gw) as client:
+        monkeypatch.setattr(gw.store, "concurrency_acquire", down)
+        monkeypatch.setattr(gw.store, "concurrency_release", down)
+        r = await client.get("/v1/customers")
+    assert r.status_code == status
+    if status == 503:
+        assert_problem(r, 503, "urn:gateway:problem:store-unavailable")
+    assert app.entered == (1 if status == 200 else 0)
