@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import redis
 import redis.asyncio
 import redis.exceptions
 
@@ -129,6 +130,21 @@ async def test_a_killed_connection_is_replaced_without_a_failed_call(store: Redi
         assert (await store.ratelimit_take(PLAN, ["after-kill"])).allowed
     finally:
         await admin.aclose()
+
+
+async def test_a_connection_closed_before_the_loop_noticed_is_replaced_without_a_failed_call(
+        store: RedisStore, redis_server: RedisProcess) -> None:
+    """CLIENT KILL of the idle connection by a blocking client, so the loop has not run since
+    and the reader has not seen the close: the next call still goes out on a new connection and
+    succeeds, instead of being written to the closed one and lost (StoreUnanswered)."""
+    await store.ping()
+    conn: Any = store._lane._current  # type: ignore[union-attr]
+    with redis.Redis.from_url(redis_server.url) as admin:  # blocking: no loop turn until the call
+        assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
+    assert conn.broken is None  # the close is in the socket, unread
+    assert (await store.ratelimit_take(PLAN, ["after-unseen-kill"])).allowed
+    assert conn.broken is not None
+    assert store._lane._current is not conn  # type: ignore[union-attr]
 
 
 async def test_a_silent_connection_is_given_up_after_a_timeout(dedicated_redis: RedisProcess) -> None:

@@ -152,8 +152,9 @@ async def _ready(c: httpx.AsyncClient) -> bool:
 
 async def test_switchover_reaches_the_new_master_without_an_error(sentinel: RedisSentinel) -> None:
     """SENTINEL FAILOVER with both servers alive: once the sentinels have demoted the old master
-    (closing its clients), the next request finds its pooled connection closed, and the one
-    retry on a new connection, which asks the sentinels, reaches the new master: no error, the
+    (closing its clients), the next request finds its pooled connection closed (before writing
+    to it, whether or not the loop has read the close yet), and a new connection, which asks the
+    sentinels, reaches the new master: no error, the
     bucket kept. (Until that demotion, at the sentinels' next look at the old master up to
     ~10 s after the promotion, pooled connections still write to the old master; README.)"""
     gw, app, prefix = gateway_on(sentinel)

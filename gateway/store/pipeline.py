@@ -9,7 +9,8 @@ caller's, and an error reply (NOSCRIPT, a script error) fails that caller alone.
 
 Each call is bounded by ``store.timeout`` here, with one timer per write rather than a timeout
 context per call. A broken connection fails every caller still waiting on it (nothing is
-resent: any of those commands may have run) and the next call opens a new one. A connection
+resent: any of those commands may have run) and the next call opens a new one; so does a call
+that finds its idle connection closed by the server, before the reader has seen that. A connection
 that stays silent for a whole timeout while commands wait on it is given up the same way, so a
 black-holed Redis never holds the callers behind the first past their own bound. ``READONLY``
 (the server was demoted) gives the connection up too: a new one finds the master (through
@@ -19,6 +20,7 @@ Sentinel, when configured).
 from __future__ import annotations
 
 import asyncio
+import select
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -47,8 +49,8 @@ class _Connection:
     Each turn's write arms one timer: the callers of that write still waiting ``timeout_s``
     later get ``TimeoutError`` (one timer per write, not per call, keeps the bound cheap)."""
 
-    __slots__ = ("_batch", "_conn", "_loop", "_out", "_reader_task", "_timeout_s", "_waiting", "_writer",
-                 "answered", "broken")
+    __slots__ = ("_batch", "_conn", "_loop", "_out", "_poll", "_reader_task", "_timeout_s", "_waiting",
+                 "_writer", "answered", "broken")
 
     def __init__(self, conn: AbstractConnection, timeout_s: float) -> None:
         self._conn = conn
@@ -62,7 +64,24 @@ class _Connection:
         self._batch: list[asyncio.Future[Any]] = []  # and their callers
         self.answered = 0  # replies read so far
         self.broken: BaseException | None = None
+        self._poll = _poller(self._writer.transport)
         self._reader_task = self._loop.create_task(self._read(reader))
+
+    def closed_while_idle(self) -> bool:
+        """True (and the connection given up) when nothing is in flight on it and its socket is
+        readable: with no reply owed, that can only be the server's close (or an error before
+        it), which the reader has not seen yet because the loop has not polled since.
+
+        Why: a command written to it would fail as ``ReplyLost`` (its caller told "it may have
+        run") although the server had closed before it could read it; a Sentinel switchover
+        (the old master's clients killed), a Redis restart or an idle timeout then cost the next
+        request an error. Checked here, before anything is written, that caller goes to a new
+        connection instead. One ``poll(0)``, and only when the connection is idle; without
+        ``select.poll`` (Windows) the reader alone notices the close."""
+        if self._waiting or self._poll is None or not self._poll.poll(0):
+            return False
+        self.fail(RedisConnectionError("the store closed the connection while it was idle"))
+        return True
 
     def send(self, packed: bytes) -> asyncio.Future[Any]:
         """Queue one framed command for this turn's write; the future gets its reply."""
@@ -163,6 +182,16 @@ class _Connection:
         self.fail(RedisConnectionError("the store was closed"))
 
 
+def _poller(transport: asyncio.BaseTransport) -> Any:
+    """A ``select.poll`` on the transport's socket (None where there is none: Windows)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(select, "poll"):
+        return None
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return poller
+
+
 def _retrieve(task: asyncio.Task[_Connection]) -> None:
     if not task.cancelled():
         task.exception()
@@ -192,7 +221,7 @@ class Pipeline:
         """Send one framed command (with this turn's others); awaiting it gives its reply, or
         raises: redis-py's exception for an error reply, ``TimeoutError``, a connection error."""
         conn = self._current
-        if conn is None or conn.broken is not None:
+        if conn is None or conn.broken is not None or conn.closed_while_idle():
             return self._call_opening(packed)
         return conn.send(packed)
 
@@ -201,7 +230,7 @@ class Pipeline:
         between them (``ASKING`` holds for the next command only); their replies in order, an
         error reply or a connection error as the exception itself, not raised."""
         conn = self._current
-        if conn is None or conn.broken is not None:
+        if conn is None or conn.broken is not None or conn.closed_while_idle():
             async with asyncio.timeout(self._timeout_s):
                 conn = await self._connection()
         return await asyncio.gather(*(conn.send(p) for p in packed), return_exceptions=True)
