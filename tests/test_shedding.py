@@ -6,6 +6,7 @@ and the kill switches."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from typing import Any
@@ -13,9 +14,10 @@ from typing import Any
 import pytest
 
 from gateway import GatewayMiddleware, LoadSheddingMiddleware
-from gateway.config import IdentityConfig, PriorityClass, load_config
+from gateway.config import IdentityConfig, LocalShedding, PriorityClass, load_config
 from gateway.errors import ConfigError
-from gateway.shedding import LET_BACK_STEP, LOAD_SHED, TICK_S, PriorityClasses
+from gateway.requestid import bind_request_id, current_request_id
+from gateway.shedding import LET_BACK_STEP, LOAD_SHED, TICK_S, LocalShedder, PriorityClasses
 from tests.asgi_helpers import assert_problem, client_for, lifespan_running, poll
 from tests.conftest import unique_prefix
 from tests.redis_process import RedisProcess
@@ -238,3 +240,30 @@ def test_config_problems_name_their_key() -> None:
                 "shedding.default_class", "shedding.fleet.limit", "shedding.fleet.mode",
                 "shedding.local.max_loop_lag", "shedding.local.bogus"):
         assert key in text, key
+
+
+async def test_the_local_shedders_ticks_log_under_no_requests_id() -> None:
+    """The sampling timer a request starts runs outside that request's context: its later
+    decisions are not logged under the id of a request long gone."""
+    shedder = LocalShedder(LocalShedding(enabled=True, max_in_flight=1), classes=2)
+    seen: list[str | None] = []
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if getattr(record, "event", None) == "shedding.local_shed":
+                seen.append(current_request_id())
+
+    async def first_request() -> None:
+        bind_request_id("req-that-started-the-timer")
+        assert shedder.admits(1)
+
+    handler, logger = Seen(), logging.getLogger("gateway.shedding")
+    logger.addHandler(handler)
+    try:
+        await asyncio.create_task(first_request())
+        shedder.in_flight = 5  # over max_in_flight: the next tick sheds the lower class
+        await poll(lambda: seen, deadline_s=2)
+    finally:
+        logger.removeHandler(handler)
+        shedder.stop()
+    assert seen == [None]
