@@ -25,6 +25,7 @@ counts what it would have shed (``decision="shadow_shed"``).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -145,7 +146,9 @@ class LocalShedder:
     def _start(self) -> None:
         loop = asyncio.get_running_loop()
         self._due = loop.time() + TICK_S
-        self._timer = loop.call_at(self._due, self._tick)
+        # in a context of its own: started by a request, the sampling must not run (and log)
+        # under that request's id for the life of the process, nor keep its context alive
+        self._timer = loop.call_at(self._due, self._tick, context=contextvars.Context())
 
     def _tick(self) -> None:
         loop = asyncio.get_running_loop()

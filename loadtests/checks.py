@@ -4,7 +4,9 @@ Each check returns ``Invariant(name, ok, detail)``; a run is ok when all are. Th
 trust the upstream's own record of what it executed, not the gateway's word: a key the record
 shows twice was executed twice, whatever the gateway answered. The rate-limit bound is exact for
 a token bucket: a key first used at ``t0`` (client clock, before the store saw it) and last
-answered at ``t1`` can have had at most ``burst + rate * (t1 - t0)`` requests allowed.
+answered at ``t1`` can have had at most ``burst + rate * (t1 - t0)`` requests allowed. The
+overload checks compare the critical trickle under the flood with the same run's unloaded phase,
+and read the gateway's resident memory as the runner sampled it.
 
 Pure Python over plain dicts, so the unit tests can feed crafted records.
 """
@@ -16,8 +18,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 __all__ = [
+    "P99_RATIO_MAX",
     "RATE_FLOOR",
+    "RSS_FLAT_MARGIN_MIB",
+    "RSS_GROWTH_MAX_MIB",
     "Invariant",
+    "check_overload",
     "check_payments",
     "check_ratelimit",
     "check_requests",
@@ -27,6 +33,9 @@ __all__ = [
 RATE_FLOOR = 0.8  # a saturated key must be allowed at least this share of its bound
 RATE_TOLERANCE = 1.0  # tokens: rounding of the store's millisecond clock
 MAX_LISTED = 5  # offenders named in a detail
+P99_RATIO_MAX = 2.0  # overload: critical p99 under the flood, at most this times the unloaded one
+RSS_GROWTH_MAX_MIB = 64.0  # overload: the gateway's peak RSS above its RSS as Locust started
+RSS_FLAT_MARGIN_MIB = 8.0  # overload: the flood's last third may peak this much above its first
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,4 +159,64 @@ def check_payments(journal: Mapping[str, Any], record: Mapping[str, Any]) -> lis
         Invariant("every payment behaviour was exercised", not unexercised,
                   f"never: {', '.join(unexercised)}" if unexercised else
                   ", ".join(f"{w} {counts[w]}" for w in ("new", "retry", "burst", "reuse"))),
+    ]
+
+
+# ------------------------------------------------------------------------------ load shedding
+def check_overload(overload: Mapping[str, Any], journal: Mapping[str, Any], record: Mapping[str, Any],
+                   memory: Mapping[str, Any]) -> list[Invariant]:
+    """The critical trickle served in full and in time, the flood shed cleanly, memory bounded.
+
+    ``overload`` is ``report.overload_summary``'s, ``memory`` ``report.memory_summary``'s."""
+    crit, flood = overload["critical"], overload["sheddable"]
+    unloaded, flooded = crit["unloaded"], crit["flood"]
+    refused = crit["not_201"] + crit["errors"]
+    executions: Mapping[str, int] = record.get("executions", {})
+    keys: Mapping[str, Mapping[str, int]] = journal.get("keys", {})
+    fresh = {k for k, kinds in keys.items() if kinds.get("fresh")}
+    not_once = sorted(f"{k} ran {executions.get(k, 0)}x" for k in fresh if executions.get(k, 0) != 1)
+    unknown = sorted(set(executions) - set(keys))
+    # a request cut off by the end of the run may have run without its answer being seen
+    cut_off_ran = sum(1 for k, kinds in keys.items() if not any(kinds.values()) and executions.get(k))
+    charges = record.get("charges")
+    upstream_ok = not not_once and not unknown and charges == crit["answered_201"] + cut_off_ran
+    ratio = crit["p99_ratio"]
+    shed, answered = flood["shed_503"], flood["answered_2xx"]
+    shapes = _violations(journal, ("flood_503_not_shed", "flood_unexpected"))
+    growth, first, last = (memory.get("growth_mib"), memory.get("phase_first_third_max_mib"),
+                           memory.get("phase_last_third_max_mib"))
+    bounded = (growth is not None and first is not None and last is not None
+               and growth <= RSS_GROWTH_MAX_MIB and last <= first + RSS_FLAT_MARGIN_MIB)
+    return [
+        Invariant("critical: every request answered 201 (no 503, no error)",
+                  crit["answered_201"] > 0 and refused == 0
+                  and not _violations(journal, ("critical_not_201", "critical_error")),
+                  f"{crit['answered_201']} of {crit['answered_201']}: unloaded {unloaded['count']}, flood "
+                  f"{flooded['count']} ({crit['cut_off']} cut off by the end of the run)" if not refused
+                  else f"{refused} of {crit['answered_201'] + refused} not 201 ({crit['not_201']} refused, "
+                  f"{crit['errors']} errors); e.g. "
+                  f"{_listed(_examples(journal, ('critical_not_201', 'critical_error')))}"),
+        Invariant("critical: each 201 executed exactly once by the upstream (its record)", upstream_ok,
+                  f"upstream charges {charges}, 201s {crit['answered_201']}, cut off and run {cut_off_ran}"
+                  + (f"; not once: {_listed(not_once)}" if not_once else "")
+                  + (f"; unknown keys: {_listed(unknown)}" if unknown else "")),
+        Invariant(f"critical: p99 under the flood <= {P99_RATIO_MAX:g}x the unloaded p99",
+                  ratio is not None and ratio <= P99_RATIO_MAX and flooded["count"] > 0,
+                  f"unloaded p99 {unloaded['p99_ms']} ms ({unloaded['count']} requests), flood p99 "
+                  f"{flooded['p99_ms']} ms ({flooded['count']}): x{ratio}"),
+        Invariant("sheddable: the flood was shed and partly served (the gateway was overloaded)",
+                  shed > 0 and answered > 0,
+                  f"{shed} shed, {answered} served of {flood['sent']} (shed share {flood['shed_share']})"),
+        Invariant("sheddable: every non-2xx was a 503 load-shed problem with Retry-After",
+                  not shapes and flood["other"] == 0,
+                  f"{shed} 503 load-shed" if not shapes and not flood["other"] else
+                  f"{flood['other']} other answers; e.g. "
+                  f"{_listed(_examples(journal, ('flood_503_not_shed', 'flood_unexpected')))}"),
+        Invariant("sheddable: no timeouts or connection errors", flood["errors"] == 0,
+                  f"{flood['errors']} of {flood['sent']}"),
+        Invariant(f"gateway RSS bounded: growth <= {RSS_GROWTH_MAX_MIB:g} MiB, the flood's last "
+                  f"third <= its first + {RSS_FLAT_MARGIN_MIB:g} MiB", bounded,
+                  "not sampled" if growth is None else
+                  f"start {memory['start_mib']}, peak {memory['peak_mib']}, end {memory['end_mib']} "
+                  f"MiB (growth {growth}); flood thirds: first max {first}, last max {last}"),
     ]

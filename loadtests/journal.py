@@ -2,9 +2,10 @@
 
 Locust's own statistics say how fast; the journal says what each answer meant: per API key the
 allowed and denied requests and the window they were sent in, per Idempotency-Key what came
-back (a fresh 201, a replay, a 409, a 422), the violations the users saw on the wire, and a
-fine latency histogram (10 microsecond ticks; Locust rounds to whole milliseconds below 100 ms,
-too coarse for a gateway that adds about one). Written as JSON at test stop.
+back (a fresh 201, a replay, a 409, a 422), the violations the users saw on the wire, when a
+phase began (``marks``), and a fine latency histogram (10 microsecond ticks; Locust rounds to
+whole milliseconds below 100 ms, too coarse for a gateway that adds about one). Written as JSON
+at test stop.
 
 Pure Python, no Locust: the unit tests build journals by hand.
 """
@@ -35,6 +36,7 @@ class Journal:
         self.counts: Counter[str] = Counter()
         self.violations: Counter[str] = Counter()
         self.examples: list[str] = []
+        self.marks: dict[str, float] = {}
 
     # ------------------------------------------------------------------ latency
     def latency_ms(self, name: str, ms: float) -> None:
@@ -69,6 +71,11 @@ class Journal:
     def count(self, what: str, n: int = 1) -> None:
         self.counts[what] += n
 
+    def mark(self, what: str, at: float) -> None:
+        """When something first happened (``time.time()``, which the runner's clock shares), e.g.
+        the overload scenario's ``flood_started``; later marks of the same name are ignored."""
+        self.marks.setdefault(what, at)
+
     def violation(self, kind: str, detail: str) -> None:
         self.violations[kind] += 1
         if len(self.examples) < MAX_EXAMPLES:
@@ -84,6 +91,7 @@ class Journal:
             "counts": dict(self.counts),
             "violations": dict(self.violations),
             "examples": self.examples,
+            "marks": self.marks,
         }
 
     def write(self, path: str | Path) -> None:

@@ -19,11 +19,12 @@ from locust.stats import CSV_STATS_INTERVAL_SEC
 from loadtests.scenarios.common import JOURNAL, current_plan
 from loadtests.scenarios.mixed import MixedPaymentUser, MixedRateLimitedUser, UnkeyedPostUser
 from loadtests.scenarios.overhead import OverheadUser
+from loadtests.scenarios.overload import CriticalUser, FloodUser
 from loadtests.scenarios.payments import PaymentUser
 from loadtests.scenarios.ratelimit import RateLimitedUser
 
-__all__ = ["MixedPaymentUser", "MixedRateLimitedUser", "OverheadUser", "PaymentUser",
-           "RateLimitedUser", "UnkeyedPostUser"]
+__all__ = ["CriticalUser", "FloodUser", "MixedPaymentUser", "MixedRateLimitedUser", "OverheadUser",
+           "PaymentUser", "RateLimitedUser", "UnkeyedPostUser"]
 
 
 def _timed(name: str, response_time: float, **_: Any) -> None:

@@ -19,8 +19,13 @@ __all__ = [
     "CHARGE_RETRY",
     "CHARGE_REUSE",
     "CHARGE_UNKEYED",
+    "CRITICAL_FLOOD",
+    "CRITICAL_PACING_S",
+    "CRITICAL_UNLOADED",
+    "CRITICAL_USERS",
     "DIRECT_HELLO",
     "ENV_PLAN",
+    "FLOOD_WORK",
     "GATEWAY_HELLO",
     "RATE_BURST",
     "RATE_PER_S",
@@ -28,6 +33,7 @@ __all__ = [
     "Plan",
     "Scenario",
     "api_key_count",
+    "baseline_seconds",
     "gateway_config",
     "toml",
 ]
@@ -48,12 +54,27 @@ HUGE_LIMIT, HUGE_PERIOD = 1_000_000, "1h"
 # Locust side by side, and the 100 ms default would turn scheduling stalls into 503s
 STORE_TIMEOUT = "1s"
 
+# overload: a steady trickle of critical charges (CRITICAL_USERS users, one request every
+# CRITICAL_PACING_S each: 50/s), first alone for the baseline, then beside a flood of GET /work
+# (each held WORK_MS by the upstream) from every other user with no think time. One gateway
+# process lets MAX_IN_FLIGHT requests in at once, so it serves at most ~MAX_IN_FLIGHT / WORK_MS
+# = 640 flood requests a second; 200 users without a pause offer several times that.
+CRITICAL_USERS = 5
+CRITICAL_PACING_S = 0.1
+WORK_MS = 50
+SHED_MAX_IN_FLIGHT = 32
+SHED_MAX_LOOP_LAG = "50ms"
+BASELINE_MAX_S = 15  # the unloaded phase: a quarter of the run, 1 to 15 s
+
 
 # request names, as Locust's statistics and the report show them
 DIRECT_HELLO, GATEWAY_HELLO = "direct GET /hello", "gateway GET /hello"
 CHARGE_NEW, CHARGE_RETRY = "gateway POST /charges", "gateway POST /charges (retry)"
 CHARGE_BURST, CHARGE_REUSE = "gateway POST /charges (burst)", "gateway POST /charges (reused key)"
 CHARGE_UNKEYED = "gateway POST /charges (no key)"
+CRITICAL_UNLOADED = "gateway POST /charges (critical, unloaded)"
+CRITICAL_FLOOD = "gateway POST /charges (critical, flood)"
+FLOOD_WORK = "gateway GET /work (flood)"
 _PAYMENT_ROUTES = (CHARGE_NEW, CHARGE_RETRY, CHARGE_BURST, CHARGE_REUSE)
 
 
@@ -68,6 +89,7 @@ class Scenario:
     direct: bool = False  # it also calls the upstream directly (the overhead comparison)
     payments: bool = False  # the at-most-once checks apply
     ratelimit: bool = False  # the allowed-rate checks apply
+    overload: bool = False  # the load-shedding checks apply
     min_users: int = 1  # fewer could not exercise every route
 
 
@@ -90,6 +112,12 @@ SCENARIOS: dict[str, Scenario] = {
                  ratelimit=True, payments=True, min_users=3,
                  routes=(GATEWAY_HELLO, *_PAYMENT_ROUTES, CHARGE_UNKEYED),
                  description="rate-limited GETs, idempotent payments and unkeyed POSTs together"),
+        Scenario(name="overload", user_classes=("CriticalUser", "FloodUser"), overload=True,
+                 min_users=CRITICAL_USERS + 1,
+                 routes=(CRITICAL_UNLOADED, CRITICAL_FLOOD, FLOOD_WORK),
+                 description=f"a flood of sheddable GET /work ({WORK_MS} ms upstream) far beyond one "
+                             f"gateway process, beside a trickle of critical POST /charges "
+                             f"({CRITICAL_USERS} users, one each {CRITICAL_PACING_S:g} s)"),
     )
 }
 
@@ -106,6 +134,8 @@ class Plan:
     rate_per_s: int = RATE_PER_S
     burst: int = RATE_BURST
     api_keys: int = 1
+    baseline_s: int = 0  # overload: the critical trickle runs alone this long, then the flood
+    work_ms: int = WORK_MS
 
     def to_env(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -128,6 +158,18 @@ def api_key_count(scenario: Scenario, users: int) -> int:
     return max(1, min(users, MAX_API_KEYS))
 
 
+def baseline_seconds(scenario: Scenario, duration_s: int) -> int:
+    """overload: how long the critical trickle runs alone before the flood (0 for the others).
+
+    The unloaded p99 is measured inside the same run, not in a run of its own: the same gateway
+    process (warm, same connections to Redis and the upstream), the same Locust process and the
+    same moment's machine, so on a 2-core box shared with other work the flood is the only
+    difference between the two phases; and one run keeps one journal and one report."""
+    if not scenario.overload:
+        return 0
+    return max(1, min(BASELINE_MAX_S, duration_s // 4))
+
+
 def gateway_config(scenario: Scenario, *, upstream_url: str, store_url: str,
                    key_prefix: str) -> dict[str, Any]:
     """The ``gateway serve`` config of a scenario (CONTRACT section 4), as a dict."""
@@ -145,6 +187,13 @@ def gateway_config(scenario: Scenario, *, upstream_url: str, store_url: str,
     elif scenario.direct:
         config["rate_limit"] = [{"name": "per-client", "limit": HUGE_LIMIT, "period": HUGE_PERIOD,
                                  "key": "identity"}]
+    if scenario.overload:
+        # no rate limit: it would refuse the flood before the shedder sees it. reserve is the
+        # critical share of a fleet budget; only the local shedder is on (one process).
+        config["priority"] = [{"name": "critical", "paths": ["/charges"], "methods": ["POST"],
+                               "reserve": 0.2}]
+        config["shedding"] = {"local": {"enabled": True, "max_in_flight": SHED_MAX_IN_FLIGHT,
+                                        "max_loop_lag": SHED_MAX_LOOP_LAG}}
     return config
 
 
@@ -161,13 +210,28 @@ def _toml_value(value: object) -> str:
     raise TypeError(msg)
 
 
+def _toml_table(header: str, table: Mapping[str, Any], lines: list[str]) -> None:
+    """One table's scalars under ``header``, then its sub-tables (``[shedding.local]``)."""
+    scalars = [f"{key} = {_toml_value(value)}" for key, value in table.items()
+               if not isinstance(value, Mapping)]
+    if scalars or len(scalars) == len(table):  # a table of sub-tables alone needs no header
+        lines.extend([header, *scalars, ""])
+    name = header.strip("[]")
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            _toml_table(f"[{name}.{key}]", value, lines)
+
+
 def toml(config: Mapping[str, Any]) -> str:
-    """TOML for a config of tables of scalars, or lists of such tables (``[[rate_limit]]``)."""
+    """TOML for a config of tables (of scalars and tables), or lists of tables of scalars
+    (``[[rate_limit]]``)."""
     lines: list[str] = []
     for section, body in config.items():
-        tables = body if isinstance(body, list) else [body]
-        for table in tables:
-            lines.append(f"[[{section}]]" if isinstance(body, list) else f"[{section}]")
-            lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
-            lines.append("")
+        if isinstance(body, list):
+            for table in body:
+                lines.append(f"[[{section}]]")
+                lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
+                lines.append("")
+        else:
+            _toml_table(f"[{section}]", body, lines)
     return "\n".join(lines)

@@ -132,6 +132,17 @@ class Child:
         # after the ")" that ends comm: field 3 is index 0, so utime (14) and stime (15) are 11, 12
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def rss_bytes(self) -> int | None:
+        """Resident memory now (Linux ``/proc``, ``VmRSS``); None once it is gone or elsewhere."""
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except OSError:
+            return None
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024  # the kernel writes kB (KiB)
+        return None
+
     def wait(self, timeout_s: float) -> int | None:
         """The exit status, or None if it is still running after ``timeout_s``."""
         try:

@@ -1,6 +1,6 @@
 """The report's numbers: per-route statistics from Locust's ``*_stats.csv`` and the journal's
-fine histogram, the overhead comparison, the gateway's own counters, ``summary.json``, and the
-short table the runner prints.
+fine histogram, the overhead comparison, the overload scenario's phases, the gateway's own
+counters and resident memory, ``summary.json``, and the short table the runner prints.
 
 Locust rounds response times below 100 ms to whole milliseconds, so its percentiles of a ~1 ms
 route are steps of 1 ms; the summary keeps them (``p50_ms`` ...) and adds the journal's
@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from loadtests.journal import percentile
+from loadtests.plan import CRITICAL_FLOOD, CRITICAL_UNLOADED, FLOOD_WORK
 
 __all__ = [
     "PERCENTILES",
     "added_latency",
     "format_table",
     "gateway_counters",
+    "memory_summary",
+    "overload_summary",
     "read_stats_csv",
     "route_stats",
     "write_summary",
@@ -30,6 +33,7 @@ __all__ = [
 
 PERCENTILES = (50, 95, 99)
 AGGREGATED = "Aggregated"
+MIB = 1024 * 1024
 
 
 def read_stats_csv(path: Path) -> list[dict[str, str]]:
@@ -92,19 +96,21 @@ def added_latency(direct: Mapping[str, Any], gateway: Mapping[str, Any], *, fine
 
 def gateway_counters(text: str) -> dict[str, Any]:
     """The gateway's own view from ``/_gateway/metrics``: requests by code, rate-limit decisions,
-    idempotency outcomes, store errors, and the mean added latency it measured itself."""
+    idempotency outcomes, store errors, requests shed (``shedder/priority/decision``), and the
+    mean added latency it measured itself."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    wanted = {"gateway_requests_total": "code",
-              "gateway_idempotency_outcomes_total": "outcome",
-              "gateway_ratelimit_decisions_total": "decision",
-              "gateway_store_errors_total": "kind"}
+    wanted = {"gateway_requests_total": ("code",),
+              "gateway_idempotency_outcomes_total": ("outcome",),
+              "gateway_ratelimit_decisions_total": ("decision",),
+              "gateway_store_errors_total": ("kind",),
+              "gateway_shed_total": ("shedder", "priority", "decision")}
     out: dict[str, Any] = {name: {} for name in wanted}
     sums: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name in wanted:
-                label = sample.labels.get(wanted[sample.name], "")
+                label = "/".join(sample.labels.get(n, "") for n in wanted[sample.name])
                 table = out[sample.name]
                 table[label] = int(table.get(label, 0) + sample.value)
             elif sample.name.startswith(("gateway_added_latency_seconds_",
@@ -115,6 +121,73 @@ def gateway_counters(text: str) -> dict[str, Any]:
         total = sums.get(f"gateway_{what}_latency_seconds_sum", 0.0)
         out[f"{what}_latency_mean_ms"] = round(total / count * 1000, 3) if count else None
     return out
+
+
+def memory_summary(samples: Sequence[tuple[float, int]], since: float | None = None) -> dict[str, Any]:
+    """The gateway's resident memory over the run from ``(time.time(), bytes)`` samples, in MiB:
+    start (as Locust started), peak, end, the growth, and the highest sample of the first and
+    of the last third of the samples from ``since`` on (the flood, in the overload scenario;
+    the whole run when None): a process whose memory is bounded stops growing."""
+    if not samples:
+        return {"samples": 0}
+    t0 = samples[0][0]
+    mib = [round(b / MIB, 1) for _, b in samples]
+    phase = [m for (t, _), m in zip(samples, mib, strict=True) if since is None or t >= since]
+    third = max(1, len(phase) // 3)
+    return {
+        "samples": len(samples),
+        "start_mib": mib[0], "peak_mib": max(mib), "end_mib": mib[-1],
+        "growth_mib": round(max(mib) - mib[0], 1),
+        "phase_from_s": None if since is None else round(since - t0, 1),
+        "phase_first_third_max_mib": max(phase[:third]) if phase else None,
+        "phase_last_third_max_mib": max(phase[-third:]) if phase else None,
+        "series": [[round(t - t0, 1), m] for (t, _), m in zip(samples, mib, strict=True)],
+    }
+
+
+def _phase(route: Mapping[str, Any] | None) -> dict[str, Any]:
+    route = route or {}
+    fine = route.get("fine_ms") or {}
+    return {"count": int(route.get("count", 0)), "failures": int(route.get("failures", 0)),
+            "rps": route.get("rps"),
+            **{f"p{p}_ms": fine.get(f"p{p}", route.get(f"p{p}_ms")) for p in PERCENTILES}}
+
+
+def _ratio(over: float | None, under: float | None) -> float | None:
+    return None if over is None or not under else round(over / under, 2)
+
+
+def overload_summary(routes: Mapping[str, Mapping[str, Any]], journal: Mapping[str, Any],
+                     record: Mapping[str, Any], *, baseline_s: int,
+                     memory: Mapping[str, Any]) -> dict[str, Any]:
+    """The overload scenario's numbers: the critical trickle alone and under the flood (fine
+    percentiles, the flood/unloaded ratios), what the flood got, the upstream's own counts."""
+    counts: Mapping[str, int] = journal.get("counts", {})
+    unloaded, flood = _phase(routes.get(CRITICAL_UNLOADED)), _phase(routes.get(CRITICAL_FLOOD))
+    sheddable = _phase(routes.get(FLOOD_WORK))
+    sent = sum(counts.get(k, 0) for k in ("flood_2xx", "flood_shed", "flood_other", "flood_error"))
+    return {
+        "baseline_s": baseline_s,
+        "flood_started_s": memory.get("phase_from_s"),
+        "critical": {
+            "unloaded": unloaded, "flood": flood,
+            "p50_ratio": _ratio(flood["p50_ms"], unloaded["p50_ms"]),
+            "p99_ratio": _ratio(flood["p99_ms"], unloaded["p99_ms"]),
+            "sent": counts.get("critical_sent", 0), "answered_201": counts.get("critical_201", 0),
+            "not_201": counts.get("critical_not_201", 0), "errors": counts.get("critical_error", 0),
+            # sent, and still unanswered when Locust stopped its users (no answer is no refusal)
+            "cut_off": counts.get("critical_sent", 0) - sum(
+                counts.get(k, 0) for k in ("critical_201", "critical_not_201", "critical_error")),
+            "upstream_charges": record.get("charges"),
+        },
+        "sheddable": {
+            **sheddable, "sent": sent, "answered_2xx": counts.get("flood_2xx", 0),
+            "shed_503": counts.get("flood_shed", 0), "other": counts.get("flood_other", 0),
+            "errors": counts.get("flood_error", 0),
+            "shed_share": round(counts.get("flood_shed", 0) / sent, 3) if sent else None,
+            "upstream_work": record.get("work"),
+        },
+    }
 
 
 def write_summary(path: Path, summary: Mapping[str, Any]) -> None:
@@ -151,6 +224,18 @@ def format_table(summary: Mapping[str, Any]) -> str:
     if overhead:
         added = overhead["added_latency_ms"]
         lines.append("  added by the gateway: " + ", ".join(f"{p} {_cell(v)} ms" for p, v in added.items()))
+    overload = summary.get("overload")
+    if overload:
+        crit, flood = overload["critical"], overload["sheddable"]
+        lines.append(f"  critical p99: unloaded {_cell(crit['unloaded']['p99_ms'])} ms, under the flood "
+                     f"{_cell(crit['flood']['p99_ms'])} ms (x{_cell(crit['p99_ratio'])}); "
+                     f"{crit['answered_201']} of {crit['sent']} answered 201")
+        lines.append(f"  flood: {flood['sent']} sent, {flood['answered_2xx']} 2xx, {flood['shed_503']} shed "
+                     f"(503), {flood['errors']} errors, {flood['other']} other")
+    memory = summary.get("memory") or {}
+    if memory.get("samples"):
+        lines.append(f"  gateway RSS (MiB): start {memory['start_mib']}, peak {memory['peak_mib']}, "
+                     f"end {memory['end_mib']}")
     cpu = summary.get("settings", {}).get("cpu_while_locust_ran") or {}
     shares = [f"{name} {use['share_of_one_cpu']:.2f}" for name, use in cpu.items() if isinstance(use, dict)]
     if shares:

@@ -3,8 +3,9 @@ Locust headless in a process of its own, then the report.
 
 The order is fixed: start and wait for each process (bounded: Redis 10 s, upstream and gateway
 30 s each), run Locust for the duration (it gets ``--run-time`` and ``--stop-timeout``; past
-duration + ``LOCUST_MARGIN_S`` the runner stops it), fetch the upstream's record and the
-gateway's metrics, then stop everything it started, in reverse order, by PID (15 s grace each).
+duration + ``LOCUST_MARGIN_S`` the runner stops it) while reading the gateway's resident memory
+every ``RSS_SAMPLE_S``, fetch the upstream's record and the gateway's metrics, then stop
+everything it started, in reverse order, by PID (15 s grace each).
 Whatever fails, the ``finally`` stops the children; a Redis given with ``--redis-url`` is only
 used, under a key prefix of the run's own, with records that expire in minutes.
 """
@@ -36,6 +37,7 @@ from loadtests.plan import (
     Plan,
     Scenario,
     api_key_count,
+    baseline_seconds,
     gateway_config,
     toml,
 )
@@ -49,6 +51,7 @@ EXIT_OK, EXIT_INVARIANT, EXIT_FAILED = 0, 1, 3
 REDIS_START_S, SERVER_START_S, STOP_GRACE_S = 10.0, 30.0, 15.0
 LOCUST_STOP_TIMEOUT_S = 5  # users get this long to finish their task at the end
 LOCUST_MARGIN_S = 40.0  # Locust's own start and report writing, beyond the duration
+RSS_SAMPLE_S = 0.5  # how often the gateway's resident memory is read while Locust runs
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,6 +112,8 @@ class _Run:
         self.logs = options.out / "logs"
         self.children: list[Child] = []
         self.settings: dict[str, Any] = {}
+        self.gateway: Child | None = None
+        self.rss: list[tuple[float, int]] = []  # (time.time(), bytes) of the gateway process
 
     def start_redis(self) -> str:
         if self.options.redis_url:
@@ -153,6 +158,7 @@ class _Run:
         child = Child("gateway", [sys.executable, "-m", "gateway", "serve", "--config", str(path),
                                   "--host", HOST, "--port", str(port)], self.logs, env=_env(), cwd=ROOT)
         self.children.append(child)
+        self.gateway = child
         url = f"http://{HOST}:{port}"
         child.wait_http(f"{url}/_gateway/readyz", SERVER_START_S)
         _say(f"gateway on {url} (pid {child.pid}) -> {upstream_url}")
@@ -172,7 +178,7 @@ class _Run:
         started = time.monotonic()
         child = Child("locust", command, self.logs, env=_env(**{ENV_PLAN: plan.to_env()}), cwd=ROOT)
         self.children.append(child)
-        status = child.wait(o.duration_s + LOCUST_STOP_TIMEOUT_S + LOCUST_MARGIN_S)
+        status = self._wait_sampling(child, o.duration_s + LOCUST_STOP_TIMEOUT_S + LOCUST_MARGIN_S)
         self._cpu_use(servers, reaped, time.monotonic() - started, o.duration_s)
         if status is None:
             child.stop(STOP_GRACE_S)
@@ -182,6 +188,19 @@ class _Run:
             msg = f"locust exited with {status}: {child.stderr_tail()}"
             raise StartError(msg)
         return status
+
+    def _wait_sampling(self, child: Child, timeout_s: float) -> int | None:
+        """Wait for Locust as ``Child.wait`` does, reading the gateway's RSS every ``RSS_SAMPLE_S``
+        meanwhile (the overload scenario checks it stays bounded; the others report it)."""
+        end = time.monotonic() + timeout_s
+        while True:
+            if self.gateway is not None:
+                rss = self.gateway.rss_bytes()
+                if rss is not None:
+                    self.rss.append((time.time(), rss))
+            status = child.wait(max(0.0, min(RSS_SAMPLE_S, end - time.monotonic())))
+            if status is not None or time.monotonic() >= end:
+                return status
 
     def _cpu_use(self, before: dict[str, float | None], reaped: resource.struct_rusage,
                  wall_s: float, run_s: int) -> None:
@@ -220,7 +239,8 @@ def run(options: Options) -> int:
         gateway_url = state.start_gateway(upstream_url, store_url)
         plan = Plan(scenario=scenario.name, gateway_url=gateway_url, direct_url=upstream_url,
                     journal_path=str(journal_path), seed=options.seed,
-                    api_keys=api_key_count(scenario, options.users))
+                    api_keys=api_key_count(scenario, options.users),
+                    baseline_s=baseline_seconds(scenario, options.duration_s))
         locust_status = state.run_locust(plan)
         record = http_json(f"{upstream_url}/_record")
         metrics_status, metrics_text = http_get(f"{gateway_url}/_gateway/metrics", timeout_s=10.0)
@@ -288,6 +308,12 @@ def _summary(state: _Run, plan: Plan, journal: dict[str, Any], record: dict[str,
                                "keys_executed": len(record.get("executions", {})),
                                "upstream_charges": record.get("charges"),
                                "upstream_unkeyed": record.get("unkeyed")}
+    flood_started = journal.get("marks", {}).get("flood_started")
+    summary["memory"] = report.memory_summary(state.rss, flood_started if scenario.overload else None)
+    if scenario.overload:
+        summary["overload"] = report.overload_summary(routes, journal, record, baseline_s=plan.baseline_s,
+                                                      memory=summary["memory"])
+        invariants += checks.check_overload(summary["overload"], journal, record, summary["memory"])
     summary["errors"] = {
         "failures": summary["totals"]["failures"],
         "failures_csv": _csv_rows(o.out / "locust_failures.csv"),
@@ -296,6 +322,8 @@ def _summary(state: _Run, plan: Plan, journal: dict[str, Any], record: dict[str,
         "examples": journal.get("examples", []),
     }
     summary["gateway"] = report.gateway_counters(metrics_text) if metrics_text else None
+    if scenario.overload:  # what the gateway says it shed, beside what the users saw
+        summary["overload"]["gateway_shed"] = (summary["gateway"] or {}).get("gateway_shed_total")
     summary["notes"] = _notes(routes, journal, _text(state.logs / "locust.err"))
     summary["invariants"] = [i.to_dict() for i in invariants]
     summary["ok"] = all(i.ok for i in invariants)

@@ -8,7 +8,10 @@ claim that a key ran at most once is verified against what the upstream itself e
 - ``POST /charges``: counts one execution under its ``Idempotency-Key`` (or as unkeyed), sleeps
   ``LOADTESTS_CHARGE_DELAY_MS`` (2 ms by default, so duplicates really overlap), answers 201
   with a charge id from a counter.
-- ``GET /_record``: ``{"executions": {key: n}, "unkeyed": n, "charges": n}``.
+- ``GET /work?ms=N``: a slow backend call (the overload scenario's flood): counts one, sleeps
+  ``N`` ms (at most ``MAX_WORK_MS``; asyncio's sleep, so it holds a request in flight without
+  taking the CPU the gateway and Locust share), answers 200.
+- ``GET /_record``: ``{"executions": {key: n}, "unkeyed": n, "charges": n, "work": n}``.
 - ``POST /_record/reset``: forgets the record.
 
 The state belongs to the app object the factory builds (one per process, one event loop).
@@ -24,7 +27,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-__all__ = ["DELAY_ENV", "Upstream", "create_app"]
+__all__ = ["DELAY_ENV", "MAX_WORK_MS", "Upstream", "create_app"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -34,6 +37,8 @@ Send = Callable[[Message], Awaitable[None]]
 DELAY_ENV = "LOADTESTS_CHARGE_DELAY_MS"
 MAX_BODY = 64 * 1024  # bodies beyond it are counted, not kept: the app only hashes them
 HELLO = b'{"message":"hello"}'
+WORKED = b'{"worked":true}'
+MAX_WORK_MS = 1000  # /work never holds a request longer than this
 JSON = b"application/json"
 
 
@@ -45,6 +50,7 @@ class Upstream:
         self.executions: Counter[str] = Counter()
         self.unkeyed = 0
         self.charges = 0
+        self.work = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -57,13 +63,17 @@ class Upstream:
             await _respond(send, 200, HELLO)
         elif path == "/charges" and method == "POST":
             await self._charge(scope, receive, send)
+        elif path == "/work" and method == "GET":
+            self.work += 1
+            await asyncio.sleep(_work_ms(scope) / 1000)
+            await _respond(send, 200, WORKED)
         elif path == "/_record" and method == "GET":
             record = {"executions": dict(self.executions), "unkeyed": self.unkeyed,
-                      "charges": self.charges}
+                      "charges": self.charges, "work": self.work}
             await _respond(send, 200, json.dumps(record).encode())
         elif path == "/_record/reset" and method == "POST":
             self.executions.clear()
-            self.unkeyed = self.charges = 0
+            self.unkeyed = self.charges = self.work = 0
             await _respond(send, 200, b'{"reset":true}')
         else:
             await _respond(send, 404, b'{"error":"no such endpoint"}')
@@ -85,6 +95,15 @@ class Upstream:
             await asyncio.sleep(self.charge_delay_s)
         body = json.dumps({"id": f"ch_{number:09d}", "object": "charge", "body_sha256": digest})
         await _respond(send, 201, body.encode())
+
+
+def _work_ms(scope: Scope) -> int:
+    """``ms`` of the query string, 0 to ``MAX_WORK_MS``; 0 when absent or not a number."""
+    for pair in bytes(scope.get("query_string", b"")).split(b"&"):
+        name, _, value = pair.partition(b"=")
+        if name == b"ms" and value.isdigit():
+            return min(int(value), MAX_WORK_MS)
+    return 0
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -21,11 +21,36 @@ from typing import Any
 
 import pytest
 
-from loadtests.checks import check_payments, check_ratelimit, check_requests, rate_bounds
+from loadtests.checks import (
+    P99_RATIO_MAX,
+    RSS_FLAT_MARGIN_MIB,
+    check_overload,
+    check_payments,
+    check_ratelimit,
+    check_requests,
+    rate_bounds,
+)
 from loadtests.cli import main, parse_duration
 from loadtests.journal import Journal, percentile
-from loadtests.plan import SCENARIOS, gateway_config, toml
-from loadtests.report import added_latency, format_table, route_stats
+from loadtests.plan import (
+    CRITICAL_FLOOD,
+    CRITICAL_UNLOADED,
+    CRITICAL_USERS,
+    FLOOD_WORK,
+    SCENARIOS,
+    baseline_seconds,
+    gateway_config,
+    toml,
+)
+from loadtests.report import (
+    MIB,
+    added_latency,
+    format_table,
+    gateway_counters,
+    memory_summary,
+    overload_summary,
+    route_stats,
+)
 from tests.redis_process import redis_server_binary
 from tests.serve_process import REPO_ROOT, child_env
 
@@ -65,6 +90,7 @@ def test_bad_durations_are_refused(text: str) -> None:
     (["run", "--scenario", "payments", "--redis-url", "http://x"], "--redis-url"),
     (["run", "--scenario", "payments", "--seed", "one"], "--seed"),
     (["run", "--scenario", "mixed", "--users", "2"], "--users"),
+    (["run", "--scenario", "overload", "--users", str(CRITICAL_USERS)], "--users"),
 ])
 def test_a_bad_option_is_exit_2_with_one_line_naming_it(
         argv: list[str], option: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -237,6 +263,181 @@ def test_every_scenarios_gateway_config_is_valid(name: str, tmp_path: Path) -> N
     load_config(str(path))
 
 
+def test_the_overload_config_sheds_locally_by_priority_with_no_rate_limit(tmp_path: Path) -> None:
+    """overload: POST /charges is the critical class, the local shedder is on, nothing rate-limits."""
+    from gateway.config import load_config
+
+    config = gateway_config(SCENARIOS["overload"], upstream_url="http://127.0.0.1:9", key_prefix="lt",
+                            store_url="redis://127.0.0.1:6379/0")
+    path = tmp_path / "gateway.toml"
+    path.write_text(toml(config))
+    loaded = load_config(str(path))
+    assert "[shedding.local]" in path.read_text()
+    assert [(c.name, c.paths, c.methods, c.reserve) for c in loaded.priorities] == [
+        ("critical", ("/charges",), frozenset({"POST"}), 0.2)]
+    local = loaded.shedding.local
+    assert local.enabled
+    assert (local.max_in_flight, local.max_loop_lag_s) == (32, 0.05)
+    assert not loaded.shedding.fleet.enabled
+    assert loaded.rate_limits == ()
+    assert loaded.concurrency_limits == ()
+
+
+@pytest.mark.parametrize(("duration_s", "baseline_s"), [(60, 15), (600, 15), (8, 2), (3, 1)])
+def test_the_overload_baseline_is_a_quarter_of_the_run_from_1_to_15_s(duration_s: int,
+                                                                     baseline_s: int) -> None:
+    """The unloaded phase is a quarter of the run, 1 to 15 s; the other scenarios have none."""
+    assert baseline_seconds(SCENARIOS["overload"], duration_s) == baseline_s
+    assert baseline_seconds(SCENARIOS["payments"], duration_s) == 0
+
+
+def test_memory_summary_compares_the_first_and_last_third_from_the_phase_start() -> None:
+    """RSS in MiB: start, peak, end, growth, and the thirds of the samples from ``since`` on."""
+    samples = [(100.0 + i, (50 + i) * MIB) for i in range(10)]  # 50 .. 59 MiB, one a second
+    memory = memory_summary(samples, since=104.0)  # phase: 54 .. 59
+    assert (memory["start_mib"], memory["peak_mib"], memory["end_mib"], memory["growth_mib"]) == (
+        50.0, 59.0, 59.0, 9.0)
+    assert memory["phase_from_s"] == 4.0
+    assert (memory["phase_first_third_max_mib"], memory["phase_last_third_max_mib"]) == (55.0, 59.0)
+    assert memory["series"][0] == [0.0, 50.0]
+    assert memory_summary([]) == {"samples": 0}
+
+
+def test_gateway_counters_read_the_shed_counts_by_shedder_priority_and_decision() -> None:
+    """gateway_shed_total is summed per shedder/priority/decision."""
+    text = ('# TYPE gateway_shed counter\n'
+            'gateway_shed_total{decision="shed",priority="default",shedder="local"} 41.0\n'
+            'gateway_shed_total{decision="shed",priority="critical",shedder="local"} 0.0\n')
+    shed = gateway_counters(text)["gateway_shed_total"]
+    assert shed == {"local/default/shed": 41, "local/critical/shed": 0}
+
+
+def _overload_journal(*, critical_other: int = 0, flood_error: int = 0, flood_bad_503: int = 0,
+                      unloaded_ms: float = 5.0, flood_ms: float = 8.0,
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A journal and an upstream record of an overload run: 100 critical charges in each phase."""
+    journal, executions = Journal(), dict[str, int]()
+    for i in range(200):
+        key = f"k{i}"
+        journal.key_sent(key)
+        journal.count("critical_sent")
+        if i < critical_other:
+            journal.count("critical_not_201")
+            journal.key_answer(key, "other")
+            journal.violation("critical_not_201", f"{CRITICAL_FLOOD}: 503 load-shed")
+            continue
+        journal.count("critical_201")
+        journal.key_answer(key, "fresh")
+        executions[key] = 1
+        journal.latency_ms(CRITICAL_UNLOADED if i < 100 else CRITICAL_FLOOD,
+                           unloaded_ms if i < 100 else flood_ms)
+    for _ in range(50):
+        journal.count("flood_2xx")
+        journal.latency_ms(FLOOD_WORK, 55.0)
+    for _ in range(500):
+        journal.count("flood_shed")
+        journal.latency_ms(FLOOD_WORK, 1.0)
+    journal.count("flood_error", flood_error)
+    for _ in range(flood_bad_503):
+        journal.count("flood_other")
+        journal.violation("flood_503_not_shed", "503 with Retry-After None: b'upstream down'")
+    journal.mark("flood_started", 110.0)
+    record = {"executions": executions, "charges": len(executions), "unkeyed": 0, "work": 50}
+    return journal.to_dict(), record
+
+
+class _Checks(dict[str, Any]):
+    """The overload invariants, looked up by the start of their name."""
+
+    def __getitem__(self, prefix: str) -> Any:
+        found = [i for name, i in self.items() if name.startswith(prefix)]
+        assert len(found) == 1, (prefix, list(self))
+        return found[0]
+
+
+def _overload_checks(journal: dict[str, Any], record: dict[str, Any],
+                     rss_mib: list[float] | None = None) -> _Checks:
+    latency = journal["latency"]
+    routes = {name: {"count": sum(h.values()), "failures": 0, "rps": 1.0,
+                     "fine_ms": {f"p{p}": percentile(h, p) for p in (50, 95, 99)}}
+              for name, h in latency.items()}
+    rss = rss_mib or [50.0] * 10 + [60.0] * 20
+    memory = memory_summary([(100.0 + i, int(m * MIB)) for i, m in enumerate(rss)], since=110.0)
+    overload = overload_summary(routes, journal, record, baseline_s=10, memory=memory)
+    return _Checks({i.name: i for i in check_overload(overload, journal, record, memory)})
+
+
+def test_overload_checks_pass_for_a_served_trickle_a_clean_shed_and_flat_memory() -> None:
+    """Every critical charge 201 and run once, p99 within the ratio, the flood shed, RSS flat."""
+    journal, record = _overload_journal()
+    results = _overload_checks(journal, record)
+    assert len(results) == 7
+    assert all(i.ok for i in results.values()), list(results.values())
+
+
+def test_overload_checks_fail_on_a_critical_refusal_or_a_slow_critical_p99() -> None:
+    """A critical 503, or a critical p99 above the ratio times the unloaded one, fails."""
+    journal, record = _overload_journal(critical_other=1)
+    results = _overload_checks(journal, record)
+    refused = results["critical: every request"]
+    assert not refused.ok
+    assert "1 of 200 not 201" in refused.detail
+    journal, record = _overload_journal(unloaded_ms=5.0, flood_ms=5.0 * P99_RATIO_MAX + 0.1)
+    slow = _overload_checks(journal, record)["critical: p99"]
+    assert not slow.ok
+    assert "x2.02" in slow.detail
+
+
+def test_overload_checks_fail_when_the_upstream_record_disagrees() -> None:
+    """A critical charge the upstream ran twice, or never, fails the record check."""
+    journal, record = _overload_journal()
+    record["executions"]["k0"] = 2
+    assert not _overload_checks(journal, record)["critical: each 201"].ok
+    journal, record = _overload_journal()
+    del record["executions"]["k1"]
+    record["charges"] -= 1
+    assert not _overload_checks(journal, record)["critical: each 201"].ok
+
+
+def test_overload_checks_fail_on_flood_timeouts_or_a_503_that_is_not_a_shed() -> None:
+    """A flood request with no answer, or a 503 without the load-shed problem, fails."""
+    journal, record = _overload_journal(flood_error=3, flood_bad_503=2)
+    results = _overload_checks(journal, record)
+    assert not results["sheddable: no timeouts"].ok
+    assert "3 of 555" in results["sheddable: no timeouts"].detail
+    shapes = results["sheddable: every non-2xx"]
+    assert not shapes.ok
+    assert "2 other answers" in shapes.detail
+    assert "upstream down" in shapes.detail
+
+
+def test_overload_checks_fail_on_memory_that_keeps_growing() -> None:
+    """RSS that grows through the flood (last third above the first + margin) fails."""
+    journal, record = _overload_journal()
+    growing = [50.0] * 10 + [60.0 + i * (RSS_FLAT_MARGIN_MIB + 4) / 20 for i in range(20)]
+    memory = _overload_checks(journal, record, growing)["gateway RSS"]
+    assert not memory.ok
+    assert "flood thirds" in memory.detail
+    assert not _overload_checks(journal, record, [50.0] * 10 + [200.0] * 20)["gateway RSS"].ok
+
+
+def test_the_table_shows_the_overload_phases_and_memory() -> None:
+    """The printed table gives the critical p99 in both phases, the flood's answers and the RSS."""
+    journal, record = _overload_journal()
+    latency = journal["latency"]
+    routes = {name: {"count": sum(h.values()), "failures": 0, "rps": 1.0, "max_ms": 1.0,
+                     "fine_ms": {f"p{p}": percentile(h, p) for p in (50, 95, 99)}}
+              for name, h in latency.items()}
+    memory = memory_summary([(100.0, 50 * MIB), (101.0, 51 * MIB)])
+    summary = {"scenario": "overload", "settings": {"users": 200, "duration_s": 60}, "routes": routes,
+               "overload": overload_summary(routes, journal, record, baseline_s=10, memory=memory),
+               "memory": memory, "ok": True, "out": "x", "invariants": []}
+    table = format_table(summary)
+    assert "critical p99: unloaded 5.00 ms, under the flood 8.00 ms (x1.60); 200 of 200 answered 201" in table
+    assert "flood: 550 sent, 50 2xx, 500 shed (503), 0 errors, 0 other" in table
+    assert "gateway RSS (MiB): start 50.0, peak 51.0, end 51.0" in table
+
+
 # ------------------------------------------------------------------------------ real runs
 def _require_tools() -> None:
     missing = [what for what, ok in (("locust (pip install -e '.[load]')",
@@ -249,7 +450,9 @@ def _require_tools() -> None:
         pytest.skip(message)
 
 
-def _run(tmp_path: Path, scenario: str, duration: str, users: int = 10) -> dict[str, Any]:
+def _run(tmp_path: Path, scenario: str, duration: str, users: int = 10,
+         may_fail: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run a scenario for real; every invariant must hold but those named in ``may_fail``."""
     _require_tools()
     out = tmp_path / scenario
     seconds = parse_duration(duration)
@@ -260,10 +463,11 @@ def _run(tmp_path: Path, scenario: str, duration: str, users: int = 10) -> dict[
         timeout=seconds + RUN_MARGIN_S)
     assert (out / "summary.json").exists(), result.stderr[-3000:]
     summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
-    failed = [i for i in summary["invariants"] if not i["ok"]]
-    assert result.returncode == 0, (failed, result.stdout[-3000:], result.stderr[-3000:])
+    failed = [i for i in summary["invariants"] if not i["ok"] and not i["name"].startswith(may_fail)]
+    assert result.returncode in ((0, 1) if may_fail else (0,)), (failed, result.stdout[-3000:],
+                                                                  result.stderr[-3000:])
     assert not failed
-    assert summary["ok"]
+    assert summary["ok"] or may_fail
     for name in ("locust.html", "locust_stats.csv", "locust_failures.csv", "gateway.toml"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "chart.png").read_bytes()[:8] == PNG_MAGIC
@@ -308,3 +512,22 @@ def test_ratelimit_run_holds_every_key_to_its_rate(tmp_path: Path) -> None:
     per_key = summary["ratelimit"]["per_key"]
     assert per_key
     assert all(k["denied"] > 0 and k["allowed"] <= k["bound"] for k in per_key.values())
+
+
+@pytest.mark.slow
+def test_overload_run_serves_every_critical_charge_and_sheds_the_flood(tmp_path: Path) -> None:
+    """overload: both phases run, every critical charge is a 201 the upstream ran once, the flood
+    gets 503 load-shed and no timeouts, RSS is sampled; the p99 ratio needs the full run."""
+    summary = _run(tmp_path, "overload", "8s", users=40, may_fail=("critical: p99",))
+    overload = summary["overload"]
+    assert overload["baseline_s"] == 2
+    critical = overload["critical"]
+    assert critical["unloaded"]["count"] > 0
+    assert critical["flood"]["count"] > 0
+    assert critical["answered_201"] == critical["upstream_charges"] > 0
+    flood = overload["sheddable"]
+    assert flood["shed_503"] > 0
+    assert flood["errors"] == 0
+    assert overload["gateway_shed"]["local/default/shed"] == flood["shed_503"]
+    assert overload["gateway_shed"]["local/critical/shed"] == 0
+    assert summary["memory"]["samples"] > 5

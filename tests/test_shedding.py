@@ -6,6 +6,7 @@ and the kill switches."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from typing import Any
@@ -13,9 +14,10 @@ from typing import Any
 import pytest
 
 from gateway import GatewayMiddleware, LoadSheddingMiddleware
-from gateway.config import IdentityConfig, PriorityClass, load_config
+from gateway.config import IdentityConfig, LocalShedding, PriorityClass, load_config
 from gateway.errors import ConfigError, StoreUnavailable
-from gateway.shedding import LET_BACK_STEP, LOAD_SHED, TICK_S, PriorityClasses
+from gateway.requestid import bind_request_id, current_request_id
+from gateway.shedding import LET_BACK_STEP, LOAD_SHED, TICK_S, LocalShedder, PriorityClasses
 from tests.asgi_helpers import assert_problem, client_for, lifespan_running, poll
 from tests.conftest import unique_prefix
 from tests.redis_process import RedisProcess
@@ -259,3 +261,30 @@ async def test_a_fleet_store_failure_follows_on_store_error(
     if status == 503:
         assert_problem(r, 503, "urn:gateway:problem:store-unavailable")
     assert app.entered == (1 if status == 200 else 0)
+
+
+async def test_the_local_shedders_ticks_log_under_no_requests_id() -> None:
+    """The sampling timer a request starts runs outside that request's context: its later
+    decisions are not logged under the id of a request long gone."""
+    shedder = LocalShedder(LocalShedding(enabled=True, max_in_flight=1), classes=2)
+    seen: list[str | None] = []
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if getattr(record, "event", None) == "shedding.local_shed":
+                seen.append(current_request_id())
+
+    async def first_request() -> None:
+        bind_request_id("req-that-started-the-timer")
+        assert shedder.admits(1)
+
+    handler, logger = Seen(), logging.getLogger("gateway.shedding")
+    logger.addHandler(handler)
+    try:
+        await asyncio.create_task(first_request())
+        shedder.in_flight = 5  # over max_in_flight: the next tick sheds the lower class
+        await poll(lambda: seen, deadline_s=2)
+    finally:
+        logger.removeHandler(handler)
+        shedder.stop()
+    assert seen == [None]
