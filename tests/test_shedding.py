@@ -17,7 +17,14 @@ from gateway import GatewayMiddleware, LoadSheddingMiddleware
 from gateway.config import IdentityConfig, LocalShedding, PriorityClass, load_config
 from gateway.errors import ConfigError, StoreUnavailable
 from gateway.requestid import bind_request_id, current_request_id
-from gateway.shedding import LET_BACK_STEP, LOAD_SHED, TICK_S, LocalShedder, PriorityClasses
+from gateway.shedding import (
+    LET_BACK_STEP,
+    LOAD_SHED,
+    SHED_LOG_INTERVAL_S,
+    TICK_S,
+    LocalShedder,
+    PriorityClasses,
+)
 from tests.asgi_helpers import assert_problem, client_for, lifespan_running, poll
 from tests.conftest import unique_prefix
 from tests.redis_process import RedisProcess
@@ -288,3 +295,23 @@ async def test_the_local_shedders_ticks_log_under_no_requests_id() -> None:
         logger.removeHandler(handler)
         shedder.stop()
     assert seen == [None]
+
+
+async def test_a_flood_of_shed_requests_writes_a_line_a_second_with_the_count(
+    store_section: dict[str, Any], caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = HoldingApp()
+    gw = GatewayMiddleware(app, shed_config(store_section, fleet={"enabled": True, "limit": 1}))
+    async with lifespan_running(gw), client_for(gw) as client:
+        held = asyncio.ensure_future(client.get("/v1/customers"))
+        await poll(lambda: app.now == 1)
+        with caplog.at_level(logging.INFO, logger="gateway.shedding"):
+            for _ in range(50):
+                assert (await client.get("/v1/customers")).status_code == 503
+            await asyncio.sleep(SHED_LOG_INTERVAL_S)
+            assert (await client.get("/v1/customers")).status_code == 503
+        app.release.set()
+        await held
+    lines = [r for r in caplog.records if getattr(r, "event", "") == "shedding.shed"]
+    assert [getattr(r, "count", None) for r in lines] == [1, 50]  # the first at once, then the rest
+    assert metric(gw, "gateway_shed_total", shedder="fleet", priority="reads", decision="shed") == 51
