@@ -6,6 +6,7 @@ was wrong under the key's full name, so ``load_config`` can report every problem
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 import math
@@ -22,6 +23,15 @@ _MISSING: Any = object()
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2 token
+#: The IANA HTTP Method Registry (RFC 9110 and the WebDAV, versioning, calendaring and other
+#: registrations), plus PURGE, which caches use: a method outside it is refused as a typo.
+KNOWN_METHODS = frozenset({
+    "ACL", "BASELINE-CONTROL", "BIND", "CHECKIN", "CHECKOUT", "CONNECT", "COPY", "DELETE", "GET", "HEAD",
+    "LABEL", "LINK", "LOCK", "MERGE", "MKACTIVITY", "MKCALENDAR", "MKCOL", "MKREDIRECTREF", "MKWORKSPACE",
+    "MOVE", "OPTIONS", "ORDERPATCH", "PATCH", "POST", "PRI", "PROPFIND", "PROPPATCH", "PURGE", "PUT", "QUERY",
+    "REBIND", "REPORT", "SEARCH", "TRACE", "UNBIND", "UNCHECKOUT", "UNLINK", "UNLOCK", "UPDATE",
+    "UPDATEREDIRECTREF", "VERSION-CONTROL",
+})
 _POLICY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _KEY_PREFIX = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # no braces: they would hijack hash tags
 _PATH_PREFIX = re.compile(r"/[^\s?#]*")
@@ -313,6 +323,11 @@ class Table:
         for i, item in enumerate(items):
             if not isinstance(item, str) or not _TOKEN.fullmatch(item):
                 self.problem(f"{key}[{i}]", f'expected an HTTP method like "POST", got {show(item)}')
+            elif item.upper() not in KNOWN_METHODS:
+                # a policy on a method no client sends would never match: a typo, most likely
+                close = difflib.get_close_matches(item.upper(), KNOWN_METHODS, n=1)
+                hint = f' (did you mean "{close[0]}"?)' if close else ""
+                self.problem(f"{key}[{i}]", f"not a registered HTTP method: {show(item)}{hint}")
             else:
                 methods.add(item.upper())
         return frozenset(methods)

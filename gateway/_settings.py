@@ -10,6 +10,7 @@ same ``ConfigError`` lines as ``load_config``.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,13 +25,17 @@ from gateway.config import (
 )
 from gateway.store import Store, store_from_config
 
-__all__ = ["StoreSetting", "resolve"]
+__all__ = ["ConfigSetting", "StoreSetting", "resolve"]
 
 StoreSetting = str | Mapping[str, Any] | StoreConfig | Store | None
 
 
+ConfigSetting = str | os.PathLike[str] | Mapping[str, Any] | Config | None
+
+
 def resolve(
     *,
+    config: ConfigSetting = None,
     rate_limit: Sequence[Mapping[str, Any] | RateLimitPolicy] | None = None,
     concurrency_limit: Sequence[Mapping[str, Any] | ConcurrencyLimit] | None = None,
     identity: Mapping[str, Any] | IdentityConfig | None = None,
@@ -40,10 +45,25 @@ def resolve(
 ) -> tuple[Config, Store, bool]:
     """The config these settings describe, the store to use, and whether the caller owns it.
 
-    ``sections``: more top-level sections shaped like the TOML (``priority``, ``shedding``).
-    A ``Store`` instance is shared (its owner opens and closes it); anything else builds a new
-    store that the middleware owns.
+    ``config``: a whole config (a TOML path, a dict of its shape, or a ``Config``), as
+    ``GatewayMiddleware`` takes it, instead of the section keywords (only ``store`` may be given
+    with it: a shared store). ``sections``: more top-level sections shaped like the TOML
+    (``priority``, ``shedding``). A ``Store`` instance is shared (its owner opens and closes
+    it); anything else builds a new store that the middleware owns.
     """
+    if config is not None:
+        keywords = (("rate_limit", rate_limit), ("concurrency_limit", concurrency_limit),
+                    ("identity", identity), ("idempotency", idempotency), ("sections", sections))
+        given = [name for name, value in keywords if value is not None]
+        if given:
+            msg = f"give the settings in config= or as keywords ({', '.join(given)}), not both"
+            raise TypeError(msg)
+        whole = load_config(config)
+        if store is None:
+            return whole, store_from_config(whole.store), True
+        if isinstance(store, str | Mapping | StoreConfig):
+            return _with_store(whole, store)
+        return whole, store, False
     data: dict[str, Any] = {}
     typed: dict[str, Any] = {}
     if rate_limit is not None:
@@ -78,7 +98,17 @@ def resolve(
         data["store"] = store
     elif store is not None:
         shared = store
-    config = dataclasses.replace(load_config(data), **typed)
+    built = dataclasses.replace(load_config(data), **typed)
     if shared is not None:
-        return config, shared, False
-    return config, store_from_config(config.store), True
+        return built, shared, False
+    return built, store_from_config(built.store), True
+
+
+def _with_store(config: Config, store: str | Mapping[str, Any] | StoreConfig) -> tuple[Config, Store, bool]:
+    """``config`` with its ``[store]`` replaced by ``store`` (a URL, a section, a StoreConfig)."""
+    if isinstance(store, StoreConfig):
+        section = store
+    else:
+        section = load_config({"store": {"url": store} if isinstance(store, str) else store}).store
+    config = dataclasses.replace(config, store=section)
+    return config, store_from_config(section), True

@@ -40,10 +40,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from gateway._asgi import ASGIApp, Receive, Scope, Send
 from gateway._paths import PathPrefixes, match_form
-from gateway._settings import StoreSetting, resolve
+from gateway._settings import ConfigSetting, StoreSetting, resolve
 from gateway.config import ConcurrencyLimit, IdentityConfig
 from gateway.context import DeferredTake, context_of
-from gateway.errors import StoreError
+from gateway.errors import ConfigError, StoreError
 from gateway.identity import IdentityResolver
 from gateway.lifespan import run_lifespan
 from gateway.problem import STORE_UNAVAILABLE, problem_type, send_problem
@@ -112,7 +112,8 @@ class ConcurrencyLimitMiddleware:
     Args:
         app: the ASGI app to protect.
         concurrency_limit: the ``[[concurrency_limit]]`` policies, as dicts shaped like the TOML
-            or as ``ConcurrencyLimit`` objects.
+            or as ``ConcurrencyLimit`` objects; one ``"concurrent"`` limit (20 in flight per
+            client) when neither this nor ``config`` is given. An empty list is refused.
         identity: the ``[identity]`` section (dict or ``IdentityConfig``).
         store: a store URL, a ``[store]`` dict or ``StoreConfig`` (the middleware then owns the
             store and opens/closes it with the lifespan), or a ``Store`` shared with others.
@@ -122,22 +123,32 @@ class ConcurrencyLimitMiddleware:
         claim_methods: in ``GatewayMiddleware``, the methods the Idempotency-Key layer claims:
             their deferred rate-limit take stays for it, to be made with the claim; the take of
             any other request this layer admits is made here, with the acquire.
+        config: a whole config (TOML path, dict, ``Config``) to take ``[[concurrency_limit]]``,
+            ``[identity]`` and ``[store]`` from, instead of the keywords above.
     """
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        concurrency_limit: Sequence[Mapping[str, Any] | ConcurrencyLimit],
+        concurrency_limit: Sequence[Mapping[str, Any] | ConcurrencyLimit] | None = None,
         identity: Mapping[str, Any] | IdentityConfig | None = None,
         store: StoreSetting = None,
         metrics: Metrics | None = None,
         identity_resolver: IdentityResolver | None = None,
         claim_methods: frozenset[str] = frozenset(),
+        config: ConfigSetting = None,
     ) -> None:
-        config, self._store, self._owns_store = resolve(
-            concurrency_limit=concurrency_limit, identity=identity, store=store
+        if concurrency_limit is None and config is None:
+            concurrency_limit = [ConcurrencyLimit()]  # the documented default: 20 in flight per client
+        config_, self._store, self._owns_store = resolve(
+            config=config, concurrency_limit=concurrency_limit, identity=identity, store=store
         )
+        if not config_.concurrency_limits:
+            where = "the config has no [[concurrency_limit]] table" if config is not None else "an empty list"
+            raise ConfigError([f"concurrency_limit: ConcurrencyLimitMiddleware needs at least one limit "
+                               f"({where} limits nothing)"])
+        config = config_
         self.app = app
         self._metrics = metrics
         self._limits = tuple(_Limit(c) for c in config.concurrency_limits)

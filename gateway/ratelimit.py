@@ -39,11 +39,11 @@ from typing import TYPE_CHECKING, Any
 
 from gateway._asgi import ASGIApp, Headers, Message, Receive, Scope, Send
 from gateway._paths import PathPrefixes, match_form
-from gateway._settings import StoreSetting, resolve
+from gateway._settings import ConfigSetting, StoreSetting, resolve
 from gateway.config import IdentityConfig, RateLimitPolicy
 from gateway.context import RequestContext, context_of
 from gateway.denials import LocalDenials
-from gateway.errors import StoreError
+from gateway.errors import ConfigError, StoreError
 from gateway.identity import IdentityResolver
 from gateway.lifespan import run_lifespan
 from gateway.problem import QUOTA_EXCEEDED, STORE_UNAVAILABLE, send_problem
@@ -153,7 +153,8 @@ class RateLimitMiddleware:
     Args:
         app: the ASGI app to protect.
         rate_limit: the ``[[rate_limit]]`` policies, as dicts shaped like the TOML or as
-            ``RateLimitPolicy`` objects.
+            ``RateLimitPolicy`` objects; one ``"per-client"`` policy (100 a minute per client)
+            when neither this nor ``config`` is given. An empty list is refused.
         identity: the ``[identity]`` section (dict or ``IdentityConfig``).
         store: a store URL, a ``[store]`` dict or ``StoreConfig`` (the middleware then owns the
             store and opens/closes it with the lifespan), or a ``Store`` shared with others.
@@ -166,23 +167,33 @@ class RateLimitMiddleware:
         defer_every_take: leave every request's take in the request context: a
             ``ConcurrencyLimitMiddleware`` inside this one makes it with its acquire (the
             Idempotency-Key layer, or the stack's last layer, makes any it leaves).
+        config: a whole config (TOML path, dict, ``Config``) to take ``[[rate_limit]]``,
+            ``[identity]`` and ``[store]`` from, instead of the keywords above.
     """
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        rate_limit: Sequence[Mapping[str, Any] | RateLimitPolicy],
+        rate_limit: Sequence[Mapping[str, Any] | RateLimitPolicy] | None = None,
         identity: Mapping[str, Any] | IdentityConfig | None = None,
         store: StoreSetting = None,
         metrics: Metrics | None = None,
         identity_resolver: IdentityResolver | None = None,
         claim_methods: frozenset[str] = frozenset(),
         defer_every_take: bool = False,
+        config: ConfigSetting = None,
     ) -> None:
-        config, self._store, self._owns_store = resolve(
-            rate_limit=rate_limit, identity=identity, store=store
+        if rate_limit is None and config is None:
+            rate_limit = [RateLimitPolicy()]  # the documented default: "per-client", 100 a minute
+        config_, self._store, self._owns_store = resolve(
+            config=config, rate_limit=rate_limit, identity=identity, store=store
         )
+        if not config_.rate_limits:
+            where = "the config has no [[rate_limit]] table" if config is not None else "an empty list"
+            raise ConfigError([f"rate_limit: RateLimitMiddleware needs at least one policy ({where} "
+                               "limits nothing)"])
+        config = config_
         self.app = app
         self._metrics = metrics
         self._policies = tuple(_Policy(p) for p in config.rate_limits)

@@ -35,17 +35,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from gateway._asgi import ASGIApp, Receive, Scope, Send
 from gateway._paths import PathPrefixes, match_form
-from gateway._settings import StoreSetting, resolve
+from gateway._settings import ConfigSetting, StoreSetting, resolve
 from gateway.config import (
     ConcurrencyLimit,
-    Config,
     FleetShedding,
     IdentityConfig,
     LocalShedding,
     PriorityClass,
-    StoreConfig,
 )
-from gateway.errors import StoreError
+from gateway.errors import ConfigError, StoreError
 from gateway.identity import GLOBAL_TAG, TrustedProxies
 from gateway.lifespan import run_lifespan
 from gateway.problem import STORE_UNAVAILABLE, problem_type, send_problem
@@ -245,31 +243,35 @@ class LoadSheddingMiddleware:
         identity: the ``[identity]`` section (its ``trusted_proxies`` gate header matches).
         store: as for the other middlewares; used by the fleet shedder only.
         metrics: where shed requests are counted; none when None.
-        config: ``GatewayMiddleware``'s whole config (with its shared ``store``), instead of
-            the sections above.
+        config: a whole config (TOML path, dict, ``Config``; ``GatewayMiddleware`` passes its
+            own, with its shared ``store``) instead of the sections above.
     """
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        priority: Sequence[Mapping[str, Any]] = (),
+        priority: Sequence[Mapping[str, Any]] | None = None,
         shedding: Mapping[str, Any] | None = None,
         identity: Mapping[str, Any] | IdentityConfig | None = None,
         store: StoreSetting = None,
         metrics: Metrics | None = None,
-        config: Config | None = None,
+        config: ConfigSetting = None,
     ) -> None:
-        if config is not None:  # GatewayMiddleware's, with its store
-            if store is None or isinstance(store, str | Mapping | StoreConfig):
-                msg = "config= needs the Store instance the stack shares"
-                raise TypeError(msg)
-            self._store, self._owns_store = store, False
-        else:
-            sections: dict[str, Any] = {"priority": list(priority)}
+        if config is not None and (priority is not None or shedding is not None):
+            msg = "give the settings in config= or as keywords (priority, shedding), not both"
+            raise TypeError(msg)
+        sections: dict[str, Any] | None = None
+        if config is None:
+            sections = {"priority": list(priority or ())}
             if shedding is not None:
                 sections["shedding"] = shedding
-            config, self._store, self._owns_store = resolve(identity=identity, store=store, sections=sections)
+        config_, self._store, self._owns_store = resolve(
+            config=config, identity=identity, store=store, sections=sections)
+        config = config_
+        if not (config.shedding.local.enabled or config.shedding.fleet.enabled):
+            raise ConfigError(["shedding: neither shedding.local nor shedding.fleet is enabled: "
+                               "LoadSheddingMiddleware would shed nothing"])
         self.app = app
         self.classes = PriorityClasses(config.priorities, config.shedding.default_class, config.identity)
         names = self.classes.names

@@ -1223,3 +1223,20 @@ class TestStoreBoundsConfig:
     def test_bad_values_name_the_key(self, key: str, value: Any) -> None:
         """A value out of range or of the wrong kind is one problem naming store.<key>."""
         assert only_problem({"store": {key: value}}).startswith(f"store.{key}: ")
+
+
+def test_a_method_no_client_sends_is_refused_with_its_key() -> None:
+    """``methods = ["PSOT"]`` would be a policy that never matches: refused, naming the key, with
+    the registered method it is closest to; registered methods in any case are accepted."""
+    with pytest.raises(ConfigError) as info:
+        load_config({"rate_limit": [{"methods": ["PSOT", "get", "FOO"]}],
+                     "concurrency_limit": [{"methods": ["DELTE"]}],
+                     "idempotency": {"methods": ["PATCH", "POTS"]}})
+    lines = info.value.problems
+    assert 'rate_limit[0].methods[0]: not a registered HTTP method: "PSOT" (did you mean "POST"?)' in lines
+    assert 'rate_limit[0].methods[2]: not a registered HTTP method: "FOO"' in lines
+    assert any(line.startswith("concurrency_limit[0].methods[0]:") and '"DELETE"' in line for line in lines)
+    assert any(line.startswith("idempotency.methods[1]:") for line in lines)
+    assert not any("methods[1]" in line and "rate_limit" in line for line in lines)  # "get" is GET
+    ok = load_config({"rate_limit": [{"methods": ["get", "PROPFIND", "PURGE", "QUERY"]}]})
+    assert ok.rate_limits[0].methods == frozenset({"GET", "PROPFIND", "PURGE", "QUERY"})

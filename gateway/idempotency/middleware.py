@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway._asgi import ASGIApp, Receive, Scope, Send
 from gateway._paths import PathPrefixes
-from gateway._settings import StoreSetting, resolve
+from gateway._settings import ConfigSetting, StoreSetting, resolve
 from gateway.config import IdempotencyConfig, IdentityConfig
 from gateway.context import DeferredTake, context_of
 from gateway.errors import StoreError, StoreScriptError, StoreUnanswered
@@ -121,6 +121,8 @@ class IdempotencyMiddleware:
         metrics: where outcomes are counted (``GatewayMiddleware`` passes its own); none when None.
         identity_resolver: the resolver to take the identity tag from; ``GatewayMiddleware``
             passes the one its layers share, so the request context resolves it once per request.
+        config: a whole config (TOML path, dict, ``Config``) to take ``[idempotency]``,
+            ``[identity]`` and ``[store]`` from, instead of the keywords above.
     """
 
     def __init__(
@@ -132,10 +134,12 @@ class IdempotencyMiddleware:
         store: StoreSetting = None,
         metrics: Metrics | None = None,
         identity_resolver: IdentityResolver | None = None,
+        config: ConfigSetting = None,
     ) -> None:
-        config, self._store, self._owns_store = resolve(
-            idempotency=idempotency, identity=identity, store=store
+        config_, self._store, self._owns_store = resolve(
+            config=config, idempotency=idempotency, identity=identity, store=store
         )
+        config = config_
         self.app = app
         settings = config.idempotency
         self._header_display = settings.header
