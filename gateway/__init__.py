@@ -9,6 +9,8 @@ Each decision is one atomic Lua script in Redis (or, for one process, in the emb
 
 from __future__ import annotations
 
+import logging
+
 from gateway.concurrency import ConcurrencyLimitMiddleware
 from gateway.config import Config, load_config
 from gateway.errors import (
@@ -43,3 +45,8 @@ __all__ = [
     "mark_not_sent",
 ]
 __version__ = "0.1.0"
+
+# A library configures no logging: with none configured, Python's last-resort handler would
+# print the gateway's warnings as bare lines on stderr. They go where the app sends its logs
+# (``gateway serve`` and ``gateway demo`` write JSON lines), or nowhere.
+logging.getLogger("gateway").addHandler(logging.NullHandler())

@@ -12,6 +12,7 @@ counts the response by status with the upstream's latency and the gateway's own.
 from __future__ import annotations
 
 import time
+from email.utils import formatdate
 
 from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
 from gateway.context import CONTEXT_SCOPE_KEY, RequestContext
@@ -20,14 +21,31 @@ from gateway.ops import OpsRoutes, is_ops_path
 from gateway.request_check import RequestCheck
 from gateway.requestid import bind_request_id, take_request_id, unbind_request_id, with_request_id
 
-__all__ = ["StackEntry"]
+__all__ = ["StackEntry", "http_date"]
+
+_DATE = b"date"
+_dates: dict[int, bytes] = {}
+
+
+def http_date() -> bytes:
+    """Now as an IMF-fixdate (RFC 9110 §5.6.7), formatted once a second."""
+    second = int(time.time())
+    value = _dates.get(second)
+    if value is None:
+        _dates.clear()  # bounded: one entry
+        value = _dates[second] = formatdate(second, usegmt=True).encode("ascii")
+    return value
 
 
 class StackEntry:
     """Pure ASGI: one context and one response decoration per HTTP request."""
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, check: RequestCheck, ops: OpsRoutes) -> None:
+    def __init__(
+        self, app: ASGIApp, *, metrics: Metrics, check: RequestCheck, ops: OpsRoutes,
+        date_header: bool = False,
+    ) -> None:
         self.app = app
+        self._date_header = date_header
         self._metrics = metrics
         self._check = check
         self._ops = ops
@@ -49,6 +67,8 @@ class StackEntry:
                 headers = with_request_id(message.get("headers", ()), rid)
                 if ctx.response_headers:
                     headers += ctx.response_headers
+                if self._date_header and not any(name.lower() == _DATE for name, _ in headers):
+                    headers.append((_DATE, http_date()))
                 message["headers"] = headers
                 if ctx.counted:
                     self._count(ctx, message["status"])

@@ -27,9 +27,10 @@ ENV_CONFIG = "GATEWAY_CONFIG"
 
 def build_app(config: Config) -> GatewayMiddleware:
     """The reverse proxy to ``[upstream]`` behind the full stack, one metrics for both."""
-    metrics = Metrics(p.name for p in config.rate_limits)
+    metrics = Metrics((p.name for p in config.rate_limits), (c.name for c in config.concurrency_limits))
     proxy = ProxyApp(config.upstream, trusted_proxies=config.identity.trusted_proxies, metrics=metrics)
-    return GatewayMiddleware(proxy, config, metrics=metrics)
+    # uvicorn's own Date is off (the upstream's passes through): the gateway dates what it makes
+    return GatewayMiddleware(proxy, config, metrics=metrics, date_header=True)
 
 
 def create_app() -> GatewayMiddleware:

@@ -55,6 +55,9 @@ class GatewayMiddleware:
             closes it.
         metrics: the metrics to count in (``gateway serve`` shares one with its proxy); a new
             ``Metrics`` on its own registry when None.
+        date_header: add ``Date`` to every response without one (``gateway serve`` sets it, since
+            it turns uvicorn's off so the upstream's passes through: the gateway's own answers
+            and replays then carry one, RFC 9110 §6.6.1). Off in-process: the server adds it.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class GatewayMiddleware:
         *,
         store: Store | None = None,
         metrics: Metrics | None = None,
+        date_header: bool = False,
     ) -> None:
         self.config = load_config(config)
         self.metrics = metrics if metrics is not None else Metrics(
@@ -121,6 +125,7 @@ class GatewayMiddleware:
             metrics=self.metrics,
             check=RequestCheck(self.config, metrics=self.metrics),
             ops=OpsRoutes(store=self.store, metrics=self.metrics),
+            date_header=date_header,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -48,3 +48,16 @@ def test_the_store_imports_nothing_of_http() -> None:
                 for alias in node.names:
                     assert not alias.name.startswith("gateway") or alias.name.startswith(_STORE_MAY_IMPORT), \
                         f"{path.name} imports {alias.name}"
+
+
+def test_without_logging_configured_the_library_writes_no_bare_lines() -> None:
+    """A warning of the library's, in a process that configured no logging, is not printed by
+    Python's last-resort handler as a bare line on stderr."""
+    import subprocess
+    import sys
+
+    code = ("import logging, gateway; "
+            "logging.getLogger('gateway.idempotency').warning('the request ended without a whole response')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          check=True)
+    assert done.stderr == ""

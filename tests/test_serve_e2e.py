@@ -352,6 +352,24 @@ def test_response_comes_back_without_hop_by_hop_headers(client: httpx.Client) ->
     assert client.get("/echo").status_code == 200
 
 
+def test_every_response_is_dated_once(client: httpx.Client) -> None:
+    """The upstream's Date passes through as it was; what has none gets the gateway's (RFC 9110
+    §6.6.1): its own answers and a replay (its stored Date is recomputed)."""
+    from email.utils import parsedate_to_datetime
+
+    key = new_key()
+    first = client.post("/charges", headers={"Idempotency-Key": key}, content=b"{}")
+    replay = client.post("/charges", headers={"Idempotency-Key": key}, content=b"{}")
+    problem = client.post("/charges", headers={"Idempotency-Key": "bad key with spaces"}, content=b"{}")
+    ops = client.get("/_gateway/healthz")
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert problem.status_code == 400
+    assert first.headers.get_list("date") == [DATE_HEADER.decode()]  # the upstream's own
+    for response in (replay, problem, ops):
+        (date,) = response.headers.get_list("date")
+        assert abs(time.time() - parsedate_to_datetime(date).timestamp()) < 60, date
+
+
 def test_encoded_body_passes_as_is(client: httpx.Client) -> None:
     """A gzip-encoded response comes back byte for byte, still encoded, its Content-Encoding kept."""
     with client.stream("GET", "/gzip", headers={"Accept-Encoding": "gzip"}) as response:
