@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from gateway._asgi import ASGIApp, Receive, Scope, Send
 from gateway._paths import PathPrefixes, match_form
+from gateway._preflight import is_cors_preflight
 from gateway._settings import ConfigSetting, StoreSetting, resolve
 from gateway.config import ConcurrencyLimit, IdentityConfig
 from gateway.context import DeferredTake, context_of
@@ -125,6 +126,8 @@ class ConcurrencyLimitMiddleware:
             any other request this layer admits is made here, with the acquire.
         config: a whole config (TOML path, dict, ``Config``) to take ``[[concurrency_limit]]``,
             ``[identity]`` and ``[store]`` from, instead of the keywords above.
+        limit_preflights: ``request.limit_preflights``: limit CORS preflights too (by default
+            they pass, ``gateway/_preflight.py``); from ``config`` when None.
     """
 
     def __init__(
@@ -138,6 +141,7 @@ class ConcurrencyLimitMiddleware:
         identity_resolver: IdentityResolver | None = None,
         claim_methods: frozenset[str] = frozenset(),
         config: ConfigSetting = None,
+        limit_preflights: bool | None = None,
     ) -> None:
         if concurrency_limit is None and config is None:
             concurrency_limit = [ConcurrencyLimit()]  # the documented default: 20 in flight per client
@@ -160,6 +164,8 @@ class ConcurrencyLimitMiddleware:
         self.slots = SlotKeeper(self._store, shortest_lease_ms=min(
             (c.limit.lease_ms for c in self._limits), default=30_000))
         self._claim_methods = claim_methods
+        limit = config.request.limit_preflights if limit_preflights is None else limit_preflights
+        self._pass_preflights = not limit
 
     @property
     def store(self) -> Store:
@@ -187,7 +193,7 @@ class ConcurrencyLimitMiddleware:
                 await self.app(scope, receive, send)
             return
         rules = self._match(scope["method"], scope["path"])
-        if rules is None:
+        if rules is None or (self._pass_preflights and is_cors_preflight(scope)):
             await self.app(scope, receive, send)
             return
         ctx = context_of(scope)

@@ -75,6 +75,7 @@ class RequestConfig:
     """``[request]``: which requests the gateway refuses before any decision is made."""
 
     path_normalization: PathNormalization = "normalize"
+    limit_preflights: bool = False  # CORS preflights pass the rate and concurrency limits
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -340,6 +341,7 @@ def _request(t: Table) -> RequestConfig:
     d = RequestConfig()
     cfg = RequestConfig(
         path_normalization=t.choice("path_normalization", d.path_normalization, _PATH_NORMALIZATION),
+        limit_preflights=t.boolean("limit_preflights", d.limit_preflights),
     )
     t.finish()
     return cfg

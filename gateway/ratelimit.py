@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway._asgi import ASGIApp, Headers, Message, Receive, Scope, Send
 from gateway._paths import PathPrefixes, match_form
+from gateway._preflight import is_cors_preflight
 from gateway._settings import ConfigSetting, StoreSetting, resolve
 from gateway.config import IdentityConfig, RateLimitPolicy
 from gateway.context import RequestContext, context_of
@@ -169,6 +170,8 @@ class RateLimitMiddleware:
             Idempotency-Key layer, or the stack's last layer, makes any it leaves).
         config: a whole config (TOML path, dict, ``Config``) to take ``[[rate_limit]]``,
             ``[identity]`` and ``[store]`` from, instead of the keywords above.
+        limit_preflights: ``request.limit_preflights``: limit CORS preflights too (by default
+            they pass, ``gateway/_preflight.py``); from ``config`` when None.
     """
 
     def __init__(
@@ -183,6 +186,7 @@ class RateLimitMiddleware:
         claim_methods: frozenset[str] = frozenset(),
         defer_every_take: bool = False,
         config: ConfigSetting = None,
+        limit_preflights: bool | None = None,
     ) -> None:
         if rate_limit is None and config is None:
             rate_limit = [RateLimitPolicy()]  # the documented default: "per-client", 100 a minute
@@ -205,6 +209,8 @@ class RateLimitMiddleware:
         self._denials = LocalDenials()
         self._claim_methods = claim_methods
         self._defer_every_take = defer_every_take
+        limit = config.request.limit_preflights if limit_preflights is None else limit_preflights
+        self._pass_preflights = not limit
 
     @property
     def store(self) -> Store:
@@ -232,7 +238,7 @@ class RateLimitMiddleware:
                 await self.app(scope, receive, send)
             return
         plan = self._match(scope["method"], scope["path"])
-        if plan is None:
+        if plan is None or (self._pass_preflights and is_cors_preflight(scope)):
             await self.app(scope, receive, send)
             return
         ctx = context_of(scope)

@@ -100,6 +100,7 @@ class GatewayMiddleware:
                 metrics=self.metrics,
                 identity_resolver=resolver,
                 claim_methods=claim_methods,
+                limit_preflights=self.config.request.limit_preflights,
             )
         if self.config.rate_limits:
             inner = RateLimitMiddleware(
@@ -113,6 +114,7 @@ class GatewayMiddleware:
                 claim_methods=claim_methods,
                 # and any other, with a concurrency limit's acquire (concurrency.py)
                 defer_every_take=self._concurrency is not None,
+                limit_preflights=self.config.request.limit_preflights,
             )
         shedding = self.config.shedding
         self._shedding: LoadSheddingMiddleware | None = None

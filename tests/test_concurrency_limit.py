@@ -379,3 +379,35 @@ def test_the_defaults() -> None:
     (limit,) = load_config({"concurrency_limit": [{}]}).concurrency_limits
     assert (limit.name, limit.limit, limit.key, limit.lease_ms, limit.mode, limit.on_store_error) == (
         "concurrent", 20, "identity", 30_000, "enforce", "allow")
+
+
+PREFLIGHT = {"origin": "https://shop.example", "access-control-request-method": "POST", **KEY}
+
+
+@pytest.mark.parametrize("limit_preflights", [False, True])
+async def test_cors_preflights_pass_the_limits_unless_configured(
+    store_section: dict[str, Any], limit_preflights: bool,
+) -> None:
+    """A browser's preflight spends no token and holds no slot by default; with
+    request.limit_preflights = true it is limited like any request. A plain OPTIONS always is."""
+    app = HoldingApp(hold_s=0)
+    cfg = config(store_section, limit=5)
+    cfg["rate_limit"] = [{"name": "per-client", "limit": 2, "period": "1h"}]
+    cfg["request"] = {"limit_preflights": limit_preflights}
+    gw = GatewayMiddleware(app, cfg)
+    async with lifespan_running(gw), client_for(gw) as client:
+        preflights = [await client.options("/charges", headers=PREFLIGHT) for _ in range(3)]
+        plain = await client.options("/charges", headers=KEY)
+    codes = [r.status_code for r in preflights]
+    if limit_preflights:
+        assert codes == [200, 200, 429]
+    else:
+        assert codes == [200, 200, 200]
+        assert all("ratelimit" not in r.headers for r in preflights)
+        assert plain.headers["ratelimit"].startswith('"per-client";r=1;')  # only it was charged
+    # limited: the first two preflights hold a slot each, the third and the plain OPTIONS are
+    # denied by the rate limit before any slot; exempt: only the plain OPTIONS holds one
+    assert metric(gw, "gateway_concurrency_decisions_total", limit="in-flight", decision="allow") == (
+        2 if limit_preflights else 1)
+    if limit_preflights:
+        assert plain.status_code == 429

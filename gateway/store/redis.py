@@ -238,7 +238,7 @@ class RedisStore(ScriptStoreBase):
         options["ssl"] = url.startswith("rediss:")  # picks SentinelManagedSSLConnection
         ask = {"socket_connect_timeout": timeout_s, "socket_timeout": timeout_s,
                "retry": Retry(NoBackoff(), retries=0)}
-        sentinel = Sentinel([_host_port(a) for a in sentinels], sentinel_kwargs=ask)  # type: ignore[no-untyped-call]
+        sentinel = Sentinel([_host_port(a) for a in sentinels], sentinel_kwargs=ask)  # type: ignore[no-untyped-call, unused-ignore]
         client = sentinel.master_for(service_name, **options)
         return cls(client, key_prefix=key_prefix, timeout_s=timeout_s, metrics=metrics,
                    max_connections=max_connections, breaker=breaker)
