@@ -42,12 +42,14 @@ from gateway.config import IdempotencyConfig, IdentityConfig
 from gateway.context import DeferredTake, context_of
 from gateway.errors import StoreError, StoreScriptError, StoreUnanswered
 from gateway.idempotency import problems
+from gateway.idempotency.canonical import canonical_json
 from gateway.idempotency.capture import Capture, send_replay
 from gateway.idempotency.lease import Lease, Renewals, Settled
 from gateway.idempotency.request import (
     BodyTooLarge,
     ClientGone,
     fingerprint,
+    is_json_media_type,
     parse_key,
     read_body,
     record_name,
@@ -76,6 +78,7 @@ _FREE_MAX_TRIES = 40
 #: ``lease.MAX_ATTEMPTS`` store calls): the holder's outcome still lands after a long outage.
 LATE_SETTLE_S = 120.0
 _CONTENT_LENGTH = b"content-length"
+_CONTENT_TYPE = b"content-type"
 # extensions that send a response without body messages, which Capture could not keep
 _BODYLESS_EXTENSIONS = ("http.response.pathsend", "http.response.zerocopysend")
 
@@ -150,6 +153,7 @@ class IdempotencyMiddleware:
         self._deny_on_error = settings.on_store_error == "deny"
         self._terms = LeaseTerms.from_config(settings)
         self._completion_timeout_s = settings.completion_timeout_s
+        self._json_fingerprint = settings.fingerprint == "json"
         self._resolver = identity_resolver or IdentityResolver(config.identity, ("identity",))
         # settles that outlive their request (shielded, or cancelled mid-settle)
         self._settling: set[asyncio.Task[Any]] = set()
@@ -274,7 +278,7 @@ class IdempotencyMiddleware:
     ) -> Claim | None:
         """Claim the record, with the deferred rate-limit take in the same store call where the
         store can combine them (else the take first, alone); None once the request is answered."""
-        digest = fingerprint(scope, body)
+        digest = fingerprint(scope, self._fingerprinted(scope, body))
         combined = deferred is not None and self._store.combines(deferred.tags, record)
         if deferred is not None and not combined and not await deferred.alone(send):
             return None
@@ -299,6 +303,18 @@ class IdempotencyMiddleware:
             msg = "ratelimit_take_claim allowed the request but returned no claim"
             raise StoreScriptError(msg)
         return claim
+
+    def _fingerprinted(self, scope: Scope, body: bytes) -> bytes:
+        """What the fingerprint hashes of the body: under ``fingerprint = "json"`` the canonical
+        form of a body its one Content-Type says is JSON (``canonical.py``), else the raw bytes
+        (a text body's whitespace may matter to its app, so only a JSON type is canonicalised)."""
+        if not self._json_fingerprint or not body:
+            return body
+        types = [value for name, value in scope["headers"] if name == _CONTENT_TYPE]
+        if len(types) != 1 or not is_json_media_type(types[0]):
+            return body
+        canonical = canonical_json(body)
+        return body if canonical is None else canonical
 
     async def _run(self, scope: Scope, receive: Receive, send: Send, lease: Lease) -> None:
         """Run the claimed request and settle its record exactly once."""
