@@ -41,7 +41,7 @@ from yarl import URL
 from gateway._asgi import Headers, Message, Receive, Scope, Send
 from gateway.config import UpstreamConfig
 from gateway.idempotency import mark_not_sent
-from gateway.idempotency.middleware import ATTEMPT_SCOPE_KEY
+from gateway.idempotency.middleware import ATTEMPT_SCOPE_KEY, mark_outcome_unknown
 from gateway.idempotency.problems import NOT_SENT, OUTCOME_UNKNOWN
 from gateway.metrics import Metrics
 from gateway.problem import problem_type, send_problem
@@ -187,6 +187,7 @@ class ProxyApp:
                              detail="The upstream could not be reached; the request was not sent.")
             return
         except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
+            mark_outcome_unknown(scope)
             await self._fail(send, "timeout", exc, status=504, type_=OUTCOME_UNKNOWN,
                              title="Upstream timed out; outcome unknown",
                              detail=f"The upstream did not answer within {self._upstream.timeout_s:g}s; "
@@ -195,6 +196,7 @@ class ProxyApp:
         except (aiohttp.ClientError, OSError) as exc:
             if isinstance(exc.__cause__, _ClientGone) or isinstance(exc.__context__, _ClientGone):
                 return
+            mark_outcome_unknown(scope)
             await self._fail(send, "broken", exc, status=502, type_=OUTCOME_UNKNOWN,
                              title="Upstream connection broken; outcome unknown",
                              detail="The connection to the upstream broke before it answered; it may "

@@ -65,7 +65,7 @@ if TYPE_CHECKING:
 
     from gateway.metrics import Metrics
 
-__all__ = ["ATTEMPT_SCOPE_KEY", "IdempotencyMiddleware", "mark_not_sent"]
+__all__ = ["ATTEMPT_SCOPE_KEY", "IdempotencyMiddleware", "mark_not_sent", "mark_outcome_unknown"]
 
 _log = logging.getLogger("gateway.idempotency")
 #: Where a keyed request's scope carries its attempt, for ``mark_not_sent``.
@@ -95,10 +95,11 @@ _OUTCOME_METRIC = {"new": "executed", "done": "replayed", "unknown": "replayed",
 class _Attempt:
     """What the app below tells the idempotency layer about a claimed request."""
 
-    __slots__ = ("not_sent",)
+    __slots__ = ("not_sent", "outcome_unknown")
 
     def __init__(self) -> None:
         self.not_sent = False
+        self.outcome_unknown = False
 
 
 def mark_not_sent(scope: Scope) -> None:
@@ -110,6 +111,15 @@ def mark_not_sent(scope: Scope) -> None:
     attempt = scope.get(ATTEMPT_SCOPE_KEY)
     if isinstance(attempt, _Attempt):
         attempt.not_sent = True
+
+
+def mark_outcome_unknown(scope: Scope) -> None:
+    """Say that the response about to be sent is the gateway's own outcome-unknown answer (the
+    upstream timed out or broke after the request was sent): it is stored whatever its status,
+    never released by ``release_statuses``. It does nothing outside a keyed request."""
+    attempt = scope.get(ATTEMPT_SCOPE_KEY)
+    if isinstance(attempt, _Attempt):
+        attempt.outcome_unknown = True
 
 
 class IdempotencyMiddleware:
@@ -154,6 +164,7 @@ class IdempotencyMiddleware:
         self._terms = LeaseTerms.from_config(settings)
         self._completion_timeout_s = settings.completion_timeout_s
         self._json_fingerprint = settings.fingerprint == "json"
+        self._release_statuses = settings.release_statuses
         self._resolver = identity_resolver or IdentityResolver(config.identity, ("identity",))
         # settles that outlive their request (shielded, or cancelled mid-settle)
         self._settling: set[asyncio.Task[Any]] = set()
@@ -324,17 +335,26 @@ class IdempotencyMiddleware:
         if extensions and any(e in extensions for e in _BODYLESS_EXTENSIONS):
             scope["extensions"] = {k: v for k, v in extensions.items() if k not in _BODYLESS_EXTENSIONS}
         limit = self._limit
+        released = self._release_statuses
 
         async def settle(capture: Capture) -> bool:
             """Settle before the response's last message; False: it must not go out."""
-            if attempt.not_sent:
-                settling: _Settling = lease.release
-            else:
+            stored = None
+            if not attempt.not_sent:
                 stored = capture.stored()
                 if stored is None:
                     stored = problems.not_stored_record(capture.status, capture.headers, limit)
-                settling = functools.partial(lease.complete, stored)
-            outcome = await self._settle(lease, settling)
+            if attempt.not_sent or (capture.status in released and not attempt.outcome_unknown):
+                # nothing stored: the key is free before the client has its answer, so a retry
+                # made once it has it runs (lua/idempotency_release.lua, owner-checked)
+                outcome = await self._settle(lease, lease.release)
+                if outcome == "refused" and stored is not None:
+                    # not our live claim: lapsed into outcome unknown (our own record, so our
+                    # real answer replaces its 502, as a late completion would), or another's
+                    outcome = await self._settle(lease, functools.partial(lease.complete, stored))
+            else:
+                assert stored is not None
+                outcome = await self._settle(lease, functools.partial(lease.complete, stored))
             if outcome != "stored":
                 # the client must not hold an answer its retries would contradict: cut it off, and
                 # a retry meets what the record says (409 while the settle goes on, then its outcome)
