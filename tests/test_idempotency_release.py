@@ -125,7 +125,7 @@ async def test_the_gateways_own_outcome_unknown_is_never_released(store: RedisSt
 
     async with client_for(idem(proxy_like, store, release_statuses=[502])) as c:
         unknown = [await c.post("/unknown", content=b"x", headers={"Idempotency-Key": "u"}) for _ in range(2)]
-        upstream = [await c.post("/upstream", content=b"x", headers={"Idempotency-Key": "b"}) for _ in range(2)]
+        upstream = [await c.post("/up", content=b"x", headers={"Idempotency-Key": "b"}) for _ in range(2)]
     assert [r.content for r in unknown] == [b"run 1", b"run 1"]
     assert unknown[1].headers["idempotent-replayed"] == "true"
     assert [r.content for r in upstream] == [b"run 2", b"run 3"]
