@@ -33,15 +33,16 @@ only shadow policies gets no fields at all.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
-from time import monotonic
+from time import monotonic, time
 from typing import TYPE_CHECKING, Any
 
 from gateway._asgi import ASGIApp, Headers, Message, Receive, Scope, Send
 from gateway._paths import PathPrefixes, match_form
 from gateway._preflight import is_cors_preflight
 from gateway._settings import ConfigSetting, StoreSetting, resolve
-from gateway.config import IdentityConfig, RateLimitPolicy
+from gateway.config import IdentityConfig, RateLimitHeaders, RateLimitPolicy
 from gateway.context import RequestContext, context_of
 from gateway.denials import LocalDenials
 from gateway.errors import ConfigError, StoreError
@@ -61,6 +62,10 @@ __all__ = ["RateLimitMiddleware"]
 _log = logging.getLogger("gateway.ratelimit")
 _POLICY_HEADER = b"ratelimit-policy"
 _LIMIT_HEADER = b"ratelimit"
+# response.rate_limit_headers = "ietf+legacy": the de facto fields, as GitHub sends them
+_LEGACY_LIMIT = b"x-ratelimit-limit"
+_LEGACY_REMAINING = b"x-ratelimit-remaining"
+_LEGACY_RESET = b"x-ratelimit-reset"
 _STORE_RETRY_AFTER = b"1"
 
 
@@ -90,9 +95,12 @@ class _Plan:
     and the shadow policies; only the enforced ones refuse, and only they are shown."""
 
     __slots__ = ("allowed", "denied", "deny_on_error", "distinct_keys", "enforced", "errored", "items",
-                 "keys", "names", "policy_field", "shadow_allowed", "shadow_denied", "shadows", "take")
+                 "keys", "legacy", "limits", "names", "policy_field", "shadow_allowed", "shadow_denied",
+                 "shadows", "shown", "take")
 
-    def __init__(self, policies: Sequence[_Policy], metrics: Metrics | None) -> None:
+    def __init__(
+        self, policies: Sequence[_Policy], metrics: Metrics | None, headers: RateLimitHeaders = "ietf"
+    ) -> None:
         self.take = TakePlan.of([p.spec for p in policies])
         self.keys = tuple(p.policy.key for p in policies)
         self.distinct_keys = tuple(dict.fromkeys(self.keys))
@@ -105,6 +113,11 @@ class _Plan:
             f"{p.item}q={p.policy.limit};w={p.policy.window_s}" for p in shown
         ).encode()
         self.deny_on_error = any(p.policy.on_store_error == "deny" for p in shown)
+        # response.rate_limit_headers, decided here once: whether the fields are sent at all
+        # (never for shadow policies alone), and whether the legacy X-RateLimit-* go with them
+        self.shown = bool(self.enforced) and headers != "none"
+        self.legacy = self.shown and headers == "ietf+legacy"
+        self.limits = tuple(p.policy.limit for p in shown)
         # gateway_ratelimit_decisions_total children (none without metrics): allowed and denied
         # per enforced policy, shadow_* per shadow policy, errored per policy, each in order
         self.allowed: tuple[Counter, ...] = ()
@@ -120,10 +133,36 @@ class _Plan:
             self.errored = tuple(metrics.decision(n, "error") for n in self.names)
 
     def fields(self, decision: RateDecision) -> Headers:
-        """The response's RateLimit fields for the enforced policies; none when all are shadow."""
-        if not self.enforced:
+        """The response's RateLimit fields for the enforced policies; none when all are shadow
+        (or ``rate_limit_headers = "none"``)."""
+        if not self.shown:
             return []
-        return [(_POLICY_HEADER, self.policy_field), (_LIMIT_HEADER, self.ratelimit_field(decision))]
+        fields = [(_POLICY_HEADER, self.policy_field), (_LIMIT_HEADER, self.ratelimit_field(decision))]
+        if self.legacy:
+            fields += self.legacy_fields(decision)
+        return fields
+
+    def policy_fields(self) -> Headers:
+        """``RateLimit-Policy`` alone, for a response whose remaining counts are unknown."""
+        return [(_POLICY_HEADER, self.policy_field)] if self.shown else []
+
+    def legacy_fields(self, decision: RateDecision) -> Headers:
+        """``X-RateLimit-Limit/Remaining/Reset`` of the most restrictive enforced policy (the
+        fewest tokens left; of those, the longest wait): its ``q``, ``r`` and ``t`` as in
+        ``RateLimit``, ``Reset`` as GitHub sends it, the epoch second by which ``t`` has passed."""
+        best: tuple[int, int, int] | None = None  # (r, t, limit)
+        for limit, i in zip(self.limits, self.enforced, strict=True):
+            b = decision.buckets[i]
+            if decision.allowed or not b.wait_ms:  # the same values ratelimit_field shows
+                shown = (b.remaining, -(-b.full_ms // 1000), limit)
+            else:
+                shown = (0, -(-b.wait_ms // 1000), limit)
+            if best is None or (shown[0], -shown[1]) < (best[0], -best[1]):
+                best = shown
+        assert best is not None
+        remaining, wait_s, limit = best
+        return [(_LEGACY_LIMIT, b"%d" % limit), (_LEGACY_REMAINING, b"%d" % remaining),
+                (_LEGACY_RESET, b"%d" % (math.ceil(time()) + wait_s))]
 
     def ratelimit_field(self, decision: RateDecision) -> bytes:
         """``RateLimit``: whole tokens left and seconds (rounded up) until full, per enforced
@@ -172,6 +211,8 @@ class RateLimitMiddleware:
             ``[identity]`` and ``[store]`` from, instead of the keywords above.
         limit_preflights: ``request.limit_preflights``: limit CORS preflights too (by default
             they pass, ``gateway/_preflight.py``); from ``config`` when None.
+        rate_limit_headers: ``response.rate_limit_headers``: ``"ietf"`` (the RateLimit fields),
+            ``"ietf+legacy"`` (and ``X-RateLimit-*``) or ``"none"``; from ``config`` when None.
     """
 
     def __init__(
@@ -187,6 +228,7 @@ class RateLimitMiddleware:
         defer_every_take: bool = False,
         config: ConfigSetting = None,
         limit_preflights: bool | None = None,
+        rate_limit_headers: RateLimitHeaders | None = None,
     ) -> None:
         if rate_limit is None and config is None:
             rate_limit = [RateLimitPolicy()]  # the documented default: "per-client", 100 a minute
@@ -204,6 +246,8 @@ class RateLimitMiddleware:
         self._resolver = identity_resolver or IdentityResolver(config.identity,
                                                                (p.key for p in config.rate_limits))
         self._plans: dict[tuple[int, ...], _Plan] = {}
+        self._headers: RateLimitHeaders = (
+            config.response.rate_limit_headers if rate_limit_headers is None else rate_limit_headers)
         self._everywhere = all(p.paths.everything and not p.methods for p in self._policies)
         self._all = self._plan(tuple(range(len(self._policies)))) if self._policies else None
         self._denials = LocalDenials()
@@ -220,7 +264,8 @@ class RateLimitMiddleware:
         plan = self._plans.get(matched)
         if plan is None:
             # bounded: one entry per distinct subset of the configured policies that occurs
-            plan = self._plans[matched] = _Plan([self._policies[i] for i in matched], self._metrics)
+            policies = [self._policies[i] for i in matched]
+            plan = self._plans[matched] = _Plan(policies, self._metrics, self._headers)
         return plan
 
     def _match(self, method: str, path: str) -> _Plan | None:
@@ -354,7 +399,7 @@ class RateLimitMiddleware:
         if self._store_failed(plan, exc):
             await self._store_unavailable(plan, send)
             return None
-        return [(_POLICY_HEADER, plan.policy_field)] if plan.enforced else []
+        return plan.policy_fields()
 
     def _store_failed(self, plan: _Plan, exc: StoreError) -> bool:
         """Count and log a store failure; True when ``on_store_error`` denies the request (that
@@ -377,7 +422,7 @@ class RateLimitMiddleware:
             type_=STORE_UNAVAILABLE,
             title="Rate limit store unavailable",
             detail="The rate limit could not be checked and this route does not run unchecked.",
-            headers=[(b"retry-after", _STORE_RETRY_AFTER), (_POLICY_HEADER, plan.policy_field)],
+            headers=[(b"retry-after", _STORE_RETRY_AFTER), *plan.policy_fields()],
         )
 
 

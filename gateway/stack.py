@@ -115,6 +115,7 @@ class GatewayMiddleware:
                 # and any other, with a concurrency limit's acquire (concurrency.py)
                 defer_every_take=self._concurrency is not None,
                 limit_preflights=self.config.request.limit_preflights,
+                rate_limit_headers=self.config.response.rate_limit_headers,
             )
         shedding = self.config.shedding
         self._shedding: LoadSheddingMiddleware | None = None
