@@ -44,7 +44,7 @@ from gateway.idempotency import mark_not_sent
 from gateway.idempotency.middleware import ATTEMPT_SCOPE_KEY, mark_outcome_unknown
 from gateway.idempotency.problems import NOT_SENT, OUTCOME_UNKNOWN
 from gateway.metrics import Metrics
-from gateway.problem import problem_type, send_problem
+from gateway.problem import PROBLEM_RENDERER, Renderer, problem_type
 from gateway.requestid import current_request_id
 
 __all__ = ["HOP_BY_HOP", "KEEPALIVE_S", "MAX_CONNECTIONS", "ProxyApp", "hop_by_hop"]
@@ -103,10 +103,12 @@ class ProxyApp:
         trusted_proxies: CIDRs whose ``X-Forwarded-*`` headers are extended rather than replaced
             (``[identity].trusted_proxies``).
         metrics: where upstream errors are counted; none when None.
+        renderer: how the proxy's own answers (400, 502, 504) look (``[errors] format``).
     """
 
     def __init__(
-        self, upstream: UpstreamConfig, *, trusted_proxies: Iterable[str] = (), metrics: Metrics | None = None
+        self, upstream: UpstreamConfig, *, trusted_proxies: Iterable[str] = (),
+        metrics: Metrics | None = None, renderer: Renderer = PROBLEM_RENDERER,
     ) -> None:
         parts = urlsplit(upstream.url)
         # the request's path is appended to this URL's path, never parsed as a URL of its own
@@ -114,6 +116,7 @@ class ProxyApp:
         self._upstream = upstream
         self._trusted = tuple(ip_network(n, strict=False) for n in trusted_proxies)
         self._metrics = metrics
+        self._render = renderer
         self._timeout = aiohttp.ClientTimeout(
             total=None,
             connect=upstream.connect_timeout_s,  # waiting for a pooled connection counts too
@@ -170,7 +173,8 @@ class ProxyApp:
             target = self._target(scope)
             headers, has_body = self._request_headers(scope)
         except _Unforwardable as exc:
-            await send_problem(send, status=400, type_=_BAD_REQUEST, title="Bad Request", detail=str(exc))
+            await self._render.send(send, status=400, type_=_BAD_REQUEST, title="Bad Request",
+                                    detail=str(exc))
             return
         body = _Body(receive) if has_body else None
         try:
@@ -332,7 +336,7 @@ class ProxyApp:
             "event": f"upstream.{kind}", "request_id": current_request_id(), "upstream": self._upstream.url,
             "error": _describe(exc),
         })
-        await send_problem(send, **problem)
+        await self._render.send(send, **problem)
 
     def _count(self, kind: str) -> None:
         if self._metrics is not None:

@@ -48,7 +48,7 @@ from gateway.denials import LocalDenials
 from gateway.errors import ConfigError, StoreError
 from gateway.identity import IdentityResolver
 from gateway.lifespan import run_lifespan
-from gateway.problem import QUOTA_EXCEEDED, STORE_UNAVAILABLE, send_problem
+from gateway.problem import QUOTA_EXCEEDED, STORE_UNAVAILABLE, Renderer, renderer_for
 from gateway.requestid import current_request_id
 from gateway.store import BucketSpec, RateDecision, Store, TakePlan
 
@@ -213,6 +213,8 @@ class RateLimitMiddleware:
             they pass, ``gateway/_preflight.py``); from ``config`` when None.
         rate_limit_headers: ``response.rate_limit_headers``: ``"ietf"`` (the RateLimit fields),
             ``"ietf+legacy"`` (and ``X-RateLimit-*``) or ``"none"``; from ``config`` when None.
+        renderer: how the layer's own refusals look (``gateway/problem.py``); from
+            ``[errors] format`` when None.
     """
 
     def __init__(
@@ -229,6 +231,7 @@ class RateLimitMiddleware:
         config: ConfigSetting = None,
         limit_preflights: bool | None = None,
         rate_limit_headers: RateLimitHeaders | None = None,
+        renderer: Renderer | None = None,
     ) -> None:
         if rate_limit is None and config is None:
             rate_limit = [RateLimitPolicy()]  # the documented default: "per-client", 100 a minute
@@ -246,6 +249,7 @@ class RateLimitMiddleware:
         self._resolver = identity_resolver or IdentityResolver(config.identity,
                                                                (p.key for p in config.rate_limits))
         self._plans: dict[tuple[int, ...], _Plan] = {}
+        self._render = renderer or renderer_for(config.errors.format)
         self._headers: RateLimitHeaders = (
             config.response.rate_limit_headers if rate_limit_headers is None else rate_limit_headers)
         self._everywhere = all(p.paths.everything and not p.methods for p in self._policies)
@@ -336,7 +340,7 @@ class RateLimitMiddleware:
             extra={"event": "ratelimit.denied", "request_id": current_request_id(),
                    "policies": violated, "retry_after_s": retry_after, "local": local},
         )
-        await send_problem(
+        await self._render.send(
             send,
             status=429,
             type_=QUOTA_EXCEEDED,
@@ -416,7 +420,7 @@ class RateLimitMiddleware:
 
     async def _store_unavailable(self, plan: _Plan, send: Send) -> None:
         """The 503 of a policy that does not run unchecked."""
-        await send_problem(
+        await self._render.send(
             send,
             status=503,
             type_=STORE_UNAVAILABLE,

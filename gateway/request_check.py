@@ -38,7 +38,7 @@ from gateway.config import Config
 from gateway.context import HeaderValues, RequestContext
 from gateway.identity import header_name
 from gateway.metrics import Metrics
-from gateway.problem import problem_type, send_problem
+from gateway.problem import problem_type, renderer_for
 from gateway.requestid import current_request_id
 
 __all__ = ["RequestCheck", "decided_headers"]
@@ -71,6 +71,7 @@ class RequestCheck:
         self._single = decided_headers(config)
         self._read = self._single | {_CONTENT_LENGTH, _XFF}
         self._reject_non_normal = config.request.path_normalization == "reject"
+        self._render = renderer_for(config.errors.format)
         self._refused = metrics.refused
 
     async def admit(self, scope: Scope, send: Send, ctx: RequestContext) -> Scope | None:
@@ -105,8 +106,8 @@ class RequestCheck:
         _log.info("request refused: %s", detail,
                   extra={"event": "request.refused", "reason": reason, "request_id": current_request_id()})
         title = "Expectation Failed" if status == 417 else "Bad Request"
-        await send_problem(send, status=status, type_=problem_type(name), title=title, detail=detail,
-                           headers=_CLOSE)
+        await self._render.send(send, status=status, type_=problem_type(name), title=title, detail=detail,
+                                headers=_CLOSE)
 
     def _refusal(self, scope: Scope, values: dict[bytes, bytes]) -> tuple[str, int, str] | None:
         """(reason, status, detail) when the request is ambiguous, else None; ``values`` gets the

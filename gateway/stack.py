@@ -30,6 +30,7 @@ from gateway.identity import IdentityResolver
 from gateway.lifespan import run_lifespan
 from gateway.metrics import Metrics
 from gateway.ops import OpsRoutes, UpstreamTimer
+from gateway.problem import renderer_for
 from gateway.ratelimit import RateLimitMiddleware
 from gateway.request_check import RequestCheck
 from gateway.shedding import LoadSheddingMiddleware
@@ -80,6 +81,8 @@ class GatewayMiddleware:
         keys = (*(p.key for p in self.config.rate_limits), *(c.key for c in self.config.concurrency_limits),
                 "identity")
         resolver = IdentityResolver(self.config.identity, keys)
+        # [errors] format: every layer's refusals written by one renderer
+        renderer = renderer_for(self.config.errors.format)
         self._idempotency = IdempotencyMiddleware(
             UpstreamTimer(app),
             idempotency=self.config.idempotency,
@@ -87,6 +90,7 @@ class GatewayMiddleware:
             store=self.store,
             metrics=self.metrics,
             identity_resolver=resolver,
+            renderer=renderer,
         )
         inner: ASGIApp = self._idempotency
         claim_methods = frozenset(self.config.idempotency.methods)
@@ -101,6 +105,7 @@ class GatewayMiddleware:
                 identity_resolver=resolver,
                 claim_methods=claim_methods,
                 limit_preflights=self.config.request.limit_preflights,
+                renderer=renderer,
             )
         if self.config.rate_limits:
             inner = RateLimitMiddleware(
@@ -116,6 +121,7 @@ class GatewayMiddleware:
                 defer_every_take=self._concurrency is not None,
                 limit_preflights=self.config.request.limit_preflights,
                 rate_limit_headers=self.config.response.rate_limit_headers,
+                renderer=renderer,
             )
         shedding = self.config.shedding
         self._shedding: LoadSheddingMiddleware | None = None

@@ -57,6 +57,7 @@ from gateway.idempotency.request import (
 )
 from gateway.identity import ANONYMOUS_TAG, IdentityResolver
 from gateway.lifespan import run_lifespan
+from gateway.problem import Renderer, renderer_for
 from gateway.requestid import current_request_id
 from gateway.store import Claim, LeaseTerms, Store
 
@@ -136,6 +137,8 @@ class IdempotencyMiddleware:
             passes the one its layers share, so the request context resolves it once per request.
         config: a whole config (TOML path, dict, ``Config``) to take ``[idempotency]``,
             ``[identity]`` and ``[store]`` from, instead of the keywords above.
+        renderer: how the layer's own answers (and stored outcome-unknown records) look
+            (``gateway/problem.py``); from ``[errors] format`` when None.
     """
 
     def __init__(
@@ -148,6 +151,7 @@ class IdempotencyMiddleware:
         metrics: Metrics | None = None,
         identity_resolver: IdentityResolver | None = None,
         config: ConfigSetting = None,
+        renderer: Renderer | None = None,
     ) -> None:
         config_, self._store, self._owns_store = resolve(
             config=config, idempotency=idempotency, identity=identity, store=store
@@ -165,6 +169,7 @@ class IdempotencyMiddleware:
         self._completion_timeout_s = settings.completion_timeout_s
         self._json_fingerprint = settings.fingerprint == "json"
         self._release_statuses = settings.release_statuses
+        self._render = renderer or renderer_for(config.errors.format)
         self._resolver = identity_resolver or IdentityResolver(config.identity, ("identity",))
         # settles that outlive their request (shielded, or cancelled mid-settle)
         self._settling: set[asyncio.Task[Any]] = set()
@@ -217,7 +222,7 @@ class IdempotencyMiddleware:
                 return  # the rate limit answered
             if self._required and self._required.matches(scope["path"]):
                 self._count("invalid")
-                await problems.send_missing_key(send, self._header_display)
+                await problems.send_missing_key(self._render, send, self._header_display)
             else:
                 await self.app(scope, receive, send)
             return
@@ -228,9 +233,9 @@ class IdempotencyMiddleware:
                 return
             self._count("invalid")
             if key is None:
-                await problems.send_bad_key(send, self._header_display)
+                await problems.send_bad_key(self._render, send, self._header_display)
             else:
-                await problems.send_body_too_large(send, self._limit)
+                await problems.send_body_too_large(self._render, send, self._limit)
             return
         await self._keyed(scope, receive, send, key, deferred)
 
@@ -247,7 +252,7 @@ class IdempotencyMiddleware:
             if deferred is not None and not await deferred.alone(send):
                 return
             self._count("invalid")
-            await problems.send_identity_missing(send, self._header_display)
+            await problems.send_identity_missing(self._render, send, self._header_display)
             return
         try:
             body = await read_body(receive, self._limit)
@@ -255,7 +260,7 @@ class IdempotencyMiddleware:
             if deferred is not None and not await deferred.alone(send):
                 return
             self._count("invalid")
-            await problems.send_body_too_large(send, self._limit)
+            await problems.send_body_too_large(self._render, send, self._limit)
             return
         except ClientGone:
             return  # nothing was claimed and nothing ran
@@ -272,16 +277,17 @@ class IdempotencyMiddleware:
         elif outcome == "done":
             assert claim.response is not None
             _event("idempotency.replayed", "replaying the stored response", status=claim.response.status)
-            await send_replay(send, claim.response)
+            render = self._render
+            await send_replay(send, claim.response, render.replay_headers, render.replay_defaults())
         elif outcome == "in_flight":
             _event("idempotency.in_flight", "the key's first request is still running")
-            await problems.send_in_flight(send)
+            await problems.send_in_flight(self._render, send)
         elif outcome == "mismatch":
             _event("idempotency.mismatch", "the key was used with another request")
-            await problems.send_mismatch(send)
+            await problems.send_mismatch(self._render, send)
         else:
             _event("idempotency.replayed", "outcome unknown: the key's claim was lost", status=502)
-            await problems.send_outcome_unknown(send, replayed=True)
+            await problems.send_outcome_unknown(self._render, send, replayed=True)
 
     async def _claim(
         self, scope: Scope, receive: Receive, send: Send, body: bytes, *, record: str, owner: bytes,
@@ -343,7 +349,7 @@ class IdempotencyMiddleware:
             if not attempt.not_sent:
                 stored = capture.stored()
                 if stored is None:
-                    stored = problems.not_stored_record(capture.status, capture.headers, limit)
+                    stored = problems.not_stored_record(self._render, capture.status, capture.headers, limit)
             if attempt.not_sent or (capture.status in released and not attempt.outcome_unknown):
                 # nothing stored: the key is free before the client has its answer, so a retry
                 # made once it has it runs (lua/idempotency_release.lua, owner-checked)
@@ -381,7 +387,7 @@ class IdempotencyMiddleware:
                 lease.stop()
         if capture.unanswered:  # cut off where a head alone would have been a whole response
             with contextlib.suppress(OSError):
-                await problems.send_outcome_unknown(send, replayed=False)
+                await problems.send_outcome_unknown(self._render, send, replayed=False)
 
     async def _interrupted(self, attempt: _Attempt, capture: Capture, send: Send, lease: Lease) -> None:
         """Settle a request that ended without a whole response: outcome unknown, for good
@@ -391,7 +397,7 @@ class IdempotencyMiddleware:
         if attempt.not_sent:
             settling: _Settling = lease.release
         else:
-            settling = functools.partial(lease.complete, problems.outcome_unknown_record())
+            settling = functools.partial(lease.complete, problems.outcome_unknown_record(self._render))
             _event("idempotency.outcome_unknown", "the request ended without a whole response",
                    level=logging.WARNING)
         # a cancellation goes on up (the caller asked for it); the settle runs on in its task
@@ -400,9 +406,9 @@ class IdempotencyMiddleware:
             return  # too late for an answer of its own: the response is left broken off
         try:
             if attempt.not_sent:
-                await problems.send_not_sent(send)
+                await problems.send_not_sent(self._render, send)
             else:
-                await problems.send_outcome_unknown(send, replayed=False)
+                await problems.send_outcome_unknown(self._render, send, replayed=False)
         except OSError:
             pass  # the client is gone; the outcome is stored for its retry
 
@@ -465,7 +471,7 @@ class IdempotencyMiddleware:
         _event("idempotency.store_error", f"idempotency store failed; {action} per on_store_error",
                level=logging.WARNING, action=action, error=str(exc))
         if self._deny_on_error:
-            await problems.send_store_unavailable(send)
+            await problems.send_store_unavailable(self._render, send)
         else:
             await self.app(scope, receive, send)  # unguarded, as configured
 
