@@ -75,6 +75,13 @@ ATTEMPT_SCOPE_KEY = "gateway.idempotency"
 _FREE_FIRST_BACKOFF_S = 0.05
 _FREE_MAX_BACKOFF_S = 2.0
 _FREE_MAX_TRIES = 40
+#: With notices, the longest a waiting duplicate goes without looking at the record itself
+#: (a notice lost with a broken connection costs at most this).
+SAFETY_LOOK_S = 5.0
+#: Without notices (a Redis Cluster), it looks after 50 ms, doubling to this.
+MAX_POLL_S = 1.0
+_FIRST_POLL_S = 0.05
+_LEASE_MARGIN_S = 0.05  # a lease's end as the store sees it, plus its clock's rounding
 #: How long a settle goes on in the background once ``completion_timeout`` has passed (at most
 #: ``lease.MAX_ATTEMPTS`` store calls): the holder's outcome still lands after a long outage.
 LATE_SETTLE_S = 120.0
@@ -169,6 +176,7 @@ class IdempotencyMiddleware:
         self._completion_timeout_s = settings.completion_timeout_s
         self._json_fingerprint = settings.fingerprint == "json"
         self._release_statuses = settings.release_statuses
+        self._wait_s = settings.wait_timeout_s if settings.on_in_flight == "wait" else 0.0
         self._render = renderer or renderer_for(config.errors.format)
         self._resolver = identity_resolver or IdentityResolver(config.identity, ("identity",))
         # settles that outlive their request (shielded, or cancelled mid-settle)
@@ -266,7 +274,11 @@ class IdempotencyMiddleware:
             return  # nothing was claimed and nothing ran
         record = record_name(identity, key)
         owner = b"%032x" % getrandbits(128)  # unique, never shown to a client: no syscall needed
-        claim = await self._claim(scope, receive, send, body, record=record, owner=owner, deferred=deferred)
+        digest = fingerprint(scope, self._fingerprinted(scope, body))
+        claim = await self._claim(scope, receive, send, body, digest, record=record, owner=owner,
+                                  deferred=deferred)
+        if claim is not None and claim.outcome == "in_flight" and self._wait_s > 0:
+            claim = await self._wait_for_first(send, record, digest, owner, claim)
         if claim is None:
             return  # answered: denied by the rate limit, or the store failed
         outcome = claim.outcome
@@ -290,12 +302,11 @@ class IdempotencyMiddleware:
             await problems.send_outcome_unknown(self._render, send, replayed=True)
 
     async def _claim(
-        self, scope: Scope, receive: Receive, send: Send, body: bytes, *, record: str, owner: bytes,
-        deferred: DeferredTake | None,
+        self, scope: Scope, receive: Receive, send: Send, body: bytes, digest: bytes, *, record: str,
+        owner: bytes, deferred: DeferredTake | None,
     ) -> Claim | None:
         """Claim the record, with the deferred rate-limit take in the same store call where the
         store can combine them (else the take first, alone); None once the request is answered."""
-        digest = fingerprint(scope, self._fingerprinted(scope, body))
         combined = deferred is not None and self._store.combines(deferred.tags, record)
         if deferred is not None and not combined and not await deferred.alone(send):
             return None
@@ -319,6 +330,55 @@ class IdempotencyMiddleware:
         if claim is None:
             msg = "ratelimit_take_claim allowed the request but returned no claim"
             raise StoreScriptError(msg)
+        return claim
+
+    async def _wait_for_first(
+        self, send: Send, record: str, digest: bytes, owner: bytes, claim: Claim,
+    ) -> Claim | None:
+        """``on_in_flight = "wait"``: a duplicate of a request in flight waits, at most
+        ``wait_timeout``, for the record to change, then acts on what it became; None once
+        answered (503: the store failed while it waited).
+
+        It wakes on the store's notice of a completion or release (``Store.idempotency_watch``:
+        one subscription per record per process, however many wait), when the holder's lease
+        could have ended (a dead holder sends no notice: the claim then settles it as a lost
+        claim, per ``on_lost_claim``), and every ``SAFETY_LOOK_S`` in case a notice was lost;
+        without notices (a Redis Cluster) it polls with backoff up to ``MAX_POLL_S``. Each wake
+        is one claim call by this request's own owner token (never the take: a waiting
+        duplicate spends no more rate-limit tokens): ``done`` is the replay, ``new`` means the
+        key was freed (released or, with ``on_lost_claim = "retry"``, lapsed) and this request
+        now holds it, and ``in_flight`` past the bound is the 409. A store failure is a 503,
+        never a run: the request is a duplicate of one that may be running."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + self._wait_s
+        async with self._store.idempotency_watch(record) as watch:
+            seen = watch.generation if watch is not None else 0
+            poll_s = _FIRST_POLL_S
+            while claim.outcome == "in_flight":
+                now = loop.time()
+                if now >= deadline:
+                    break
+                # the holder's lease may end unrenewed (it died): look then, a little after
+                nap = min(deadline - now, claim.lease_left_ms / 1000 + _LEASE_MARGIN_S)
+                if watch is not None:
+                    await watch.changed(seen, min(nap, SAFETY_LOOK_S))
+                    seen = watch.generation
+                else:
+                    await asyncio.sleep(min(nap, poll_s))
+                    poll_s = min(poll_s * 2, MAX_POLL_S)
+                try:
+                    claim = await self._store.idempotency_claim(record, digest, owner, self._terms)
+                except StoreError as exc:
+                    if isinstance(exc, StoreUnanswered):  # may have been granted: free it
+                        self._in_background(self._free_unanswered_claim(record, owner))
+                    self._count("store_error")
+                    _event("idempotency.store_error", "idempotency store failed while waiting for "
+                           "the first answer; deny", level=logging.WARNING, action="deny", error=str(exc))
+                    await problems.send_store_unavailable(self._render, send)
+                    return None
+        _event("idempotency.waited", "waited for the key's first request", outcome=claim.outcome,
+               waited_ms=round((loop.time() - started) * 1000))
         return claim
 
     def _fingerprinted(self, scope: Scope, body: bytes) -> bytes:
