@@ -268,3 +268,31 @@ def test_fifty_duplicates_across_two_gateways_run_once(
     assert len({r.content for r in replies}) == 1
     executions = upstream.executions()
     assert (executions["started"][key], executions["finished"][key]) == (1, 1)
+
+
+async def test_waiters_poll_when_the_notices_connection_dies(redis_server: RedisProcess) -> None:
+    """The pub/sub connection killed (CLIENT KILL TYPE pubsub) while 20 duplicates wait: they
+    fall back to polling with backoff, still get the answer, and the app ran once."""
+    store = RedisStore.from_url(redis_server.url, key_prefix=f"t{uuid.uuid4().hex[:10]}", timeout_s=2.0)
+    await store.open()
+    try:
+        gate = asyncio.Event()
+        app = SlowCharge(gate=gate)
+        counting = CountingClaims(store)
+        mw = IdempotencyMiddleware(app, idempotency=WAIT, store=counting)
+        burst = asyncio.ensure_future(duplicates(mw, 20))
+        async with asyncio.timeout(10):
+            await app.started.wait()
+            while counting.claims < 20:  # every duplicate has made its first claim and waits
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        killed = await store.client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await asyncio.sleep(0.3)
+        gate.set()
+        replies = await burst
+    finally:
+        await store.close()
+    assert killed >= 1
+    assert Counter(r.status_code for r in replies) == {201: 20}
+    assert app.calls == 1
+    assert counting.claims <= 20 + 19 * 8, counting.claims

@@ -361,6 +361,8 @@ class IdempotencyMiddleware:
                     break
                 # the holder's lease may end unrenewed (it died): look then, a little after
                 nap = min(deadline - now, claim.lease_left_ms / 1000 + _LEASE_MARGIN_S)
+                if watch is not None and watch.broken:
+                    watch = None  # notices stopped: poll from now on
                 if watch is not None:
                     await watch.changed(seen, min(nap, SAFETY_LOOK_S))
                     seen = watch.generation

@@ -239,6 +239,7 @@ class RecordWatch(Protocol):
     and ``changed`` returns at once if a notice came meanwhile, so none is missed."""
 
     generation: int
+    broken: bool  # notices stopped (the connection failed): the waiter polls from now on
 
     async def changed(self, seen: int, timeout_s: float) -> bool:
         """Wait (at most ``timeout_s``) for a notice after generation ``seen``; False on the
