@@ -118,6 +118,8 @@ class GatewayMiddleware(StackEntry):
                 # and any other, with a concurrency limit's acquire (concurrency.py)
                 defer_every_take=self._concurrency is not None,
                 limit_preflights=self.config.request.limit_preflights,
+                # a request it takes for itself passes every layer inside untouched: to the app
+                direct_app=app if self._concurrency is None else None,
             )
         shedding = self.config.shedding
         self._shedding: LoadSheddingMiddleware | None = None
