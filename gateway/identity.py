@@ -21,7 +21,8 @@ from typing import Any
 from gateway.config import IdentityConfig
 from gateway.context import HeaderValues
 
-__all__ = ["ANONYMOUS_TAG", "GLOBAL_TAG", "IdentityResolver", "TrustedProxies", "header_name", "tag"]
+__all__ = ["ANONYMOUS_TAG", "GLOBAL_TAG", "TAGS_KEPT", "IdentityResolver", "TrustedProxies", "header_name",
+           "tag"]
 
 #: The tag of ``key = "global"`` policies: one bucket for everyone.
 GLOBAL_TAG = "global"
@@ -32,6 +33,11 @@ _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 def tag(material: bytes) -> str:
     """The store-safe, one-way name of a key value (128-bit BLAKE2b, hex)."""
     return hashlib.blake2b(material, digest_size=16, person=b"gateway-key").hexdigest()
+
+
+#: Tags kept per resolver for the key values seen lately (a hash per request costs more than a
+#: dict lookup; a flood of new values only empties the cache, it never grows past this).
+TAGS_KEPT = 16_384
 
 
 _ANONYMOUS = b"anonymous"
@@ -48,7 +54,7 @@ class IdentityResolver:
             ``header:NAME``); only what they need is computed per request.
     """
 
-    __slots__ = ("_headers", "_ip_needed", "_key_headers", "_keys", "_sources", "_trusted")
+    __slots__ = ("_headers", "_ip_needed", "_key_headers", "_keys", "_sources", "_tags", "_trusted")
 
     def __init__(self, config: IdentityConfig, keys: Iterable[str]) -> None:
         self._keys = tuple(dict.fromkeys(keys))
@@ -64,6 +70,7 @@ class IdentityResolver:
         if self._ip_needed and self._trusted:
             wanted.add(_XFF)
         self._headers = frozenset(wanted)
+        self._tags: dict[bytes, str] = {}  # key material -> tag, bounded by TAGS_KEPT
 
     def tags(
         self, scope: Mapping[str, Any], keys: Iterable[str] | None = None, *,
@@ -95,14 +102,23 @@ class IdentityResolver:
             if key == "global":
                 out[key] = GLOBAL_TAG
             elif key == "ip":
-                out[key] = tag(b"ip:" + (ip or "unknown").encode())
+                out[key] = self._tag(b"ip:" + (ip or "unknown").encode())
             elif key == "identity":
-                out[key] = tag(self._identity_material(found, ip))
+                out[key] = self._tag(self._identity_material(found, ip))
             else:
                 name = self._key_headers[key]
                 # requests without the header share one bucket (CONTRACT "Rate limits")
-                out[key] = tag(b"h:" + name + b":" + found.get(name, b""))
+                out[key] = self._tag(b"h:" + name + b":" + found.get(name, b""))
         return out
+
+    def _tag(self, material: bytes) -> str:
+        """``tag(material)``, remembered for the values seen lately."""
+        known = self._tags.get(material)
+        if known is None:
+            if len(self._tags) >= TAGS_KEPT:
+                self._tags.clear()
+            known = self._tags[material] = tag(material)
+        return known
 
     def _identity_material(self, found: Mapping[bytes, bytes], ip: str | None) -> bytes:
         for name in self._sources:

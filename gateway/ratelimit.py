@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from time import monotonic, time
+from time import monotonic, perf_counter, time
 from typing import TYPE_CHECKING, Any
 
 from gateway._asgi import ASGIApp, Headers, Message, Receive, Scope, Send
@@ -50,12 +50,11 @@ from gateway.identity import IdentityResolver
 from gateway.lifespan import run_lifespan
 from gateway.problem import QUOTA_EXCEEDED, STORE_UNAVAILABLE, Renderer, renderer_for
 from gateway.requestid import current_request_id
-from gateway.store import BucketSpec, RateDecision, Store, TakePlan
+from gateway.store import BucketSpec, BucketState, RateDecision, Store, TakePlan
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter
-
     from gateway.metrics import Metrics
+    from gateway.tallies import CounterTally
 
 __all__ = ["RateLimitMiddleware"]
 
@@ -94,9 +93,9 @@ class _Plan:
     ``enforced`` and ``shadows`` are the indices (in the take's bucket order) of the enforced
     and the shadow policies; only the enforced ones refuse, and only they are shown."""
 
-    __slots__ = ("allowed", "denied", "deny_on_error", "distinct_keys", "enforced", "errored", "items",
-                 "keys", "legacy", "limits", "names", "policy_field", "shadow_allowed", "shadow_denied",
-                 "shadows", "shown", "take")
+    __slots__ = ("allowed", "denied", "deny_on_error", "distinct_keys", "enforced", "errored", "keys",
+                 "legacy", "limits", "names", "policy_field", "policy_pair", "shadow_allowed",
+                 "shadow_denied", "shadows", "shown", "take", "visible")
 
     def __init__(
         self, policies: Sequence[_Policy], metrics: Metrics | None, headers: RateLimitHeaders = "ietf"
@@ -108,23 +107,24 @@ class _Plan:
         self.enforced = tuple(i for i, p in enumerate(policies) if not p.policy.shadow)
         self.shadows = tuple(i for i, p in enumerate(policies) if p.policy.shadow)
         shown = [policies[i] for i in self.enforced]
-        self.items = tuple(p.item for p in shown)
+        self.shown = tuple(zip((p.item.encode() for p in shown), self.enforced, strict=True))
         self.policy_field = ", ".join(
             f"{p.item}q={p.policy.limit};w={p.policy.window_s}" for p in shown
         ).encode()
+        self.policy_pair = (_POLICY_HEADER, self.policy_field)
         self.deny_on_error = any(p.policy.on_store_error == "deny" for p in shown)
         # response.rate_limit_headers, decided here once: whether the fields are sent at all
         # (never for shadow policies alone), and whether the legacy X-RateLimit-* go with them
-        self.shown = bool(self.enforced) and headers != "none"
-        self.legacy = self.shown and headers == "ietf+legacy"
+        self.visible = bool(self.enforced) and headers != "none"
+        self.legacy = self.visible and headers == "ietf+legacy"
         self.limits = tuple(p.policy.limit for p in shown)
         # gateway_ratelimit_decisions_total children (none without metrics): allowed and denied
         # per enforced policy, shadow_* per shadow policy, errored per policy, each in order
-        self.allowed: tuple[Counter, ...] = ()
-        self.denied: tuple[Counter, ...] = ()
-        self.shadow_allowed: tuple[Counter, ...] = ()
-        self.shadow_denied: tuple[Counter, ...] = ()
-        self.errored: tuple[Counter, ...] = ()
+        self.allowed: tuple[CounterTally, ...] = ()
+        self.denied: tuple[CounterTally, ...] = ()
+        self.shadow_allowed: tuple[CounterTally, ...] = ()
+        self.shadow_denied: tuple[CounterTally, ...] = ()
+        self.errored: tuple[CounterTally, ...] = ()
         if metrics is not None:
             self.allowed = tuple(metrics.decision(self.names[i], "allow") for i in self.enforced)
             self.denied = tuple(metrics.decision(self.names[i], "deny") for i in self.enforced)
@@ -135,25 +135,26 @@ class _Plan:
     def fields(self, decision: RateDecision) -> Headers:
         """The response's RateLimit fields for the enforced policies; none when all are shadow
         (or ``rate_limit_headers = "none"``)."""
-        if not self.shown:
+        if not self.visible:
             return []
-        fields = [(_POLICY_HEADER, self.policy_field), (_LIMIT_HEADER, self.ratelimit_field(decision))]
         if self.legacy:
-            fields += self.legacy_fields(decision)
-        return fields
+            return [self.policy_pair, (_LIMIT_HEADER, self.ratelimit_field(decision)),
+                    *self.legacy_fields(decision)]
+        return [self.policy_pair, (_LIMIT_HEADER, self.ratelimit_field(decision))]
 
     def policy_fields(self) -> Headers:
         """``RateLimit-Policy`` alone, for a response whose remaining counts are unknown."""
-        return [(_POLICY_HEADER, self.policy_field)] if self.shown else []
+        return [self.policy_pair] if self.visible else []
 
     def legacy_fields(self, decision: RateDecision) -> Headers:
         """``X-RateLimit-Limit/Remaining/Reset`` of the most restrictive enforced policy (the
         fewest tokens left; of those, the longest wait): its ``q``, ``r`` and ``t`` as in
-        ``RateLimit``, ``Reset`` as GitHub sends it, the epoch second by which ``t`` has passed."""
+        ``RateLimit`` (``_member``), ``Reset`` as GitHub sends it, the epoch second by which
+        ``t`` has passed."""
         best: tuple[int, int, int] | None = None  # (r, t, limit)
         for limit, i in zip(self.limits, self.enforced, strict=True):
             b = decision.buckets[i]
-            if decision.allowed or not b.wait_ms:  # the same values ratelimit_field shows
+            if decision.allowed or not b.wait_ms:
                 shown = (b.remaining, -(-b.full_ms // 1000), limit)
             else:
                 shown = (0, -(-b.wait_ms // 1000), limit)
@@ -167,14 +168,11 @@ class _Plan:
     def ratelimit_field(self, decision: RateDecision) -> bytes:
         """``RateLimit``: whole tokens left and seconds (rounded up) until full, per enforced
         policy; a denying policy shows r=0 and the seconds until the request's cost is there."""
-        parts = []
-        for item, i in zip(self.items, self.enforced, strict=True):
-            b = decision.buckets[i]
-            if decision.allowed or not b.wait_ms:
-                parts.append(f"{item}r={b.remaining};t={-(-b.full_ms // 1000)}")
-            else:
-                parts.append(f"{item}r=0;t={-(-b.wait_ms // 1000)}")
-        return ", ".join(parts).encode()
+        buckets, allowed = decision.buckets, decision.allowed
+        if len(self.shown) == 1:
+            item, i = self.shown[0]
+            return _member(item, buckets[i], allowed)
+        return b", ".join([_member(item, buckets[i], allowed) for item, i in self.shown])
 
     def lacking(self, decision: RateDecision, among: Sequence[int]) -> list[int]:
         """Which of the buckets ``among`` lacked the request's cost: a bucket the take did not
@@ -185,6 +183,13 @@ class _Plan:
         if decision.allowed:  # the enforced buckets were charged: none of them lacked
             among = [i for i in among if i in self.shadows]
         return [i for i in among if decision.buckets[i].wait_ms > 0]
+
+
+def _member(item: bytes, bucket: BucketState, allowed: bool) -> bytes:
+    """One policy's ``RateLimit`` member: ``"name";r=..;t=..``."""
+    if allowed or not bucket.wait_ms:
+        return b"%br=%d;t=%d" % (item, bucket.remaining, -(-bucket.full_ms // 1000))
+    return b"%br=0;t=%d" % (item, -(-bucket.wait_ms // 1000))
 
 
 class RateLimitMiddleware:
@@ -211,6 +216,10 @@ class RateLimitMiddleware:
             ``[identity]`` and ``[store]`` from, instead of the keywords above.
         limit_preflights: ``request.limit_preflights``: limit CORS preflights too (by default
             they pass, ``gateway/_preflight.py``); from ``config`` when None.
+        direct_app: ``GatewayMiddleware`` passes the app itself when every layer inside this
+            one only passes on a request whose take is made here (no concurrency limit; the
+            Idempotency-Key layer for the methods it does not claim): such a request goes
+            straight to it, noted in the context as handed to the app, two frames shorter.
         rate_limit_headers: ``response.rate_limit_headers``: ``"ietf"`` (the RateLimit fields),
             ``"ietf+legacy"`` (and ``X-RateLimit-*``) or ``"none"``; from ``config`` when None.
         renderer: how the layer's own refusals look (``gateway/problem.py``); from
@@ -230,6 +239,7 @@ class RateLimitMiddleware:
         defer_every_take: bool = False,
         config: ConfigSetting = None,
         limit_preflights: bool | None = None,
+        direct_app: ASGIApp | None = None,
         rate_limit_headers: RateLimitHeaders | None = None,
         renderer: Renderer | None = None,
     ) -> None:
@@ -249,9 +259,9 @@ class RateLimitMiddleware:
         self._resolver = identity_resolver or IdentityResolver(config.identity,
                                                                (p.key for p in config.rate_limits))
         self._plans: dict[tuple[int, ...], _Plan] = {}
-        self._render = renderer or renderer_for(config.errors.format)
         self._headers: RateLimitHeaders = (
             config.response.rate_limit_headers if rate_limit_headers is None else rate_limit_headers)
+        self._render = renderer or renderer_for(config.errors.format)
         self._everywhere = all(p.paths.everything and not p.methods for p in self._policies)
         self._all = self._plan(tuple(range(len(self._policies)))) if self._policies else None
         self._denials = LocalDenials()
@@ -259,6 +269,7 @@ class RateLimitMiddleware:
         self._defer_every_take = defer_every_take
         limit = config.request.limit_preflights if limit_preflights is None else limit_preflights
         self._pass_preflights = not limit
+        self._direct_app = direct_app
 
     @property
     def store(self) -> Store:
@@ -309,8 +320,15 @@ class RateLimitMiddleware:
                 ctx.deferred_take = _DeferredTake(self, plan, values, sent_at, ctx)
                 await self.app(scope, receive, send)
                 return
-            if await _DeferredTake(self, plan, values, sent_at, ctx).alone(send):
+            fields = await self._take(plan, values, sent_at, send)
+            if fields is None:
+                return
+            ctx.response_headers += fields
+            if self._direct_app is None:
                 await self.app(scope, receive, send)
+            else:
+                ctx.app_start = perf_counter()
+                await self._direct_app(scope, receive, send)
             return
         fields = await self._take(plan, values, sent_at, send)
         if fields is None:

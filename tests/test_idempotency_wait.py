@@ -30,9 +30,11 @@ from tests.test_idempotency_leases import (
     HEADERS,
     PATH,
     DelegatingStore,
+    eventually,
     keyed_scope,
     lease_terms,
     record_of,
+    until,
 )
 
 WAIT = {"on_in_flight": "wait"}
@@ -283,11 +285,14 @@ async def test_waiters_poll_when_the_notices_connection_dies(redis_server: Redis
         burst = asyncio.ensure_future(duplicates(mw, 20))
         async with asyncio.timeout(10):
             await app.started.wait()
-            while counting.claims < 20:  # every duplicate has made its first claim and waits
-                await asyncio.sleep(0.02)
-        await asyncio.sleep(0.1)
+        await until(lambda: counting.claims >= 20, "every duplicate's first claim")
+
+        async def subscribed() -> bool | None:
+            channels = await store.client.execute_command("PUBSUB", "CHANNELS")
+            return True if channels else None
+
+        await eventually(subscribed, "the waiters' subscription")
         killed = await store.client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-        await asyncio.sleep(0.3)
         gate.set()
         replies = await burst
     finally:

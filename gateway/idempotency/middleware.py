@@ -62,9 +62,8 @@ from gateway.requestid import current_request_id
 from gateway.store import Claim, LeaseTerms, Store
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter
-
     from gateway.metrics import Metrics
+    from gateway.tallies import CounterTally
 
 __all__ = ["ATTEMPT_SCOPE_KEY", "IdempotencyMiddleware", "mark_not_sent", "mark_outcome_unknown"]
 
@@ -182,7 +181,7 @@ class IdempotencyMiddleware:
         # settles that outlive their request (shielded, or cancelled mid-settle)
         self._settling: set[asyncio.Task[Any]] = set()
         self._renewals = Renewals()
-        self._outcomes: Mapping[str, Counter] = metrics.outcome if metrics is not None else {}
+        self._outcomes: Mapping[str, CounterTally] = metrics.outcome if metrics is not None else {}
 
     @property
     def store(self) -> Store:
@@ -352,7 +351,8 @@ class IdempotencyMiddleware:
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + self._wait_s
-        async with self._store.idempotency_watch(record) as watch:
+        async with self._store.idempotency_watch(record) as notices:
+            watch = notices
             seen = watch.generation if watch is not None else 0
             poll_s = _FIRST_POLL_S
             while claim.outcome == "in_flight":
