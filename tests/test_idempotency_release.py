@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from gateway import IdempotencyMiddleware, mark_outcome_unknown
+import pytest
+
+from gateway import ConfigError, IdempotencyMiddleware, load_config, mark_outcome_unknown
 from gateway._asgi import Receive, Scope, Send
 from gateway.errors import StoreUnavailable
 from gateway.store.redis import RedisStore
@@ -165,3 +167,27 @@ async def test_a_released_status_after_the_claim_lapsed_is_stored(store: RedisSt
     assert holder.status_code == 422
     assert (later.status_code, later.headers["idempotent-replayed"]) == (422, "true")
     assert app.calls == 1
+
+
+def test_the_new_keys_are_checked_like_every_other() -> None:
+    """Bad values of this issue's keys are one line each, naming the key."""
+    with pytest.raises(ConfigError) as info:
+        load_config({
+            "idempotency": {"release_statuses": [201, "422", 600], "fingerprint": "xml",
+                            "on_in_flight": "block", "wait_timeout": "0s"},
+            "errors": {"format": "graphql", "extra": 1},
+            "response": {"rate_limit_headers": "github"},
+        })
+    assert str(info.value).split("; ") == [
+        "idempotency.fingerprint: expected \"raw\" or \"json\", got \"xml\"",
+        "idempotency.release_statuses[0]: must be between 400 and 599 (a 1xx-3xx response means the "
+        "request was carried out), got 201",
+        "idempotency.release_statuses[1]: expected a status code like 422, got \"422\"",
+        "idempotency.release_statuses[2]: must be between 400 and 599 (a 1xx-3xx response means the "
+        "request was carried out), got 600",
+        "idempotency.on_in_flight: expected \"conflict\" or \"wait\", got \"block\"",
+        "idempotency.wait_timeout: must be at least 0.01s and at most 600s, got \"0s\"",
+        "errors.format: expected \"problem\" or \"stripe\", got \"graphql\"",
+        "errors.extra: unknown key",
+        "response.rate_limit_headers: expected \"ietf\" or \"ietf+legacy\" or \"none\", got \"github\"",
+    ]
