@@ -55,7 +55,7 @@ class _Refusal:
         self._head = b"\r\n".join(lines) + b"\r\n"
 
     def bytes(self) -> bytes:
-        return self._head + REQUEST_ID_HEADER + b": " + new_request_id().encode() + b"\r\n\r\n" + self._body
+        return self._head + REQUEST_ID_HEADER + b": " + new_request_id() + b"\r\n\r\n" + self._body
 
 
 _HEAD_TIMEOUT = _Refusal(

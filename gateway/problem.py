@@ -76,6 +76,6 @@ async def send_problem(
     out = [*PROBLEM_HEADERS, (b"content-length", str(len(payload)).encode()), *headers]
     if current_request_id() is None:
         # no RequestIdMiddleware outside us to add it: a lone middleware still names the reply
-        out.append((REQUEST_ID_HEADER, new_request_id().encode()))
+        out.append((REQUEST_ID_HEADER, new_request_id()))
     await send({"type": "http.response.start", "status": status, "headers": out})
     await send({"type": "http.response.body", "body": payload})

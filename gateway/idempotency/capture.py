@@ -84,7 +84,7 @@ async def send_replay(send: Send, response: StoredResponse) -> None:
     headers.append((b"content-length", b"%d" % len(response.body)))
     headers.append(REPLAYED)
     if current_request_id() is None:
-        headers.append((REQUEST_ID_HEADER, new_request_id().encode()))
+        headers.append((REQUEST_ID_HEADER, new_request_id()))
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     await send({"type": "http.response.body", "body": response.body})
 
