@@ -12,8 +12,8 @@ from gateway.requestid import _request_id
 
 STORE_DIR = Path(__file__).resolve().parent.parent / "gateway" / "store"
 # what the store may import from the gateway: its own package, errors, config, metrics, private helpers
-_STORE_MAY_IMPORT = ("gateway.store", "gateway.errors", "gateway.config", "gateway.metrics", "gateway.tallies",
-                     "gateway._")
+_STORE_MAY_IMPORT = ("gateway.store", "gateway.errors", "gateway.config", "gateway.metrics",
+                     "gateway.tallies", "gateway._")
 
 
 def _line(record: logging.LogRecord) -> dict[str, object]:
