@@ -86,9 +86,11 @@ class StackEntry:
                     self._count(ctx, message["status"])
             await send(message)
 
-        token = bind_request_id(rid.decode())
+        token = bind_request_id(rid)
         try:
-            if not await check.admit(scope, send_decorated, refusal):
+            problem = check.admit(scope, refusal)
+            if problem is not None:
+                await check.refuse(send_decorated, problem)
                 return
             if is_ops_path(scope["path"]):
                 ctx.counted = False

@@ -56,7 +56,7 @@ class _Refusal:
         self._ids = (REQUEST_ID_HEADER, b"request-id") if stripe else (REQUEST_ID_HEADER,)
 
     def bytes(self) -> bytes:
-        rid = new_request_id().encode()
+        rid = new_request_id()
         ids = b"".join(name + b": " + rid + b"\r\n" for name in self._ids)
         return self._head + ids + b"\r\n" + self._body
 

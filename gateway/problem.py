@@ -117,7 +117,7 @@ def _request_id() -> tuple[bytes, list[tuple[bytes, bytes]]]:
     lone middleware still names its reply)."""
     rid = current_request_id()
     if rid is None:
-        made = new_request_id().encode()
+        made = new_request_id()
         return made, [(REQUEST_ID_HEADER, made)]
     return rid.encode(), []
 

@@ -56,6 +56,10 @@ _VERSIONS = frozenset({"1.0", "1.1", "2", "3"})
 _HOST_VALUE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
 _CLOSE = ((b"connection", b"close"),)
 _log = logging.getLogger(__name__)
+#: Why a request is refused: (reason, status, detail), as the header pass finds it
+Refusal = tuple[str, int, str]
+#: The problem a refusal is answered with: (reason, status, problem type name, detail)
+Problem = tuple[str, int, str, str]
 
 
 def decided_headers(config: Config) -> frozenset[bytes]:
@@ -70,8 +74,9 @@ def decided_headers(config: Config) -> frozenset[bytes]:
 class RequestCheck:
     """The check itself, for the stack's entry layer to run inline (no layer of its own).
 
-    In two steps, so that a refusal carries the request's id: ``examine`` (one pass over the
-    headers, which also finds the ``X-Request-Id`` lines), then ``admit`` with that id."""
+    In steps, so that a refusal carries the request's id: ``examine`` (one pass over the
+    headers, which also finds the ``X-Request-Id`` lines), ``request_id``, then ``admit`` (the
+    path), all without a coroutine; ``refuse`` answers only the requests refused."""
 
     def __init__(self, config: Config, *, metrics: Metrics) -> None:
         self._single = decided_headers(config)
@@ -80,7 +85,7 @@ class RequestCheck:
         self._render = renderer_for(config.errors.format)
         self._refused = metrics.refused
 
-    def examine(self, scope: Scope, ctx: RequestContext) -> tuple[str, int, str] | None:
+    def examine(self, scope: Scope, ctx: RequestContext) -> Refusal | None:
         """The header pass: the values the decisions read go into ``ctx.headers``; the refusal
         (reason, status, detail) an ambiguous request gets, else None."""
         found = ctx.headers = HeaderValues(self._read, {})
@@ -104,42 +109,37 @@ class RequestCheck:
                 return given, None
             rid = given
         else:
-            rid = new_request_id().encode()
+            rid = new_request_id()
         if given is None:
             return rid, [*scope["headers"], (_REQUEST_ID, rid)]
         headers = [h for h in scope["headers"] if h[0] != _REQUEST_ID]
         headers.append((_REQUEST_ID, rid))
         return rid, headers
 
-    async def admit(
-        self, scope: Scope, send: Send, refusal: tuple[str, int, str] | None
-    ) -> bool:
-        """Whether the request goes on, its path made normal in ``scope`` (the entry's own
-        copy, changed in place); False once a refusal (the one ``examine`` found, or the
-        path's) is sent through ``send``."""
+    def admit(self, scope: Scope, refusal: Refusal | None) -> Problem | None:
+        """None when the request goes on, its path made normal in ``scope`` (the entry's own
+        copy, changed in place); else the problem to ``refuse`` it with: the refusal ``examine``
+        found, or the path's."""
         if refusal is not None:
             reason, status, detail = refusal
-            name = "expectation-failed" if status == 417 else "ambiguous-request"
-            await self._refuse(send, reason, status, name, detail)
-            return False
+            return reason, status, "expectation-failed" if status == 417 else "ambiguous-request", detail
         # a server that gives no raw_path: the path as it would be sent (the proxy does the same)
         raw_path: bytes = scope.get("raw_path") or quote(scope["path"]).encode("ascii")
         target = normal_target(raw_path)
         if target is None:
-            await self._refuse(send, "path", 400, "ambiguous-path",
-                               "the path holds a '\\' (raw or encoded), an encoded NUL or a malformed "
-                               "escape: servers disagree on what it names")
-            return False
+            return ("path", 400, "ambiguous-path", "the path holds a '\\' (raw or encoded), an encoded "
+                    "NUL or a malformed escape: servers disagree on what it names")
         if target is not raw_path:
             if self._reject_non_normal:
-                await self._refuse(send, "path", 400, "non-normal-path",
-                                   f"the path is not in normal form; send {target.decode('latin-1')}")
-                return False
+                return ("path", 400, "non-normal-path",
+                        f"the path is not in normal form; send {target.decode('latin-1')}")
             scope["raw_path"] = target
             scope["path"] = unquote(target.decode("latin-1"))
-        return True
+        return None
 
-    async def _refuse(self, send: Send, reason: str, status: int, name: str, detail: str) -> None:
+    async def refuse(self, send: Send, problem: Problem) -> None:
+        """Answer a refused request (counted, logged, the connection closed)."""
+        reason, status, name, detail = problem
         self._refused[reason].inc()
         _log.info("request refused: %s", detail,
                   extra={"event": "request.refused", "reason": reason, "request_id": current_request_id()})
@@ -147,7 +147,7 @@ class RequestCheck:
         await self._render.send(send, status=status, type_=problem_type(name), title=title, detail=detail,
                                 headers=_CLOSE)
 
-    def _refusal(self, scope: Scope, found: HeaderValues) -> tuple[str, int, str] | None:
+    def _refusal(self, scope: Scope, found: HeaderValues) -> Refusal | None:
         """(reason, status, detail) when the request is ambiguous, else None; ``found`` gets the
         values of the headers the decisions read (see ``HeaderValues``)."""
         values = found.values

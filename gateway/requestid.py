@@ -17,31 +17,35 @@ __all__ = ["RequestIdMiddleware", "bind_request_id", "current_request_id", "new_
            "take_request_id", "unbind_request_id", "valid_request_id", "with_request_id"]
 
 HEADER = b"x-request-id"
+_HEADER_LEN = len(HEADER)
 _MAX_LEN = 128
 _ALLOWED = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~:/+=@-"
-_request_id: ContextVar[str | None] = ContextVar("gateway_request_id", default=None)
+# kept as the header's bytes, decoded only when a log line or a problem asks for it
+_request_id: ContextVar[bytes | None] = ContextVar("gateway_request_id", default=None)
 
 
 def current_request_id() -> str | None:
     """The id of the request being handled, when ``RequestIdMiddleware`` is in the stack."""
-    return _request_id.get()
+    rid = _request_id.get()
+    return rid.decode("ascii") if rid is not None else None
 
 
-def bind_request_id(rid: str) -> Token[str | None]:
-    """Make ``rid`` the current request's id (for log lines and problems) until the token is reset."""
+def bind_request_id(rid: bytes) -> Token[bytes | None]:
+    """Make ``rid`` (a valid id: ASCII) the current request's id, for log lines and problems,
+    until the token is reset."""
     return _request_id.set(rid)
 
 
-def unbind_request_id(token: Token[str | None]) -> None:
+def unbind_request_id(token: Token[bytes | None]) -> None:
     """Back to the id that was current before ``bind_request_id``."""
     _request_id.reset(token)
 
 
-def new_request_id() -> str:
+def new_request_id() -> bytes:
     """128 random bits, hex: unique without coordination between processes. From ``random``
     (seeded from the OS, and again in each forked worker), not ``os.urandom``: an id is no
     secret, and a system call per request is measurable on the hot path."""
-    return "%032x" % getrandbits(128)  # noqa: UP031 - the fastest spelling
+    return b"%032x" % getrandbits(128)
 
 
 def valid_request_id(value: bytes) -> bool:
@@ -59,7 +63,7 @@ def take_request_id(scope: Scope) -> tuple[bytes, Scope]:
             lines += 1
             if given is None:
                 given = value
-    rid = given if given is not None and valid_request_id(given) else new_request_id().encode()
+    rid = given if given is not None and valid_request_id(given) else new_request_id()
     if rid is not given or lines > 1:
         headers = [h for h in scope["headers"] if h[0] != HEADER]
         headers.append((HEADER, rid))
@@ -69,7 +73,11 @@ def take_request_id(scope: Scope) -> tuple[bytes, Scope]:
 
 def with_request_id(headers: Iterable[tuple[bytes, bytes]], rid: bytes) -> list[tuple[bytes, bytes]]:
     """Response headers with exactly one ``X-Request-Id``: ``rid`` (an app's own is replaced)."""
-    out = [h for h in headers if h[0].lower() != HEADER]
+    out = list(headers)
+    for name, _ in out:
+        if len(name) == _HEADER_LEN and name.lower() == HEADER:  # rare: the app set its own
+            out = [h for h in out if h[0].lower() != HEADER]
+            break
     out.append((HEADER, rid))
     return out
 
@@ -91,7 +99,7 @@ class RequestIdMiddleware:
                 message["headers"] = with_request_id(message.get("headers", ()), rid)
             await send(message)
 
-        token = bind_request_id(rid.decode())
+        token = bind_request_id(rid)
         try:
             await self.app(scope, receive, send_with_id)
         finally:

@@ -97,7 +97,7 @@ async def send_replay(
         if not any(n.lower() == name for n, _ in headers):
             headers.append((name, value))
     if current_request_id() is None:
-        headers.append((REQUEST_ID_HEADER, new_request_id().encode()))
+        headers.append((REQUEST_ID_HEADER, new_request_id()))
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     await send({"type": "http.response.body", "body": response.body})
 

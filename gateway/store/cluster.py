@@ -152,13 +152,13 @@ class ClusterStore(ScriptStoreBase):
         return self._router
 
     async def open(self) -> None:
-        await self._guard.run("open", self._open())
+        await self._guard.run("open", self._open)
 
     async def close(self) -> None:
         await self._router.close()
 
     async def ping(self) -> None:
-        await self._guard.run("ping", self._ping())
+        await self._guard.run("ping", self._ping)
 
     async def ratelimit_take(
         self, plan: TakePlan, tags: Sequence[str], *, clock_offset_ms: int = 0
@@ -173,7 +173,7 @@ class ClusterStore(ScriptStoreBase):
         replies: list[Any] = [None] * len(groups)
         failure: StoreError | None = None
         try:
-            await self._guard.run("ratelimit_take", self._take_groups(plan, keys, groups, offset, replies))
+            await self._guard.run("ratelimit_take", self._take_groups, plan, keys, groups, offset, replies)
         except StoreError as exc:
             failure = exc
         decisions = [decision_from_reply(r) if r is not None else None for r in replies]
@@ -354,8 +354,8 @@ class ClusterStore(ScriptStoreBase):
         return self._send(script, key_slot(keys[0]), script.evalsha(keys, bulks(args), len(args)))
 
     def _send(self, script: ScriptCall, slot: int, packed: bytes) -> Awaitable[Any]:
-        call = self._router.send(slot, packed, load=script.load, resend_safe=script.name in RESEND_SAFE)
-        return self._guard.run(script.name, call)
+        return self._guard.run(script.name, self._router.send, slot, packed, script.load,
+                               script.name in RESEND_SAFE)
 
     async def _open(self) -> None:
         """The topology, then every script loaded on every primary."""

@@ -126,8 +126,8 @@ class ClusterRouter:
         reply = self.pipeline(node).call(packed)
         return reply if isinstance(reply, asyncio.Future) else asyncio.ensure_future(reply)
 
-    async def send(self, slot: int, packed: bytes, *, load: bytes | None = None,
-                   resend_safe: bool = False, first: Awaitable[Any] | None = None) -> Any:
+    async def send(self, slot: int, packed: bytes, load: bytes | None = None,
+                   resend_safe: bool = False, *, first: Awaitable[Any] | None = None) -> Any:
         """``packed`` (one framed command) on the primary serving ``slot``; its reply, or the
         exception for an error reply or a connection error.
 
