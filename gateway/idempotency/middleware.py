@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from random import getrandbits
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from gateway._asgi import ASGIApp, Receive, Scope, Send
+from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
 from gateway._paths import PathPrefixes
 from gateway._settings import ConfigSetting, StoreSetting, resolve
 from gateway.config import IdempotencyConfig, IdentityConfig
@@ -55,7 +55,13 @@ from gateway.idempotency.request import (
 )
 from gateway.identity import ANONYMOUS_TAG, IdentityResolver
 from gateway.lifespan import run_lifespan
-from gateway.requestid import current_request_id
+from gateway.requestid import (
+    bind_request_id,
+    current_request_id,
+    take_request_id,
+    unbind_request_id,
+    with_request_id,
+)
 from gateway.store import Claim, LeaseTerms, Store
 
 if TYPE_CHECKING:
@@ -87,6 +93,17 @@ _Settling = Callable[[float], Awaitable[Settled]]
 # gateway_idempotency_outcomes_total: what each claim outcome counts as
 _OUTCOME_METRIC = {"new": "executed", "done": "replayed", "unknown": "replayed", "in_flight": "in_flight",
                    "mismatch": "mismatch"}
+
+
+def _sending_request_id(send: Send, rid: bytes) -> Send:
+    """``send`` with exactly one ``X-Request-Id`` (``rid``) on the response start."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = with_request_id(message.get("headers", ()), rid)
+        await send(message)
+
+    return sending
 
 
 class _Attempt:
@@ -206,6 +223,24 @@ class IdempotencyMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
+        if ctx is None and current_request_id() is None:
+            # alone, with no request-id layer outside: every answer to a keyed request carries
+            # its X-Request-Id, the first response and its replays alike (as in the stack)
+            rid, scope = take_request_id(scope)
+            token = bind_request_id(rid.decode())
+            try:
+                await self._checked(scope, receive, _sending_request_id(send, rid), raw_key, lines=lines,
+                                    length=length, deferred=deferred)
+            finally:
+                unbind_request_id(token)
+            return
+        await self._checked(scope, receive, send, raw_key, lines=lines, length=length, deferred=deferred)
+
+    async def _checked(
+        self, scope: Scope, receive: Receive, send: Send, raw_key: bytes, *, lines: int, length: bytes,
+        deferred: DeferredTake | None,
+    ) -> None:
+        """A request carrying the key header: its key and declared length checked (400, 413)."""
         key = parse_key(raw_key) if lines == 1 else None
         if key is None or (length.isdigit() and int(length) > self._limit):
             # the rate limit's answer comes first, as when it made its take before this layer
