@@ -12,11 +12,11 @@ from __future__ import annotations
 import math
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gateway._config_read import Reader, Table
+from gateway._config_read import Reader, Table, show
 from gateway.errors import ConfigError
 
 __all__ = [
@@ -26,12 +26,15 @@ __all__ = [
     "FleetShedding",
     "IdempotencyConfig",
     "IdentityConfig",
+    "IdentitySource",
+    "JwtConfig",
     "LocalShedding",
     "PriorityClass",
     "RateLimitPolicy",
     "RequestConfig",
     "ServerConfig",
     "SheddingConfig",
+    "SourceFunction",
     "StoreConfig",
     "UpstreamConfig",
     "load_config",
@@ -102,12 +105,37 @@ class StoreConfig:
     breaker_cooldown_s: float = 1.0  # how long an open breaker fails calls fast before a probe
 
 
+#: An in-process identity (or plan) source: called with the request's ASGI scope, it returns
+#: the value (``str`` or ``bytes``; None for none), or an awaitable of it.
+SourceFunction = Callable[[Mapping[str, Any]], Any]
+#: A source: ``"ip"``, ``"header:NAME"``, ``"cookie:NAME"``, ``"bearer"``, ``"jwt:CLAIM"``, or a
+#: ``SourceFunction`` (in-process).
+IdentitySource = str | SourceFunction
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JwtConfig:
+    """``[identity.jwt]``: how the ``jwt:CLAIM`` sources verify a bearer JWT (``bearer.py``).
+
+    ``key`` is one PEM public key (or an HMAC secret: then never shown in a repr), ``jwks`` a
+    JWKS document; exactly one is set, read from ``key``/``key_file``/``jwks_file`` at load."""
+
+    algorithms: tuple[str, ...]
+    key: bytes | None = field(default=None, repr=False)
+    jwks: str | None = field(default=None, repr=False)
+    audience: tuple[str, ...] = ()
+    issuer: str = ""
+    leeway_s: float = 10.0
+    require_exp: bool = True
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IdentityConfig:
     """``[identity]``: how a client is recognised; the first source with a value wins."""
 
-    sources: tuple[str, ...] = ("header:x-api-key", "ip")
+    sources: tuple[IdentitySource, ...] = ("header:x-api-key", "ip")
     trusted_proxies: tuple[str, ...] = ()
+    jwt: JwtConfig | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -398,12 +426,72 @@ def _store(t: Table, overrides: dict[str, tuple[str, str]]) -> StoreConfig:
 
 def _identity(t: Table) -> IdentityConfig:
     d = IdentityConfig()
-    cfg = IdentityConfig(
-        sources=t.identity_sources("sources", d.sources),
-        trusted_proxies=t.networks("trusted_proxies", d.trusted_proxies),
-    )
+    sources = t.identity_sources("sources", d.sources)
+    trusted = t.networks("trusted_proxies", d.trusted_proxies)
+    from gateway.bearer import jwt_available
+
+    jwt_given = t.has("jwt")
+    jwt = None
+    if jwt_given and not jwt_available():
+        t.problem("jwt", "verifying JWTs needs PyJWT: pip install 'gateway[jwt]'")
+    elif jwt_given:
+        jwt = _jwt(t.sub("jwt"))
+    for i, source in enumerate(sources):
+        if isinstance(source, str) and source.startswith("jwt:") and jwt is None and not jwt_given:
+            t.problem(f"sources[{i}]", f"{show(source)} needs [identity.jwt]: the algorithms and the key "
+                      "(key, key_file or jwks_file) that verify the token")
     t.finish()
-    return cfg
+    return IdentityConfig(sources=sources, trusted_proxies=trusted, jwt=jwt)
+
+
+def _jwt(t: Table) -> JwtConfig | None:
+    """``[identity.jwt]``: pinned algorithms and one key, checked now (a bad key is a config error,
+    not a request that silently has no identity)."""
+    from gateway.bearer import ALGORITHM_FAMILIES, load_keys
+
+    d = JwtConfig(algorithms=())
+    before = t.problem_count()
+    algorithms = t.algorithms("algorithms", ALGORITHM_FAMILIES)
+    key_text = t.string("key", "") or None
+    key_file = t.string("key_file", "") or None
+    jwks_file = t.string("jwks_file", "") or None
+    cfg = JwtConfig(
+        algorithms=algorithms,
+        audience=t.strings("audience"),
+        issuer=t.string("issuer", d.issuer),
+        leeway_s=t.duration("leeway", d.leeway_s, low=0.0, high=300.0),
+        require_exp=t.boolean("require_exp", d.require_exp),
+    )
+    given = [k for k, v in (("key", key_text), ("key_file", key_file), ("jwks_file", jwks_file)) if v]
+    if len(given) != 1:
+        t.problem("key", "set exactly one of key, key_file or jwks_file" + (f" (got {', '.join(given)})"
+                                                                                  if given else ""))
+    if t.problem_count() != before or len(given) != 1:
+        t.finish()
+        return None
+    name = given[0]
+    try:
+        if key_text is not None:
+            key: bytes | None = key_text.encode()
+            jwks = None
+        else:
+            path = key_file or jwks_file
+            assert path is not None
+            with open(path, "rb") as f:
+                raw = f.read(1 << 20)
+            key, jwks = (raw.rstrip(b"\r\n"), None) if key_file else (None, raw.decode("utf-8", "replace"))
+        load_keys(algorithms, key=key, jwks=jwks)
+    except OSError as exc:
+        t.problem(name, f"cannot read {show(key_file or jwks_file)}: {exc.strerror or exc}")
+        t.finish()
+        return None
+    except ValueError as exc:
+        t.problem(name, str(exc))
+        t.finish()
+        return None
+    t.finish()
+    return JwtConfig(algorithms=cfg.algorithms, key=key, jwks=jwks, audience=cfg.audience, issuer=cfg.issuer,
+                     leeway_s=cfg.leeway_s, require_exp=cfg.require_exp)
 
 
 def _policy(t: Table) -> RateLimitPolicy:

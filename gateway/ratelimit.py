@@ -41,7 +41,7 @@ from gateway._asgi import ASGIApp, Headers, Message, Receive, Scope, Send
 from gateway._paths import PathPrefixes, match_form
 from gateway._preflight import is_cors_preflight
 from gateway._settings import ConfigSetting, StoreSetting, resolve
-from gateway.config import IdentityConfig, RateLimitPolicy
+from gateway.config import IdentityConfig, RateLimitPolicy, SourceFunction
 from gateway.context import RequestContext, context_of
 from gateway.denials import LocalDenials
 from gateway.errors import ConfigError, StoreError
@@ -156,7 +156,8 @@ class RateLimitMiddleware:
         rate_limit: the ``[[rate_limit]]`` policies, as dicts shaped like the TOML or as
             ``RateLimitPolicy`` objects; one ``"per-client"`` policy (100 a minute per client)
             when neither this nor ``config`` is given. An empty list is refused.
-        identity: the ``[identity]`` section (dict or ``IdentityConfig``).
+        identity: the ``[identity]`` section (dict or ``IdentityConfig``); or a callable given the ASGI scope
+            (sync or async) returning the client's identity (None for none): the one source.
         store: a store URL, a ``[store]`` dict or ``StoreConfig`` (the middleware then owns the
             store and opens/closes it with the lifespan), or a ``Store`` shared with others.
         metrics: where decisions are counted (``GatewayMiddleware`` passes its own); none when None.
@@ -179,7 +180,7 @@ class RateLimitMiddleware:
         app: ASGIApp,
         *,
         rate_limit: Sequence[Mapping[str, Any] | RateLimitPolicy] | None = None,
-        identity: Mapping[str, Any] | IdentityConfig | None = None,
+        identity: Mapping[str, Any] | IdentityConfig | SourceFunction | None = None,
         store: StoreSetting = None,
         metrics: Metrics | None = None,
         identity_resolver: IdentityResolver | None = None,
@@ -242,7 +243,10 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         ctx = context_of(scope)
-        if ctx is not None:
+        if self._resolver.awaits:  # an async callable identity source
+            tags = await (ctx.tags_async(self._resolver, scope) if ctx is not None
+                          else self._resolver.tags_async(scope, plan.distinct_keys))
+        elif ctx is not None:
             tags = ctx.tags(self._resolver, scope)
         else:
             tags = self._resolver.tags(scope, plan.distinct_keys)

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
 from gateway._paths import PathPrefixes
 from gateway._settings import ConfigSetting, StoreSetting, resolve
-from gateway.config import IdempotencyConfig, IdentityConfig
+from gateway.config import IdempotencyConfig, IdentityConfig, SourceFunction
 from gateway.context import DeferredTake, context_of
 from gateway.errors import StoreError, StoreScriptError, StoreUnanswered
 from gateway.idempotency import problems
@@ -132,7 +132,9 @@ class IdempotencyMiddleware:
     Args:
         app: the ASGI app to protect.
         idempotency: the ``[idempotency]`` section (dict or ``IdempotencyConfig``).
-        identity: the ``[identity]`` section: keys are scoped to the client it names.
+        identity: the ``[identity]`` section: keys are scoped to the client it names; or a
+            callable given the ASGI scope (sync or async) returning the client's identity (None
+            for none): the one source.
         store: a store URL, a ``[store]`` dict or ``StoreConfig`` (the middleware then owns the
             store and opens/closes it with the lifespan), or a ``Store`` shared with others.
         metrics: where outcomes are counted (``GatewayMiddleware`` passes its own); none when None.
@@ -147,7 +149,7 @@ class IdempotencyMiddleware:
         app: ASGIApp,
         *,
         idempotency: Mapping[str, Any] | IdempotencyConfig | None = None,
-        identity: Mapping[str, Any] | IdentityConfig | None = None,
+        identity: Mapping[str, Any] | IdentityConfig | SourceFunction | None = None,
         store: StoreSetting = None,
         metrics: Metrics | None = None,
         identity_resolver: IdentityResolver | None = None,
@@ -260,7 +262,11 @@ class IdempotencyMiddleware:
         """Buffer, fingerprint and claim a request with a valid key (and make its deferred
         rate-limit take), then act on the claim."""
         ctx = context_of(scope)
-        tags = ctx.tags(self._resolver, scope) if ctx is not None else self._resolver.tags(scope)
+        if self._resolver.awaits:  # an async callable identity source
+            tags = await (ctx.tags_async(self._resolver, scope) if ctx is not None
+                          else self._resolver.tags_async(scope))
+        else:
+            tags = ctx.tags(self._resolver, scope) if ctx is not None else self._resolver.tags(scope)
         identity = tags["identity"]
         if identity == ANONYMOUS_TAG:
             # a shared "anonymous" scope would let one client read another's response
