@@ -35,6 +35,7 @@ KNOWN_METHODS = frozenset({
 _POLICY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _KEY_PREFIX = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # no braces: they would hijack hash tags
 _PATH_PREFIX = re.compile(r"/[^\s?#]*")
+_WILDCARD = re.compile(r"\*|\{[A-Za-z_][A-Za-z0-9_]*\}")  # a pattern's wildcard segment
 _ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})")  # host:port, [v6]:port
 
 
@@ -348,6 +349,10 @@ class Table:
             if not isinstance(item, str) or not _PATH_PREFIX.fullmatch(item):
                 self.problem(f"{key}[{i}]", f'expected a path prefix starting with "/", got {show(item)}')
                 continue
+            if not _segments_ok(item):
+                self.problem(f"{key}[{i}]", f'a wildcard is a whole segment, "*" or "{{name}}" (as in '
+                             f'"/v1/charges/*/capture"), got {show(item)}')
+                continue
             prefix = item.rstrip("/") or "/"
             if prefix not in paths:
                 paths.append(prefix)
@@ -390,6 +395,11 @@ def identity_source(value: object) -> str | None:
     if value.startswith("jwt:"):
         return value if _CLAIM.fullmatch(value[len("jwt:"):]) else None
     return None
+
+
+def _segments_ok(path: str) -> bool:
+    """Whether every segment with a wildcard character is a whole wildcard (``*``, ``{name}``)."""
+    return all(_WILDCARD.fullmatch(seg) for seg in path.split("/") if "*" in seg or "{" in seg or "}" in seg)
 
 
 def _header_source(value: object) -> str | None:

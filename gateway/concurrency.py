@@ -68,15 +68,16 @@ _RETRY_AFTER = b"1"  # a slot frees when some request ends: soon, but nobody can
 class _Limit:
     """One limit, compiled for matching."""
 
-    __slots__ = ("limit", "methods", "paths")
+    __slots__ = ("exempt_methods", "limit", "methods", "paths")
 
     def __init__(self, limit: ConcurrencyLimit) -> None:
         self.limit = limit
         self.methods = limit.methods
-        self.paths = PathPrefixes(limit.paths)
+        self.exempt_methods = limit.exempt_methods
+        self.paths = PathPrefixes(limit.paths, limit.exempt_paths)
 
     def matches(self, method: str, form: str) -> bool:
-        if self.methods and method not in self.methods:
+        if (self.methods and method not in self.methods) or method in self.exempt_methods:
             return False
         return self.paths.matches_form(form)
 
@@ -160,7 +161,8 @@ class ConcurrencyLimitMiddleware:
         self._resolver = identity_resolver or IdentityResolver(
             config.identity, (c.key for c in config.concurrency_limits))
         self._rules: dict[tuple[int, ...], _Rules] = {}
-        self._everywhere = all(c.paths.everything and not c.methods for c in self._limits)
+        self._everywhere = all(c.paths.everything and not c.methods and not c.exempt_methods
+                               for c in self._limits)
         self._all = self._rules_of(tuple(range(len(self._limits)))) if self._limits else None
         self.slots = SlotKeeper(self._store, shortest_lease_ms=min(
             (c.limit.lease_ms for c in self._limits), default=30_000))

@@ -154,6 +154,8 @@ class RateLimitPolicy:
     key: str = "identity"
     paths: tuple[str, ...] = ("/",)
     methods: frozenset[str] = frozenset()
+    exempt_paths: tuple[str, ...] = ()  # taken back out of ``paths``
+    exempt_methods: frozenset[str] = frozenset()  # taken back out of ``methods``
     on_store_error: OnStoreError = "allow"
     mode: PolicyMode = "enforce"
 
@@ -180,6 +182,8 @@ class ConcurrencyLimit:
     key: str = "identity"
     paths: tuple[str, ...] = ("/",)
     methods: frozenset[str] = frozenset()
+    exempt_paths: tuple[str, ...] = ()
+    exempt_methods: frozenset[str] = frozenset()
     lease_ms: int = 30_000
     on_store_error: OnStoreError = "allow"
     mode: LimitMode = "enforce"
@@ -515,6 +519,8 @@ def _policy(t: Table) -> RateLimitPolicy:
         key=t.policy_key("key", d.key),
         paths=t.paths("paths", d.paths, empty_ok=False),
         methods=t.methods("methods", d.methods),
+        exempt_paths=t.paths("exempt_paths", d.exempt_paths, empty_ok=True),
+        exempt_methods=t.methods("exempt_methods", d.exempt_methods),
         on_store_error=t.choice("on_store_error", d.on_store_error, _ON_STORE_ERROR),
         mode=t.choice("mode", d.mode, _POLICY_MODE),
     )
@@ -531,6 +537,8 @@ def _concurrency_limit(t: Table) -> ConcurrencyLimit:
         key=t.policy_key("key", d.key),
         paths=t.paths("paths", d.paths, empty_ok=False),
         methods=t.methods("methods", d.methods),
+        exempt_paths=t.paths("exempt_paths", d.exempt_paths, empty_ok=True),
+        exempt_methods=t.methods("exempt_methods", d.exempt_methods),
         lease_ms=max(1, round(lease_s * 1000)),
         on_store_error=t.choice("on_store_error", d.on_store_error, _ON_STORE_ERROR),
         mode=t.choice("mode", d.mode, _LIMIT_MODES),

@@ -67,18 +67,19 @@ _STORE_RETRY_AFTER = b"1"
 class _Policy:
     """One policy, compiled for matching and rendering."""
 
-    __slots__ = ("item", "methods", "paths", "policy", "spec")
+    __slots__ = ("exempt_methods", "item", "methods", "paths", "policy", "spec")
 
     def __init__(self, policy: RateLimitPolicy) -> None:
         self.policy = policy
         self.spec = BucketSpec.from_policy(policy)
         self.methods = policy.methods
-        self.paths = PathPrefixes(policy.paths)
+        self.exempt_methods = policy.exempt_methods
+        self.paths = PathPrefixes(policy.paths, policy.exempt_paths)
         self.item = f'"{policy.name}";'
 
     def matches(self, method: str, form: str) -> bool:
         """Whether a request (its ``match_form`` path) is this policy's."""
-        if self.methods and method not in self.methods:
+        if (self.methods and method not in self.methods) or method in self.exempt_methods:
             return False
         return self.paths.matches_form(form)
 
@@ -205,7 +206,8 @@ class RateLimitMiddleware:
         self._resolver = identity_resolver or IdentityResolver(config.identity,
                                                                (p.key for p in config.rate_limits))
         self._plans: dict[tuple[int, ...], _Plan] = {}
-        self._everywhere = all(p.paths.everything and not p.methods for p in self._policies)
+        self._everywhere = all(p.paths.everything and not p.methods and not p.exempt_methods
+                               for p in self._policies)
         self._all = self._plan(tuple(range(len(self._policies)))) if self._policies else None
         self._denials = LocalDenials()
         self._claim_methods = claim_methods
