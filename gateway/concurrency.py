@@ -53,9 +53,10 @@ from gateway.slots import SlotHolding, SlotKeeper
 from gateway.store import SlotDecision, SlotPlan, Store
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter, Gauge
+    from prometheus_client import Gauge
 
     from gateway.metrics import Metrics
+    from gateway.tallies import CounterTally
 
 __all__ = ["CONCURRENCY_LIMITED", "ConcurrencyLimitMiddleware"]
 
@@ -95,10 +96,10 @@ class _Rules:
         self.names = tuple(c.name for c in limits)
         self.enforced = tuple(c.mode == "enforce" for c in limits)
         self.deny_on_error = any(c.on_store_error == "deny" and c.mode == "enforce" for c in limits)
-        self.allowed: tuple[Counter, ...] = ()
-        self.denied: tuple[Counter, ...] = ()
-        self.shadow_denied: tuple[Counter, ...] = ()
-        self.errored: tuple[Counter, ...] = ()
+        self.allowed: tuple[CounterTally, ...] = ()
+        self.denied: tuple[CounterTally, ...] = ()
+        self.shadow_denied: tuple[CounterTally, ...] = ()
+        self.errored: tuple[CounterTally, ...] = ()
         self.held: tuple[Gauge, ...] = ()
         if metrics is not None:
             self.allowed = tuple(metrics.concurrency_decision(n, "allow") for n in self.names)

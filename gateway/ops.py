@@ -73,7 +73,9 @@ class OpsRoutes:
                 return
             await _respond(scope, send, 200, _JSON, _READY % self._store.breaker_state().encode())
         else:
-            # multiprocess mode reads every worker's files: off the event loop
+            # multiprocess mode reads every worker's files: off the event loop, once this
+            # process's pending counts are in (folded here, on the loop: tallies.py)
+            self._metrics.fold()
             text = await asyncio.to_thread(self._metrics.exposition)
             await _respond(scope, send, 200, (b"content-type", CONTENT_TYPE.encode()), text)
 

@@ -52,9 +52,8 @@ from gateway.requestid import current_request_id
 from gateway.store import BucketSpec, RateDecision, Store, TakePlan
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter
-
     from gateway.metrics import Metrics
+    from gateway.tallies import CounterTally
 
 __all__ = ["RateLimitMiddleware"]
 
@@ -108,11 +107,11 @@ class _Plan:
         self.deny_on_error = any(p.policy.on_store_error == "deny" for p in shown)
         # gateway_ratelimit_decisions_total children (none without metrics): allowed and denied
         # per enforced policy, shadow_* per shadow policy, errored per policy, each in order
-        self.allowed: tuple[Counter, ...] = ()
-        self.denied: tuple[Counter, ...] = ()
-        self.shadow_allowed: tuple[Counter, ...] = ()
-        self.shadow_denied: tuple[Counter, ...] = ()
-        self.errored: tuple[Counter, ...] = ()
+        self.allowed: tuple[CounterTally, ...] = ()
+        self.denied: tuple[CounterTally, ...] = ()
+        self.shadow_allowed: tuple[CounterTally, ...] = ()
+        self.shadow_denied: tuple[CounterTally, ...] = ()
+        self.errored: tuple[CounterTally, ...] = ()
         if metrics is not None:
             self.allowed = tuple(metrics.decision(self.names[i], "allow") for i in self.enforced)
             self.denied = tuple(metrics.decision(self.names[i], "deny") for i in self.enforced)

@@ -36,10 +36,12 @@ from gateway.request_check import RequestCheck
 from gateway.shedding import LoadSheddingMiddleware
 from gateway.store import Store, store_from_config
 
-__all__ = ["GEN0_THRESHOLD", "SHUTDOWN_DRAIN_S", "GatewayMiddleware", "freeze_startup_heap"]
+__all__ = ["GEN0_THRESHOLD", "METRICS_FOLD_S", "SHUTDOWN_DRAIN_S", "GatewayMiddleware", "freeze_startup_heap"]
 
 #: At shutdown, how long settles that outlived their requests may still take before the store closes.
 SHUTDOWN_DRAIN_S = 10.0
+#: How often the hot path's pending counts are folded into the metrics while the app runs.
+METRICS_FOLD_S = 1.0
 #: Allocations (net of frees) between two collections of the youngest generation, once started.
 GEN0_THRESHOLD = 10_000
 _CPYTHON_GEN0_THRESHOLD = 700
@@ -138,9 +140,14 @@ class GatewayMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan" and self._owns_store:
             await run_lifespan(self._chain, scope, receive, send, self.store, before_close=self._drain,
-                               after_startup=freeze_startup_heap)
+                               after_startup=self._started)
             return
         await self._chain(scope, receive, send)
+
+    def _started(self) -> None:
+        freeze_startup_heap()
+        # pending counts reach the registry at least once a second (a scrape in another worker)
+        self.metrics.tallies.fold_every(METRICS_FOLD_S)
 
     async def _drain(self) -> None:
         await self._idempotency.drain(SHUTDOWN_DRAIN_S)
@@ -148,6 +155,7 @@ class GatewayMiddleware:
             await self._concurrency.drain(SHUTDOWN_DRAIN_S)
         if self._shedding is not None:
             await self._shedding.drain(SHUTDOWN_DRAIN_S)
+        self.metrics.tallies.stop_folding()
 
 
 def freeze_startup_heap() -> None:

@@ -65,9 +65,8 @@ from gateway.requestid import (
 from gateway.store import Claim, LeaseTerms, Store
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter
-
     from gateway.metrics import Metrics
+    from gateway.tallies import CounterTally
 
 __all__ = ["ATTEMPT_SCOPE_KEY", "IdempotencyMiddleware", "mark_not_sent"]
 
@@ -173,7 +172,7 @@ class IdempotencyMiddleware:
         # settles that outlive their request (shielded, or cancelled mid-settle)
         self._settling: set[asyncio.Task[Any]] = set()
         self._renewals = Renewals()
-        self._outcomes: Mapping[str, Counter] = metrics.outcome if metrics is not None else {}
+        self._outcomes: Mapping[str, CounterTally] = metrics.outcome if metrics is not None else {}
 
     @property
     def store(self) -> Store:

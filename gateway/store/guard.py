@@ -38,9 +38,10 @@ from gateway.store.breaker import CircuitBreaker
 from gateway.store.pipeline import ReplyLost
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter, Histogram
+    from prometheus_client import Counter
 
     from gateway.metrics import Metrics
+    from gateway.tallies import HistogramTally
 
 __all__ = ["CallGuard", "new_breaker", "store_error"]
 
@@ -91,7 +92,7 @@ class CallGuard:
     def __init__(self, *, timeout_s: float, breaker: CircuitBreaker, metrics: Metrics | None) -> None:
         self._timeout_s = timeout_s
         self.breaker = breaker
-        self._latency: Mapping[str, Histogram] | None = metrics.store_latency if metrics else None
+        self._latency: Mapping[str, HistogramTally] | None = metrics.store_latency if metrics else None
         self._errors: Mapping[tuple[str, str], Counter] | None = metrics.store_error if metrics else None
 
     async def run(self, operation: str, call: Coroutine[Any, Any, _T], *, bounded: bool = False) -> _T:
