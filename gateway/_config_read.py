@@ -84,6 +84,12 @@ class Table:
         self._read.add(key)
         return self._data.get(key, _MISSING)
 
+    def given_keys(self) -> list[str]:
+        """The keys given (each then counts as read: the caller reads or refuses it)."""
+        names = [str(k) for k in self._data]
+        self._read.update(names)
+        return names
+
     def has(self, key: str) -> bool:
         """Whether ``key`` is given (it then counts as read)."""
         return self._get(key) is not _MISSING
@@ -272,6 +278,20 @@ class Table:
             else:
                 sources.append(source)
         return tuple(sources)
+
+    def plan_source(self, key: str) -> Any:
+        """Where a client's plan is read: ``jwt:CLAIM``, ``header:NAME`` or a callable; None
+        when not given."""
+        value = self._get(key)
+        if value is _MISSING:
+            return None
+        if callable(value):
+            return value
+        source = identity_source(value)
+        if source is None or not source.startswith(("jwt:", "header:")):
+            self.problem(key, f'expected "jwt:CLAIM", "header:NAME" or a callable, got {show(value)}')
+            return None
+        return source
 
     def strings(self, key: str) -> tuple[str, ...]:
         """One non-empty string or a list of them."""

@@ -9,8 +9,10 @@ Reading a section is ``gateway/_config_read.py``'s job; this module owns the sha
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ __all__ = [
     "IdentitySource",
     "JwtConfig",
     "LocalShedding",
+    "PlanLimits",
     "PriorityClass",
     "RateLimitPolicy",
     "RequestConfig",
@@ -60,6 +63,7 @@ ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
 # Token counts in ratelimit_take.lua are integers in units of 1/unit token; Lua numbers are
 # doubles, exact below 2^53. Keeping burst * unit under 2^50 leaves room for the refill sums.
 _EXACT_LIMIT = 2**50
+_PLAN_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -139,6 +143,16 @@ class IdentityConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PlanLimits:
+    """One entry of a policy's ``plans``: the numbers a client on plan ``name`` gets."""
+
+    name: str
+    limit: int
+    burst: int
+    cost: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RateLimitPolicy:
     """One ``[[rate_limit]]``: a token bucket of ``burst`` tokens refilled at limit/period.
 
@@ -158,6 +172,18 @@ class RateLimitPolicy:
     exempt_methods: frozenset[str] = frozenset()  # taken back out of ``methods``
     on_store_error: OnStoreError = "allow"
     mode: PolicyMode = "enforce"
+    # where the client's plan is read (jwt:CLAIM, header:NAME from trusted proxies, a callable),
+    # and each plan's numbers; a client on no listed plan gets the policy's own
+    plan: IdentitySource | None = None
+    plans: tuple[PlanLimits, ...] = ()
+
+    def on_plan(self, name: str) -> RateLimitPolicy:
+        """This policy with the numbers of plan ``name`` (its own when no plan has that name)."""
+        for p in self.plans:
+            if p.name == name:
+                return dataclasses.replace(self, limit=p.limit, burst=p.burst, cost=p.cost, plan=None,
+                                           plans=())
+        return self
 
     @property
     def shadow(self) -> bool:
@@ -332,6 +358,14 @@ def _parse(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
                            "after this one would get no share of the fleet budget")
             break
     idempotency = _idempotency(root.sub("idempotency"))
+    for i, policy in enumerate(rate_limits):
+        source = policy.plan if isinstance(policy.plan, str) else ""
+        if source.startswith("jwt:") and identity.jwt is None and not reader.problems:
+            reader.problem(f"rate_limit[{i}].plan", f"{show(source)} needs [identity.jwt]: the algorithms "
+                           "and the key that verify the token")
+        elif source.startswith("header:") and not identity.trusted_proxies:
+            reader.problem(f"rate_limit[{i}].plan", f"{show(source)} is believed only from "
+                           "identity.trusted_proxies, and there are none: a client could pick its own plan")
     named_sections: tuple[tuple[str, tuple[Any, ...]], ...] = (
         ("rate_limit", rate_limits), ("concurrency_limit", concurrency_limits), ("priority", priorities))
     for section, named in named_sections:
@@ -510,6 +544,17 @@ def _policy(t: Table) -> RateLimitPolicy:
     if burst * (period_ms // math.gcd(limit, period_ms)) >= _EXACT_LIMIT:
         t.problem("burst", "too large for this limit and period: burst x period / gcd(limit, "
                   "period in ms) must stay below 2^50 for exact token arithmetic")
+    before = t.problem_count()
+    plan = t.plan_source("plan")
+    plans = _plans(t, limit=limit, period_ms=period_ms, cost=cost) if t.has("plans") else ()
+    if t.problem_count() != before:
+        pass  # a bad plan or plans has its own line
+    elif plan is not None and not plans:
+        t.problem("plan", "names where the client's plan is read, but there is no plans table giving "
+                  "each plan's numbers (plans = { free = { limit = 10 }, ... })")
+    elif plans and plan is None:
+        t.problem("plans", "need plan: where the client's plan is read (\"jwt:CLAIM\", \"header:NAME\" "
+                  "from identity.trusted_proxies, or in-process a callable)")
     policy = RateLimitPolicy(
         name=t.policy_name("name", d.name),
         limit=limit,
@@ -523,9 +568,38 @@ def _policy(t: Table) -> RateLimitPolicy:
         exempt_methods=t.methods("exempt_methods", d.exempt_methods),
         on_store_error=t.choice("on_store_error", d.on_store_error, _ON_STORE_ERROR),
         mode=t.choice("mode", d.mode, _POLICY_MODE),
+        plan=plan,
+        plans=plans,
     )
     t.finish()
     return policy
+
+
+def _plans(t: Table, *, limit: int, period_ms: int, cost: int) -> tuple[PlanLimits, ...]:
+    """``plans = { free = { limit = 10 }, pro = { limit = 1000, burst = 2000 } }``: per plan,
+    ``limit``, ``burst`` (the plan's limit unless given) and ``cost`` (the policy's unless given),
+    each checked as the policy's own are."""
+    table = t.sub("plans")
+    before = t.problem_count()
+    out: list[PlanLimits] = []
+    for name in table.given_keys():
+        if not _PLAN_NAME.fullmatch(name):
+            table.problem(name, "a plan name is 1-64 characters of A-Z a-z 0-9 . _ -")
+            continue
+        entry = table.sub(name)
+        plan_limit = entry.integer("limit", limit, low=1, high=_EXACT_LIMIT)
+        burst = entry.integer("burst", plan_limit, low=1, high=_EXACT_LIMIT)
+        plan_cost = entry.integer("cost", cost, low=1, high=_EXACT_LIMIT)
+        if plan_cost > burst:
+            entry.problem("cost", f"must not exceed burst ({burst}), or no request could ever pass; "
+                          f"got {plan_cost}")
+        if burst * (period_ms // math.gcd(plan_limit, period_ms)) >= _EXACT_LIMIT:
+            entry.problem("burst", "too large for this limit and period (below 2^50, as the policy's)")
+        entry.finish()
+        out.append(PlanLimits(name=name, limit=plan_limit, burst=burst, cost=plan_cost))
+    if not out and t.problem_count() == before:
+        t.problem("plans", "expected at least one plan, e.g. { pro = { limit = 1000 } }")
+    return tuple(out)
 
 
 def _concurrency_limit(t: Table) -> ConcurrencyLimit:

@@ -77,8 +77,9 @@ def decided_cookies(config: Config) -> frozenset[bytes]:
 
 
 def _sources(config: Config) -> tuple[IdentitySource, ...]:
-    """Every source a decision reads: the identity chain."""
-    return config.identity.sources
+    """Every source a decision reads: the identity chain and the rate limits' plans."""
+    plans = tuple(p.plan for p in config.rate_limits if isinstance(p.plan, str))
+    return (*config.identity.sources, *plans)
 
 
 class RequestCheck:

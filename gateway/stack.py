@@ -31,6 +31,7 @@ from gateway.identity import IdentityResolver
 from gateway.lifespan import run_lifespan
 from gateway.metrics import Metrics
 from gateway.ops import OpsRoutes, UpstreamTimer
+from gateway.plans import plan_claims
 from gateway.ratelimit import RateLimitMiddleware
 from gateway.request_check import RequestCheck
 from gateway.shedding import LoadSheddingMiddleware
@@ -86,7 +87,7 @@ class GatewayMiddleware:
         # one resolver for every layer: the request context resolves a request's tags once
         keys = (*(p.key for p in self.config.rate_limits), *(c.key for c in self.config.concurrency_limits),
                 "identity")
-        resolver = IdentityResolver(self.config.identity, keys)
+        resolver = IdentityResolver(self.config.identity, keys, claims=plan_claims(self.config.rate_limits))
         self._idempotency = IdempotencyMiddleware(
             UpstreamTimer(app),
             idempotency=self.config.idempotency,
