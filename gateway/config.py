@@ -23,6 +23,7 @@ from gateway.errors import ConfigError
 
 __all__ = [
     "ENV_OVERRIDES",
+    "LOOPBACK",
     "ConcurrencyLimit",
     "Config",
     "FleetShedding",
@@ -31,6 +32,7 @@ __all__ = [
     "IdentitySource",
     "JwtConfig",
     "LocalShedding",
+    "OpsConfig",
     "PlanLimits",
     "PriorityClass",
     "RateLimitPolicy",
@@ -63,6 +65,7 @@ ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
 # Token counts in ratelimit_take.lua are integers in units of 1/unit token; Lua numbers are
 # doubles, exact below 2^53. Keeping burst * unit under 2^50 leaves room for the refill sums.
 _EXACT_LIMIT = 2**50
+_OPS_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~-]+)+")
 _PLAN_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -83,6 +86,23 @@ class RequestConfig:
 
     path_normalization: PathNormalization = "normalize"
     limit_preflights: bool = False  # CORS preflights pass the rate and concurrency limits
+
+
+#: Loopback, IPv4 and IPv6: who may read ``/_gateway/metrics`` unless ``ops.metrics_allow`` says.
+LOOPBACK = ("127.0.0.0/8", "::1/128")
+_EVERYONE = ("0.0.0.0/0", "::/0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpsConfig:
+    """``[ops]``: where the gateway's own routes (health, readiness, metrics) are, and who may
+    reach them. Metrics are the gateway's internals (policy names, traffic, store errors): by
+    default only loopback reads them, in-process and under ``gateway serve``."""
+
+    enabled: bool = True
+    prefix: str = "/_gateway"
+    allow: tuple[str, ...] = _EVERYONE  # healthz and readyz (probes come from the node or LB)
+    metrics_allow: tuple[str, ...] = LOOPBACK
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -283,6 +303,7 @@ class Config:
 
     server: ServerConfig = field(default_factory=ServerConfig)
     request: RequestConfig = field(default_factory=RequestConfig)
+    ops: OpsConfig = field(default_factory=OpsConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
@@ -343,6 +364,7 @@ def _parse(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
 
     server = _server(root.sub("server"))
     request = _request(root.sub("request"))
+    ops = _ops(root.sub("ops"))
     upstream = _upstream(root.sub("upstream"), overrides["upstream"])
     store = _store(root.sub("store"), overrides["store"])
     identity = _identity(root.sub("identity"))
@@ -379,6 +401,7 @@ def _parse(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     return Config(
         server=server,
         request=request,
+        ops=ops,
         upstream=upstream,
         store=store,
         identity=identity,
@@ -408,6 +431,23 @@ def _request(t: Table) -> RequestConfig:
     cfg = RequestConfig(
         path_normalization=t.choice("path_normalization", d.path_normalization, _PATH_NORMALIZATION),
         limit_preflights=t.boolean("limit_preflights", d.limit_preflights),
+    )
+    t.finish()
+    return cfg
+
+
+def _ops(t: Table) -> OpsConfig:
+    d = OpsConfig()
+    prefix = t.string("prefix", d.prefix)
+    if prefix != d.prefix and not _OPS_PREFIX.fullmatch(prefix):
+        t.problem("prefix", f'expected a path like "/_gateway" (segments of A-Z a-z 0-9 . _ ~ -, no '
+                  f"trailing slash, not /), got {show(prefix)}")
+        prefix = d.prefix
+    cfg = OpsConfig(
+        enabled=t.boolean("enabled", d.enabled),
+        prefix=prefix,
+        allow=t.networks("allow", d.allow),
+        metrics_allow=t.networks("metrics_allow", d.metrics_allow),
     )
     t.finish()
     return cfg

@@ -17,7 +17,7 @@ from email.utils import formatdate
 from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
 from gateway.context import CONTEXT_SCOPE_KEY, RequestContext
 from gateway.metrics import Metrics
-from gateway.ops import OpsRoutes, is_ops_path
+from gateway.ops import OpsRoutes
 from gateway.request_check import RequestCheck
 from gateway.requestid import bind_request_id, take_request_id, unbind_request_id, with_request_id
 
@@ -74,12 +74,12 @@ class StackEntry:
                     self._count(ctx, message["status"])
             await send(message)
 
-        token = bind_request_id(rid.decode())
+        token = bind_request_id(rid.decode(), scope)
         try:
             admitted = await self._check.admit(scope, send_decorated, ctx)
             if admitted is None:
                 return
-            if is_ops_path(admitted["path"]):
+            if self._ops.claims(admitted["path"]):
                 ctx.counted = False
                 await self._ops.answer(admitted, send_decorated)
                 return

@@ -13,13 +13,16 @@ from random import getrandbits
 
 from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["RequestIdMiddleware", "bind_request_id", "current_request_id", "new_request_id",
-           "take_request_id", "unbind_request_id", "valid_request_id", "with_request_id"]
+__all__ = ["RequestIdMiddleware", "bind_request_id", "current_request_id", "current_request_line",
+           "new_request_id", "take_request_id", "unbind_request_id", "valid_request_id", "with_request_id"]
 
 HEADER = b"x-request-id"
 _MAX_LEN = 128
 _ALLOWED = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~:/+=@-"
 _request_id: ContextVar[str | None] = ContextVar("gateway_request_id", default=None)
+# (id, scope) of the request being handled, for its method and path in log lines (read only
+# then); never reset, so it counts only while its id is the bound one
+_request_scope: ContextVar[tuple[str, Scope] | None] = ContextVar("gateway_request_scope", default=None)
 
 
 def current_request_id() -> str | None:
@@ -27,8 +30,20 @@ def current_request_id() -> str | None:
     return _request_id.get()
 
 
-def bind_request_id(rid: str) -> Token[str | None]:
-    """Make ``rid`` the current request's id (for log lines and problems) until the token is reset."""
+def current_request_line() -> tuple[str, str] | None:
+    """The method and path of the request being handled (as bound with its id), for log lines."""
+    bound = _request_scope.get()
+    if bound is None or bound[0] != _request_id.get():
+        return None  # bound for an earlier request in this context
+    scope = bound[1]
+    return scope.get("method", ""), scope.get("path", "")
+
+
+def bind_request_id(rid: str, scope: Scope | None = None) -> Token[str | None]:
+    """Make ``rid`` the current request's id (for log lines and problems) until the token is
+    reset; ``scope``: the request, whose method and path log lines name."""
+    if scope is not None:
+        _request_scope.set((rid, scope))
     return _request_id.set(rid)
 
 
@@ -91,7 +106,7 @@ class RequestIdMiddleware:
                 message["headers"] = with_request_id(message.get("headers", ()), rid)
             await send(message)
 
-        token = bind_request_id(rid.decode())
+        token = bind_request_id(rid.decode(), scope)
         try:
             await self.app(scope, receive, send_with_id)
         finally:

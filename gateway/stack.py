@@ -134,7 +134,8 @@ class GatewayMiddleware:
             inner,
             metrics=self.metrics,
             check=RequestCheck(self.config, metrics=self.metrics),
-            ops=OpsRoutes(store=self.store, metrics=self.metrics),
+            ops=OpsRoutes(store=self.store, metrics=self.metrics, config=self.config.ops,
+                          trusted_proxies=self.config.identity.trusted_proxies),
             date_header=date_header,
         )
 

@@ -228,7 +228,7 @@ class IdempotencyMiddleware:
             # alone, with no request-id layer outside: every answer to a keyed request carries
             # its X-Request-Id, the first response and its replays alike (as in the stack)
             rid, scope = take_request_id(scope)
-            token = bind_request_id(rid.decode())
+            token = bind_request_id(rid.decode(), scope)
             try:
                 await self._checked(scope, receive, _sending_request_id(send, rid), raw_key, lines=lines,
                                     length=length, deferred=deferred)
