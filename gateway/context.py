@@ -41,14 +41,16 @@ class HeaderValues:
 
     A name the stack refuses twice (``request_check.decided_headers``) has its one line's value;
     ``x-forwarded-for`` its non-empty lines joined with commas (one list, RFC 9110 §5.3);
-    ``content-length`` its last line. A name not in ``names`` was not looked for: a layer that
+    ``content-length`` its last line; ``x-request-id`` its first line, ``request_id_repeated``
+    telling whether more followed. A name not in ``names`` was not looked for: a layer that
     needs it reads the header list itself."""
 
-    __slots__ = ("names", "values")
+    __slots__ = ("names", "request_id_repeated", "values")
 
     def __init__(self, names: frozenset[bytes], values: dict[bytes, bytes]) -> None:
         self.names = names
         self.values = values
+        self.request_id_repeated = False
 
 
 class DeferredTake(Protocol):

@@ -31,8 +31,8 @@ from gateway.bearer import JwtVerifier, bearer_token, load_keys
 from gateway.config import IdentityConfig, IdentitySource, SourceFunction
 from gateway.context import HeaderValues
 
-__all__ = ["ANONYMOUS_TAG", "AUTHORIZATION", "COOKIE", "GLOBAL_TAG", "IdentityResolver", "TrustedProxies",
-           "cookie_names", "cookie_value", "header_name", "source_headers", "tag"]
+__all__ = ["ANONYMOUS_TAG", "AUTHORIZATION", "COOKIE", "GLOBAL_TAG", "TAGS_KEPT", "IdentityResolver",
+           "TrustedProxies", "cookie_names", "cookie_value", "header_name", "source_headers", "tag"]
 
 #: The tag of ``key = "global"`` policies: one bucket for everyone.
 GLOBAL_TAG = "global"
@@ -46,6 +46,11 @@ _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 def tag(material: bytes) -> str:
     """The store-safe, one-way name of a key value (128-bit BLAKE2b, hex)."""
     return hashlib.blake2b(material, digest_size=16, person=b"gateway-key").hexdigest()
+
+
+#: Tags kept per resolver for the key values seen lately (a hash per request costs more than a
+#: dict lookup; a flood of new values only empties the cache, it never grows past this).
+TAGS_KEPT = 16_384
 
 
 _ANONYMOUS = b"anonymous"
@@ -102,7 +107,7 @@ class IdentityResolver:
             one verification (and one cache entry) serves both.
     """
 
-    __slots__ = ("_headers", "_ip_needed", "_key_headers", "_keys", "_sources", "_trusted", "awaits",
+    __slots__ = ("_headers", "_ip_needed", "_key_headers", "_keys", "_sources", "_tags", "_trusted", "awaits",
                  "jwt")
 
     def __init__(self, config: IdentityConfig, keys: Iterable[str], *, claims: Iterable[str] = ()) -> None:
@@ -124,6 +129,7 @@ class IdentityResolver:
         self._headers = frozenset(wanted)
         #: whether a source is an async callable: then ``tags_async`` must be used
         self.awaits = any(s.awaits for s in self._sources)
+        self._tags: dict[bytes, str] = {}  # key material -> tag, bounded by TAGS_KEPT
 
     def tags(
         self, scope: Mapping[str, Any], keys: Iterable[str] | None = None, *,
@@ -179,16 +185,25 @@ class IdentityResolver:
             if key == "global":
                 out[key] = GLOBAL_TAG
             elif key == "ip":
-                out[key] = tag(b"ip:" + (ip or "unknown").encode())
+                out[key] = self._tag(b"ip:" + (ip or "unknown").encode())
             elif key == "identity":
                 if material is None:
                     material = self._identity_material(scope, found, ip)
-                out[key] = tag(material)
+                out[key] = self._tag(material)
             else:
                 name = self._key_headers[key]
                 # requests without the header share one bucket (CONTRACT "Rate limits")
-                out[key] = tag(b"h:" + name + b":" + found.get(name, b""))
+                out[key] = self._tag(b"h:" + name + b":" + found.get(name, b""))
         return out
+
+    def _tag(self, material: bytes) -> str:
+        """``tag(material)``, remembered for the values seen lately."""
+        known = self._tags.get(material)
+        if known is None:
+            if len(self._tags) >= TAGS_KEPT:
+                self._tags.clear()
+            known = self._tags[material] = tag(material)
+        return known
 
     def _identity_material(
         self, scope: Mapping[str, Any], found: Mapping[bytes, bytes], ip: str | None

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from time import monotonic
+from time import monotonic, perf_counter
 from typing import TYPE_CHECKING, Any
 
 from gateway._asgi import ASGIApp, Headers, Message, Receive, Scope, Send
@@ -50,7 +50,7 @@ from gateway.lifespan import run_lifespan
 from gateway.plans import PlanChooser, plan_claims
 from gateway.problem import QUOTA_EXCEEDED, STORE_UNAVAILABLE, send_problem
 from gateway.requestid import current_request_id
-from gateway.store import BucketSpec, RateDecision, Store, TakePlan
+from gateway.store import BucketSpec, BucketState, RateDecision, Store, TakePlan
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
@@ -90,9 +90,9 @@ class _Plan:
     ``enforced`` and ``shadows`` are the indices (in the take's bucket order) of the enforced
     and the shadow policies; only the enforced ones refuse, and only they are shown."""
 
-    __slots__ = ("allowed", "denied", "deny_on_error", "distinct_keys", "enforced", "errored", "items",
-                 "keys", "matched", "names", "policy_field", "shadow_allowed", "shadow_denied", "shadows",
-                 "take")
+    __slots__ = ("allowed", "denied", "deny_on_error", "distinct_keys", "enforced", "errored", "keys",
+                 "matched", "names", "policy_field", "policy_pair", "shadow_allowed", "shadow_denied",
+                 "shadows", "shown", "take")
 
     def __init__(
         self, policies: Sequence[_Policy], metrics: Metrics | None, matched: tuple[int, ...] = ()
@@ -105,10 +105,11 @@ class _Plan:
         self.enforced = tuple(i for i, p in enumerate(policies) if not p.policy.shadow)
         self.shadows = tuple(i for i, p in enumerate(policies) if p.policy.shadow)
         shown = [policies[i] for i in self.enforced]
-        self.items = tuple(p.item for p in shown)
+        self.shown = tuple(zip((p.item.encode() for p in shown), self.enforced, strict=True))
         self.policy_field = ", ".join(
             f"{p.item}q={p.policy.limit};w={p.policy.window_s}" for p in shown
         ).encode()
+        self.policy_pair = (_POLICY_HEADER, self.policy_field)
         self.deny_on_error = any(p.policy.on_store_error == "deny" for p in shown)
         # gateway_ratelimit_decisions_total children (none without metrics): allowed and denied
         # per enforced policy, shadow_* per shadow policy, errored per policy, each in order
@@ -128,19 +129,16 @@ class _Plan:
         """The response's RateLimit fields for the enforced policies; none when all are shadow."""
         if not self.enforced:
             return []
-        return [(_POLICY_HEADER, self.policy_field), (_LIMIT_HEADER, self.ratelimit_field(decision))]
+        return [self.policy_pair, (_LIMIT_HEADER, self.ratelimit_field(decision))]
 
     def ratelimit_field(self, decision: RateDecision) -> bytes:
         """``RateLimit``: whole tokens left and seconds (rounded up) until full, per enforced
         policy; a denying policy shows r=0 and the seconds until the request's cost is there."""
-        parts = []
-        for item, i in zip(self.items, self.enforced, strict=True):
-            b = decision.buckets[i]
-            if decision.allowed or not b.wait_ms:
-                parts.append(f"{item}r={b.remaining};t={-(-b.full_ms // 1000)}")
-            else:
-                parts.append(f"{item}r=0;t={-(-b.wait_ms // 1000)}")
-        return ", ".join(parts).encode()
+        buckets, allowed = decision.buckets, decision.allowed
+        if len(self.shown) == 1:
+            item, i = self.shown[0]
+            return _member(item, buckets[i], allowed)
+        return b", ".join([_member(item, buckets[i], allowed) for item, i in self.shown])
 
     def lacking(self, decision: RateDecision, among: Sequence[int]) -> list[int]:
         """Which of the buckets ``among`` lacked the request's cost: a bucket the take did not
@@ -151,6 +149,13 @@ class _Plan:
         if decision.allowed:  # the enforced buckets were charged: none of them lacked
             among = [i for i in among if i in self.shadows]
         return [i for i in among if decision.buckets[i].wait_ms > 0]
+
+
+def _member(item: bytes, bucket: BucketState, allowed: bool) -> bytes:
+    """One policy's ``RateLimit`` member: ``"name";r=..;t=..``."""
+    if allowed or not bucket.wait_ms:
+        return b"%br=%d;t=%d" % (item, bucket.remaining, -(-bucket.full_ms // 1000))
+    return b"%br=0;t=%d" % (item, -(-bucket.wait_ms // 1000))
 
 
 class RateLimitMiddleware:
@@ -178,6 +183,10 @@ class RateLimitMiddleware:
             ``[identity]`` and ``[store]`` from, instead of the keywords above.
         limit_preflights: ``request.limit_preflights``: limit CORS preflights too (by default
             they pass, ``gateway/_preflight.py``); from ``config`` when None.
+        direct_app: ``GatewayMiddleware`` passes the app itself when every layer inside this
+            one only passes on a request whose take is made here (no concurrency limit; the
+            Idempotency-Key layer for the methods it does not claim): such a request goes
+            straight to it, noted in the context as handed to the app, two frames shorter.
     """
 
     def __init__(
@@ -193,6 +202,7 @@ class RateLimitMiddleware:
         defer_every_take: bool = False,
         config: ConfigSetting = None,
         limit_preflights: bool | None = None,
+        direct_app: ASGIApp | None = None,
     ) -> None:
         if rate_limit is None and config is None:
             rate_limit = [RateLimitPolicy()]  # the documented default: "per-client", 100 a minute
@@ -225,6 +235,7 @@ class RateLimitMiddleware:
         self._defer_every_take = defer_every_take
         limit = config.request.limit_preflights if limit_preflights is None else limit_preflights
         self._pass_preflights = not limit
+        self._direct_app = direct_app
 
     @property
     def store(self) -> Store:
@@ -296,8 +307,15 @@ class RateLimitMiddleware:
                 ctx.deferred_take = _DeferredTake(self, plan, values, sent_at, ctx)
                 await self.app(scope, receive, send)
                 return
-            if await _DeferredTake(self, plan, values, sent_at, ctx).alone(send):
+            fields = await self._take(plan, values, sent_at, send)
+            if fields is None:
+                return
+            ctx.response_headers += fields
+            if self._direct_app is None:
                 await self.app(scope, receive, send)
+            else:
+                ctx.app_start = perf_counter()
+                await self._direct_app(scope, receive, send)
             return
         fields = await self._take(plan, values, sent_at, send)
         if fields is None:

@@ -19,7 +19,9 @@ the same request:
 
 The same pass over the header list keeps the values of those headers (and of
 ``Content-Length`` and ``X-Forwarded-For``) in the request's context (``HeaderValues``): the
-rate limit, the identity and the Idempotency-Key gate read them there, not from the list again.
+rate limit, the identity and the Idempotency-Key gate read them there, not from the list again;
+and it finds the ``X-Request-Id`` lines, so the entry takes the request id without a pass of its
+own (``RequestCheck.request_id``).
 
 Each refusal is problem+json, closes the connection (the rest of the request may not be framed
 the way the gateway read it) and is counted in ``gateway_requests_refused{reason}``.
@@ -32,14 +34,15 @@ import re
 from collections.abc import Iterable
 from urllib.parse import quote, unquote
 
-from gateway._asgi import Scope, Send
+from gateway._asgi import Headers, Scope, Send
 from gateway._paths import normal_target
 from gateway.config import Config, IdentitySource
 from gateway.context import HeaderValues, RequestContext
 from gateway.identity import COOKIE, cookie_names, header_name, source_headers
 from gateway.metrics import Metrics
 from gateway.problem import problem_type, send_problem
-from gateway.requestid import current_request_id
+from gateway.requestid import HEADER as _REQUEST_ID
+from gateway.requestid import current_request_id, new_request_id, valid_request_id
 
 __all__ = ["RequestCheck", "decided_cookies", "decided_headers"]
 
@@ -83,26 +86,62 @@ def _sources(config: Config) -> tuple[IdentitySource, ...]:
 
 
 class RequestCheck:
-    """The check itself, for the stack's entry layer to run inline (no layer of its own)."""
+    """The check itself, for the stack's entry layer to run inline (no layer of its own).
+
+    In two steps, so that a refusal carries the request's id: ``examine`` (one pass over the
+    headers, which also finds the ``X-Request-Id`` lines), then ``admit`` with that id."""
 
     def __init__(self, config: Config, *, metrics: Metrics) -> None:
         self._single = decided_headers(config)
         self._cookies = decided_cookies(config)
-        self._read = self._single | {_CONTENT_LENGTH, _XFF} | ({COOKIE} if self._cookies else set())
+        self._read = self._single | {_CONTENT_LENGTH, _XFF, _REQUEST_ID}
+        if self._cookies:
+            self._read |= {COOKIE}
         self._reject_non_normal = config.request.path_normalization == "reject"
         self._refused = metrics.refused
 
-    async def admit(self, scope: Scope, send: Send, ctx: RequestContext) -> Scope | None:
-        """The scope to go on with (its path in normal form), or None once a refusal is sent;
-        the values of the headers the decisions read go into ``ctx.headers``."""
-        values: dict[bytes, bytes] = {}
-        refusal = self._refusal(scope, values)
-        ctx.headers = HeaderValues(self._read, values)
+    def examine(self, scope: Scope, ctx: RequestContext) -> tuple[str, int, str] | None:
+        """The header pass: the values the decisions read go into ``ctx.headers``; the refusal
+        (reason, status, detail) an ambiguous request gets, else None."""
+        found = ctx.headers = HeaderValues(self._read, {})
+        refusal = self._refusal(scope, found)
+        if refusal is not None and _REQUEST_ID not in found.values:
+            # the pass may have stopped before the id: the refusal echoes the client's id too
+            given = next((v for n, v in scope["headers"] if n == _REQUEST_ID), None)
+            if given is not None:
+                found.values[_REQUEST_ID] = given
+        return refusal
+
+    @staticmethod
+    def request_id(scope: Scope, found: HeaderValues | None) -> tuple[bytes, Headers | None]:
+        """The request's id (its own when well formed, else a new one), and the header list to
+        pass on when it is not the scope's own: downstream sees exactly one, well-formed
+        ``X-Request-Id`` line (the first line decides), as ``requestid.take_request_id`` has it,
+        from what ``examine`` found."""
+        given = found.values.get(_REQUEST_ID) if found is not None else None
+        if given is not None and valid_request_id(given):
+            if found is None or not found.request_id_repeated:
+                return given, None
+            rid = given
+        else:
+            rid = new_request_id().encode()
+        if given is None:
+            return rid, [*scope["headers"], (_REQUEST_ID, rid)]
+        headers = [h for h in scope["headers"] if h[0] != _REQUEST_ID]
+        headers.append((_REQUEST_ID, rid))
+        return rid, headers
+
+    async def admit(
+        self, scope: Scope, send: Send, refusal: tuple[str, int, str] | None
+    ) -> bool:
+        """Whether the request goes on, its path made normal in ``scope`` (the entry's own
+        copy, changed in place); False once a refusal (the one ``examine`` found, or the
+        path's) is sent through ``send``."""
         if refusal is not None:
             reason, status, detail = refusal
             name = "expectation-failed" if status == 417 else "ambiguous-request"
             await self._refuse(send, reason, status, name, detail)
-            return None
+            return False
         # a server that gives no raw_path: the path as it would be sent (the proxy does the same)
         raw_path: bytes = scope.get("raw_path") or quote(scope["path"]).encode("ascii")
         target = normal_target(raw_path)
@@ -110,14 +149,15 @@ class RequestCheck:
             await self._refuse(send, "path", 400, "ambiguous-path",
                                "the path holds a '\\' (raw or encoded), an encoded NUL or a malformed "
                                "escape: servers disagree on what it names")
-            return None
+            return False
         if target is not raw_path:
             if self._reject_non_normal:
                 await self._refuse(send, "path", 400, "non-normal-path",
                                    f"the path is not in normal form; send {target.decode('latin-1')}")
-                return None
-            scope = {**scope, "raw_path": target, "path": unquote(target.decode("latin-1"))}
-        return scope
+                return False
+            scope["raw_path"] = target
+            scope["path"] = unquote(target.decode("latin-1"))
+        return True
 
     async def _refuse(self, send: Send, reason: str, status: int, name: str, detail: str) -> None:
         self._refused[reason].inc()
@@ -127,9 +167,10 @@ class RequestCheck:
         await send_problem(send, status=status, type_=problem_type(name), title=title, detail=detail,
                            headers=_CLOSE)
 
-    def _refusal(self, scope: Scope, values: dict[bytes, bytes]) -> tuple[str, int, str] | None:
-        """(reason, status, detail) when the request is ambiguous, else None; ``values`` gets the
+    def _refusal(self, scope: Scope, found: HeaderValues) -> tuple[str, int, str] | None:
+        """(reason, status, detail) when the request is ambiguous, else None; ``found`` gets the
         values of the headers the decisions read (see ``HeaderValues``)."""
+        values = found.values
         version = scope.get("http_version", "1.1")
         if version not in _VERSIONS:
             return "http_version", 400, f"HTTP/{version} is not served; send HTTP/1.1"
@@ -148,6 +189,11 @@ class RequestCheck:
                 elif name == _XFF:
                     if value:  # several lines form one list
                         values[name] = values[name] + b"," + value if name in values else value
+                elif name == _REQUEST_ID:  # the first line decides; more are dropped downstream
+                    if name in values:
+                        found.request_id_repeated = True
+                    else:
+                        values[name] = value
                 elif name == COOKIE:
                     if value:  # HTTP/2 sends one line per cookie (RFC 9113 §8.2.3): one list
                         values[name] = values[name] + b"; " + value if name in values else value

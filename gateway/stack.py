@@ -48,8 +48,9 @@ GEN0_THRESHOLD = 10_000
 _CPYTHON_GEN0_THRESHOLD = 700
 
 
-class GatewayMiddleware:
-    """The gateway in front of an ASGI app.
+class GatewayMiddleware(StackEntry):
+    """The gateway in front of an ASGI app: the stack's entry (``entry.py``) in front of the
+    layers this config needs, so a request's first frame is the entry's own.
 
     Args:
         app: the ASGI app to protect.
@@ -123,6 +124,8 @@ class GatewayMiddleware:
                 # and any other, with a concurrency limit's acquire (concurrency.py)
                 defer_every_take=self._concurrency is not None,
                 limit_preflights=self.config.request.limit_preflights,
+                # a request it takes for itself passes every layer inside untouched: to the app
+                direct_app=app if self._concurrency is None else None,
             )
         shedding = self.config.shedding
         self._shedding: LoadSheddingMiddleware | None = None
@@ -130,7 +133,7 @@ class GatewayMiddleware:
             inner = self._shedding = LoadSheddingMiddleware(
                 inner, config=self.config, store=self.store, metrics=self.metrics)
         self.app = app
-        self._chain: ASGIApp = StackEntry(
+        super().__init__(
             inner,
             metrics=self.metrics,
             check=RequestCheck(self.config, metrics=self.metrics),
@@ -139,12 +142,12 @@ class GatewayMiddleware:
             date_header=date_header,
         )
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan" and self._owns_store:
-            await run_lifespan(self._chain, scope, receive, send, self.store, before_close=self._drain,
+            await run_lifespan(self._inner, scope, receive, send, self.store, before_close=self._drain,
                                after_startup=self._started)
             return
-        await self._chain(scope, receive, send)
+        await self._inner(scope, receive, send)
 
     def _started(self) -> None:
         freeze_startup_heap()

@@ -83,7 +83,7 @@ async def test_local_denial_ends_when_the_store_could_allow(store: RedisStore) -
 def rate_limiter(gw: GatewayMiddleware) -> RateLimitMiddleware:
     app: Any = gw
     while not isinstance(app, RateLimitMiddleware):
-        app = app._chain if isinstance(app, GatewayMiddleware) else app.app
+        app = app._inner if isinstance(app, GatewayMiddleware) else app.app
     return app
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from gateway.config import ConcurrencyLimit, IdempotencyConfig, RateLimitPolicy
 from gateway.store.breaker import BreakerState
@@ -62,9 +62,13 @@ class BucketSpec:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class TakePlan:
     """The buckets one request takes from, with the script arguments built once.
+
+    Equal and hashed by identity: a plan is built once per distinct set of policies and then
+    keys per-request caches (``RedisStore``'s framed commands), where hashing its fields on
+    every request would cost more than the framing it saves.
 
     ``mask`` is the scripts' optional shadow mask (one ``0``/``1`` per bucket, ``1`` = shadow),
     empty when every bucket is enforced: then it is not sent at all, and the call is the one
@@ -96,17 +100,18 @@ class TakePlan:
         return 1 if self.mask else 0
 
 
-@dataclass(frozen=True, slots=True)
-class BucketState:
-    """One bucket after a decision (after the charge when the request was allowed)."""
+class BucketState(NamedTuple):
+    """One bucket after a decision (after the charge when the request was allowed).
+
+    A named tuple, as ``RateDecision``: one is made per bucket per request, and a tuple is
+    built several times faster than a frozen dataclass."""
 
     remaining: int  # whole tokens left
     full_ms: int  # until the bucket is full again
     wait_ms: int  # until the request's cost is available; 0 when it is now
 
 
-@dataclass(frozen=True, slots=True)
-class RateDecision:
+class RateDecision(NamedTuple):
     """The outcome of ``ratelimit_take``: all buckets charged, or none.
 
     With shadow buckets: ``allowed`` when every enforced bucket had its cost (those are

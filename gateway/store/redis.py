@@ -55,12 +55,14 @@ from gateway.store.scripted import ScriptStoreBase
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
 
-__all__ = ["MAX_CONNECTIONS", "RedisStore", "connection_options"]
+__all__ = ["MAX_CONNECTIONS", "TAKE_FRAMES_KEPT", "RedisStore", "connection_options"]
 
 #: Connections a store uses at once by default (``store.max_connections``); past it a call
 #: waits (within its timeout) for one.
 MAX_CONNECTIONS = 64
 _NO_OFFSET = bulk(b"0")
+#: Framed ``ratelimit_take`` commands kept for reuse (one per client and plan seen lately).
+TAKE_FRAMES_KEPT = 16_384
 _PING = command("PING")
 
 
@@ -190,6 +192,7 @@ class RedisStore(ScriptStoreBase):
             if pipelined else _Lane(pool.make_connection, max_connections)
         )
         self._bounded = pipelined  # the pipeline bounds every call itself, cheaper than the guard
+        self._take_frames: dict[tuple[object, ...], bytes] = {}
         self._scripts = (self._take, self._claim, self._complete, self._release, self._renew,
                          self._take_claim, self._acquire, self._give_back, self._slot_renew,
                          self._take_acquire)
@@ -265,11 +268,23 @@ class RedisStore(ScriptStoreBase):
     async def ratelimit_take(
         self, plan: TakePlan, tags: Sequence[str], *, clock_offset_ms: int = 0
     ) -> RateDecision:
+        if clock_offset_ms:
+            packed = self._take_command(plan, tags, bulk(b"%d" % clock_offset_ms))
+            return decision_from_reply(await self._run(self._take, packed))
+        # a client's take is the same command every time: framed once while it is remembered
+        frames = self._take_frames
+        key = (plan, *tags)
+        framed = frames.get(key)
+        if framed is None:
+            if len(frames) >= TAKE_FRAMES_KEPT:
+                frames.clear()  # bounded: a flood of new clients only costs the framing
+            framed = frames[key] = self._take_command(plan, tags, _NO_OFFSET)
+        return decision_from_reply(await self._run(self._take, framed))
+
+    def _take_command(self, plan: TakePlan, tags: Sequence[str], offset: bytes) -> bytes:
         keys = self._keys.buckets(tags, plan.names)
-        offset = bulk(b"%d" % clock_offset_ms) if clock_offset_ms else _NO_OFFSET
-        packed = self._take.evalsha(keys, offset + plan.argv_resp + plan.mask_resp,
-                                    1 + len(plan.argv) + plan.mask_args)
-        return decision_from_reply(await self._run(self._take, packed))
+        return self._take.evalsha(keys, offset + plan.argv_resp + plan.mask_resp,
+                                  1 + len(plan.argv) + plan.mask_args)
 
     async def concurrency_acquire(
         self, plan: SlotPlan, tags: Sequence[str], owner: bytes, *, clock_offset_ms: int = 0
