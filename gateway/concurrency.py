@@ -42,7 +42,7 @@ from gateway._asgi import ASGIApp, Receive, Scope, Send
 from gateway._paths import PathPrefixes, match_form
 from gateway._preflight import is_cors_preflight
 from gateway._settings import ConfigSetting, StoreSetting, resolve
-from gateway.config import ConcurrencyLimit, IdentityConfig
+from gateway.config import ConcurrencyLimit, IdentityConfig, SourceFunction
 from gateway.context import DeferredTake, context_of
 from gateway.errors import ConfigError, StoreError
 from gateway.identity import IdentityResolver
@@ -69,15 +69,16 @@ _RETRY_AFTER = b"1"  # a slot frees when some request ends: soon, but nobody can
 class _Limit:
     """One limit, compiled for matching."""
 
-    __slots__ = ("limit", "methods", "paths")
+    __slots__ = ("exempt_methods", "limit", "methods", "paths")
 
     def __init__(self, limit: ConcurrencyLimit) -> None:
         self.limit = limit
         self.methods = limit.methods
-        self.paths = PathPrefixes(limit.paths)
+        self.exempt_methods = limit.exempt_methods
+        self.paths = PathPrefixes(limit.paths, limit.exempt_paths)
 
     def matches(self, method: str, form: str) -> bool:
-        if self.methods and method not in self.methods:
+        if (self.methods and method not in self.methods) or method in self.exempt_methods:
             return False
         return self.paths.matches_form(form)
 
@@ -116,7 +117,8 @@ class ConcurrencyLimitMiddleware:
         concurrency_limit: the ``[[concurrency_limit]]`` policies, as dicts shaped like the TOML
             or as ``ConcurrencyLimit`` objects; one ``"concurrent"`` limit (20 in flight per
             client) when neither this nor ``config`` is given. An empty list is refused.
-        identity: the ``[identity]`` section (dict or ``IdentityConfig``).
+        identity: the ``[identity]`` section (dict or ``IdentityConfig``); or a callable given the ASGI scope
+            (sync or async) returning the client's identity (None for none): the one source.
         store: a store URL, a ``[store]`` dict or ``StoreConfig`` (the middleware then owns the
             store and opens/closes it with the lifespan), or a ``Store`` shared with others.
         metrics: where decisions and slots held are counted; none when None.
@@ -138,7 +140,7 @@ class ConcurrencyLimitMiddleware:
         app: ASGIApp,
         *,
         concurrency_limit: Sequence[Mapping[str, Any] | ConcurrencyLimit] | None = None,
-        identity: Mapping[str, Any] | IdentityConfig | None = None,
+        identity: Mapping[str, Any] | IdentityConfig | SourceFunction | None = None,
         store: StoreSetting = None,
         metrics: Metrics | None = None,
         identity_resolver: IdentityResolver | None = None,
@@ -163,7 +165,8 @@ class ConcurrencyLimitMiddleware:
         self._resolver = identity_resolver or IdentityResolver(
             config.identity, (c.key for c in config.concurrency_limits))
         self._rules: dict[tuple[int, ...], _Rules] = {}
-        self._everywhere = all(c.paths.everything and not c.methods for c in self._limits)
+        self._everywhere = all(c.paths.everything and not c.methods and not c.exempt_methods
+                               for c in self._limits)
         self._all = self._rules_of(tuple(range(len(self._limits)))) if self._limits else None
         self.slots = SlotKeeper(self._store, shortest_lease_ms=min(
             (c.limit.lease_ms for c in self._limits), default=30_000))
@@ -202,7 +205,11 @@ class ConcurrencyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         ctx = context_of(scope)
-        tags_of = ctx.tags(self._resolver, scope) if ctx is not None else self._resolver.tags(scope)
+        if self._resolver.awaits:  # an async callable identity source
+            tags_of = await (ctx.tags_async(self._resolver, scope) if ctx is not None
+                             else self._resolver.tags_async(scope))
+        else:
+            tags_of = ctx.tags(self._resolver, scope) if ctx is not None else self._resolver.tags(scope)
         tags = [tags_of[k] for k in rules.keys]
         owner = b"%032x" % getrandbits(128)
         deferred = None

@@ -104,6 +104,13 @@ class RequestContext:
             self._resolver = resolver
         return self._tags
 
+    async def tags_async(self, resolver: IdentityResolver, scope: Scope) -> Mapping[str, str]:
+        """``tags`` for a resolver that ``awaits`` (an async callable identity source)."""
+        if self._resolver is not resolver:
+            self._tags = await resolver.tags_async(scope, found=self.headers)
+            self._resolver = resolver
+        return self._tags
+
 
 def context_of(scope: Scope) -> RequestContext | None:
     """The request's context, when a stack's entry layer made one."""

@@ -17,7 +17,7 @@ from email.utils import formatdate
 from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
 from gateway.context import CONTEXT_SCOPE_KEY, RequestContext
 from gateway.metrics import Metrics
-from gateway.ops import OpsRoutes, is_ops_path
+from gateway.ops import OpsRoutes
 from gateway.request_check import RequestCheck
 from gateway.requestid import bind_request_id, unbind_request_id, with_request_id
 
@@ -86,13 +86,13 @@ class StackEntry:
                     self._count(ctx, message["status"])
             await send(message)
 
-        token = bind_request_id(rid)
+        token = bind_request_id(rid, scope)
         try:
             problem = check.admit(scope, refusal)
             if problem is not None:
                 await check.refuse(send_decorated, problem)
                 return
-            if is_ops_path(scope["path"]):
+            if self._ops.claims(scope["path"]):
                 ctx.counted = False
                 await self._ops.answer(scope, send_decorated)
                 return

@@ -42,12 +42,13 @@ from gateway._asgi import ASGIApp, Headers, Message, Receive, Scope, Send
 from gateway._paths import PathPrefixes, match_form
 from gateway._preflight import is_cors_preflight
 from gateway._settings import ConfigSetting, StoreSetting, resolve
-from gateway.config import IdentityConfig, RateLimitHeaders, RateLimitPolicy
+from gateway.config import IdentityConfig, RateLimitHeaders, RateLimitPolicy, SourceFunction
 from gateway.context import RequestContext, context_of
 from gateway.denials import LocalDenials
 from gateway.errors import ConfigError, StoreError
 from gateway.identity import IdentityResolver
 from gateway.lifespan import run_lifespan
+from gateway.plans import PlanChooser, plan_claims
 from gateway.problem import QUOTA_EXCEEDED, STORE_UNAVAILABLE, Renderer, renderer_for
 from gateway.requestid import current_request_id
 from gateway.store import BucketSpec, BucketState, RateDecision, Store, TakePlan
@@ -71,18 +72,19 @@ _STORE_RETRY_AFTER = b"1"
 class _Policy:
     """One policy, compiled for matching and rendering."""
 
-    __slots__ = ("item", "methods", "paths", "policy", "spec")
+    __slots__ = ("exempt_methods", "item", "methods", "paths", "policy", "spec")
 
     def __init__(self, policy: RateLimitPolicy) -> None:
         self.policy = policy
         self.spec = BucketSpec.from_policy(policy)
         self.methods = policy.methods
-        self.paths = PathPrefixes(policy.paths)
+        self.exempt_methods = policy.exempt_methods
+        self.paths = PathPrefixes(policy.paths, policy.exempt_paths)
         self.item = f'"{policy.name}";'
 
     def matches(self, method: str, form: str) -> bool:
         """Whether a request (its ``match_form`` path) is this policy's."""
-        if self.methods and method not in self.methods:
+        if (self.methods and method not in self.methods) or method in self.exempt_methods:
             return False
         return self.paths.matches_form(form)
 
@@ -94,12 +96,14 @@ class _Plan:
     and the shadow policies; only the enforced ones refuse, and only they are shown."""
 
     __slots__ = ("allowed", "denied", "deny_on_error", "distinct_keys", "enforced", "errored", "keys",
-                 "legacy", "limits", "names", "policy_field", "policy_pair", "shadow_allowed",
+                 "legacy", "limits", "matched", "names", "policy_field", "policy_pair", "shadow_allowed",
                  "shadow_denied", "shadows", "shown", "take", "visible")
 
     def __init__(
-        self, policies: Sequence[_Policy], metrics: Metrics | None, headers: RateLimitHeaders = "ietf"
+        self, policies: Sequence[_Policy], metrics: Metrics | None, matched: tuple[int, ...] = (),
+        headers: RateLimitHeaders = "ietf",
     ) -> None:
+        self.matched = matched  # the policies' indices in config order
         self.take = TakePlan.of([p.spec for p in policies])
         self.keys = tuple(p.policy.key for p in policies)
         self.distinct_keys = tuple(dict.fromkeys(self.keys))
@@ -200,7 +204,8 @@ class RateLimitMiddleware:
         rate_limit: the ``[[rate_limit]]`` policies, as dicts shaped like the TOML or as
             ``RateLimitPolicy`` objects; one ``"per-client"`` policy (100 a minute per client)
             when neither this nor ``config`` is given. An empty list is refused.
-        identity: the ``[identity]`` section (dict or ``IdentityConfig``).
+        identity: the ``[identity]`` section (dict or ``IdentityConfig``); or a callable given the ASGI scope
+            (sync or async) returning the client's identity (None for none): the one source.
         store: a store URL, a ``[store]`` dict or ``StoreConfig`` (the middleware then owns the
             store and opens/closes it with the lifespan), or a ``Store`` shared with others.
         metrics: where decisions are counted (``GatewayMiddleware`` passes its own); none when None.
@@ -231,7 +236,7 @@ class RateLimitMiddleware:
         app: ASGIApp,
         *,
         rate_limit: Sequence[Mapping[str, Any] | RateLimitPolicy] | None = None,
-        identity: Mapping[str, Any] | IdentityConfig | None = None,
+        identity: Mapping[str, Any] | IdentityConfig | SourceFunction | None = None,
         store: StoreSetting = None,
         metrics: Metrics | None = None,
         identity_resolver: IdentityResolver | None = None,
@@ -256,13 +261,21 @@ class RateLimitMiddleware:
         self.app = app
         self._metrics = metrics
         self._policies = tuple(_Policy(p) for p in config.rate_limits)
-        self._resolver = identity_resolver or IdentityResolver(config.identity,
-                                                               (p.key for p in config.rate_limits))
+        self._resolver = identity_resolver or IdentityResolver(
+            config.identity, (p.key for p in config.rate_limits), claims=plan_claims(config.rate_limits))
         self._plans: dict[tuple[int, ...], _Plan] = {}
         self._headers: RateLimitHeaders = (
             config.response.rate_limit_headers if rate_limit_headers is None else rate_limit_headers)
         self._render = renderer or renderer_for(config.errors.format)
-        self._everywhere = all(p.paths.everything and not p.methods for p in self._policies)
+        # per-plan numbers (plans.py): each policy on each of its plans, compiled once, and the
+        # decision plans of the (matched policies, plans applied) combinations that occur
+        planned = any(p.plans for p in config.rate_limits)
+        self._chooser = PlanChooser(config.rate_limits, self._resolver) if planned else None
+        self._variants = {(i, x.name): _Policy(p.on_plan(x.name))
+                          for i, p in enumerate(config.rate_limits) for x in p.plans}
+        self._on_plans: dict[tuple[tuple[int, ...], tuple[str | None, ...]], _Plan] = {}
+        self._everywhere = all(p.paths.everything and not p.methods and not p.exempt_methods
+                               for p in self._policies)
         self._all = self._plan(tuple(range(len(self._policies)))) if self._policies else None
         self._denials = LocalDenials()
         self._claim_methods = claim_methods
@@ -280,8 +293,25 @@ class RateLimitMiddleware:
         if plan is None:
             # bounded: one entry per distinct subset of the configured policies that occurs
             policies = [self._policies[i] for i in matched]
-            plan = self._plans[matched] = _Plan(policies, self._metrics, self._headers)
+            plan = self._plans[matched] = _Plan(policies, self._metrics, matched, self._headers)
         return plan
+
+    async def _plan_applied(self, plan: _Plan, scope: Scope, ctx: RequestContext | None) -> _Plan:
+        """``plan`` with the numbers of the client's plans, where its policies have ``plans``."""
+        assert self._chooser is not None
+        found = ctx.headers if ctx is not None else None
+        applied = (await self._chooser.applied_async(plan.matched, scope, found) if self._chooser.awaits
+                   else self._chooser.applied(plan.matched, scope, found))
+        if applied is None:
+            return plan
+        key = (plan.matched, applied)
+        on_plans = self._on_plans.get(key)
+        if on_plans is None:
+            # bounded: plans are the configured ones (any other value is the policy's own numbers)
+            policies = [self._policies[i] if name is None else self._variants[i, name]
+                        for i, name in zip(plan.matched, applied, strict=True)]
+            on_plans = self._on_plans[key] = _Plan(policies, self._metrics, plan.matched, self._headers)
+        return on_plans
 
     def _match(self, method: str, path: str) -> _Plan | None:
         if self._everywhere:
@@ -302,10 +332,15 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         ctx = context_of(scope)
-        if ctx is not None:
+        if self._resolver.awaits:  # an async callable identity source
+            tags = await (ctx.tags_async(self._resolver, scope) if ctx is not None
+                          else self._resolver.tags_async(scope, plan.distinct_keys))
+        elif ctx is not None:
             tags = ctx.tags(self._resolver, scope)
         else:
             tags = self._resolver.tags(scope, plan.distinct_keys)
+        if self._chooser is not None:
+            plan = await self._plan_applied(plan, scope, ctx)
         values = [tags[k] for k in plan.keys]
         sent_at = monotonic()
         if self._denials:  # a client the store denied is answered here until it could pass

@@ -36,15 +36,15 @@ from urllib.parse import quote, unquote
 
 from gateway._asgi import Headers, Scope, Send
 from gateway._paths import normal_target
-from gateway.config import Config
+from gateway.config import Config, IdentitySource
 from gateway.context import HeaderValues, RequestContext
-from gateway.identity import header_name
+from gateway.identity import COOKIE, cookie_names, header_name, source_headers
 from gateway.metrics import Metrics
 from gateway.problem import problem_type, renderer_for
 from gateway.requestid import HEADER as _REQUEST_ID
 from gateway.requestid import current_request_id, new_request_id, valid_request_id
 
-__all__ = ["RequestCheck", "decided_headers"]
+__all__ = ["RequestCheck", "decided_cookies", "decided_headers"]
 
 _HOST = b"host"
 _CONTENT_LENGTH = b"content-length"
@@ -63,12 +63,30 @@ Problem = tuple[str, int, str, str]
 
 
 def decided_headers(config: Config) -> frozenset[bytes]:
-    """The lowercase names of the headers a decision reads, each allowed one line."""
+    """The lowercase names of the headers a decision reads, each allowed one line.
+
+    ``Authorization`` is one of them when a source reads it (``bearer``, ``jwt:``): a client
+    must not be one client to the gateway and another to the app. ``Cookie`` is not: HTTP/2
+    sends each cookie as a line of its own (RFC 9113 §8.2.3), so its lines form one list, and
+    what is refused is a cookie a source reads named twice (``decided_cookies``)."""
     names = {_HOST, config.idempotency.header.lower().encode("latin-1")}
-    keys: Iterable[str] = (*config.identity.sources, *(p.key for p in config.rate_limits),
-                           *(c.key for c in config.concurrency_limits))
+    keys: Iterable[str] = (*(p.key for p in config.rate_limits), *(c.key for c in config.concurrency_limits))
     names |= {header_name(k) for k in keys if k.startswith("header:")}
+    names |= source_headers(_sources(config))
+    names.discard(COOKIE)
     return frozenset(names)
+
+
+def decided_cookies(config: Config) -> frozenset[bytes]:
+    """The cookies a decision reads (``cookie:NAME`` sources), each allowed once per request."""
+    return frozenset(s[len("cookie:"):].encode("latin-1") for s in _sources(config)
+                     if isinstance(s, str) and s.startswith("cookie:"))
+
+
+def _sources(config: Config) -> tuple[IdentitySource, ...]:
+    """Every source a decision reads: the identity chain and the rate limits' plans."""
+    plans = tuple(p.plan for p in config.rate_limits if isinstance(p.plan, str))
+    return (*config.identity.sources, *plans)
 
 
 class RequestCheck:
@@ -80,7 +98,10 @@ class RequestCheck:
 
     def __init__(self, config: Config, *, metrics: Metrics) -> None:
         self._single = decided_headers(config)
+        self._cookies = decided_cookies(config)
         self._read = self._single | {_CONTENT_LENGTH, _XFF, _REQUEST_ID}
+        if self._cookies:
+            self._read |= {COOKIE}
         self._reject_non_normal = config.request.path_normalization == "reject"
         self._render = renderer_for(config.errors.format)
         self._refused = metrics.refused
@@ -174,10 +195,19 @@ class RequestCheck:
                         found.request_id_repeated = True
                     else:
                         values[name] = value
+                elif name == COOKIE:
+                    if value:  # HTTP/2 sends one line per cookie (RFC 9113 §8.2.3): one list
+                        values[name] = values[name] + b"; " + value if name in values else value
                 else:
                     values[name] = value  # Content-Length: the last line, as the server framed it
             elif name == _EXPECT and value.lower() != _CONTINUE:
                 return "expect", 417, "only Expect: 100-continue is supported"
+        if self._cookies and COOKIE in values:
+            names = cookie_names(values[COOKIE])
+            for cookie in self._cookies:
+                if names.count(cookie) > 1:
+                    # servers disagree on which one counts (the first, or the last)
+                    return "duplicate_header", 400, f"more than one {cookie.decode('latin-1')} cookie"
         if host is None:
             if version == "1.1":
                 return "host", 400, "an HTTP/1.1 request needs a Host header"

@@ -13,32 +13,42 @@ from random import getrandbits
 
 from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["RequestIdMiddleware", "bind_request_id", "current_request_id", "new_request_id",
-           "take_request_id", "unbind_request_id", "valid_request_id", "with_request_id"]
+__all__ = ["RequestIdMiddleware", "bind_request_id", "current_request_id", "current_request_line",
+           "new_request_id", "take_request_id", "unbind_request_id", "valid_request_id", "with_request_id"]
 
 HEADER = b"x-request-id"
 _HEADER_LEN = len(HEADER)
 _MAX_LEN = 128
 _ALLOWED = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~:/+=@-"
-# kept as the header's bytes, decoded only when a log line or a problem asks for it
-_request_id: ContextVar[bytes | None] = ContextVar("gateway_request_id", default=None)
+# the request being handled: its id as the header's bytes (decoded only when a log line or a
+# problem asks for it) and its scope, whose method and path log lines name
+_request: ContextVar[tuple[bytes, Scope | None] | None] = ContextVar("gateway_request", default=None)
 
 
 def current_request_id() -> str | None:
     """The id of the request being handled, when ``RequestIdMiddleware`` is in the stack."""
-    rid = _request_id.get()
-    return rid.decode("ascii") if rid is not None else None
+    bound = _request.get()
+    return bound[0].decode("ascii") if bound is not None else None
 
 
-def bind_request_id(rid: bytes) -> Token[bytes | None]:
+def current_request_line() -> tuple[str, str] | None:
+    """The method and path of the request being handled (as bound with its id), for log lines."""
+    bound = _request.get()
+    if bound is None or bound[1] is None:
+        return None
+    scope = bound[1]
+    return scope.get("method", ""), scope.get("path", "")
+
+
+def bind_request_id(rid: bytes, scope: Scope | None = None) -> Token[tuple[bytes, Scope | None] | None]:
     """Make ``rid`` (a valid id: ASCII) the current request's id, for log lines and problems,
-    until the token is reset."""
-    return _request_id.set(rid)
+    until the token is reset; ``scope``: the request, whose method and path log lines name."""
+    return _request.set((rid, scope))
 
 
-def unbind_request_id(token: Token[bytes | None]) -> None:
+def unbind_request_id(token: Token[tuple[bytes, Scope | None] | None]) -> None:
     """Back to the id that was current before ``bind_request_id``."""
-    _request_id.reset(token)
+    _request.reset(token)
 
 
 def new_request_id() -> bytes:
@@ -99,7 +109,7 @@ class RequestIdMiddleware:
                 message["headers"] = with_request_id(message.get("headers", ()), rid)
             await send(message)
 
-        token = bind_request_id(rid)
+        token = bind_request_id(rid, scope)
         try:
             await self.app(scope, receive, send_with_id)
         finally:

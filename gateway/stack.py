@@ -22,14 +22,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from gateway._asgi import ASGIApp, Receive, Scope, Send
+from gateway._settings import with_identity
 from gateway.concurrency import ConcurrencyLimitMiddleware
-from gateway.config import Config, load_config
+from gateway.config import Config, SourceFunction, load_config
 from gateway.entry import StackEntry
 from gateway.idempotency import IdempotencyMiddleware
 from gateway.identity import IdentityResolver
 from gateway.lifespan import run_lifespan
 from gateway.metrics import Metrics
 from gateway.ops import OpsRoutes, UpstreamTimer
+from gateway.plans import plan_claims
 from gateway.problem import renderer_for
 from gateway.ratelimit import RateLimitMiddleware
 from gateway.request_check import RequestCheck
@@ -59,6 +61,9 @@ class GatewayMiddleware(StackEntry):
             closes it.
         metrics: the metrics to count in (``gateway serve`` shares one with its proxy); a new
             ``Metrics`` on its own registry when None.
+        identity: a callable given the ASGI scope (sync or async), returning the client's
+            identity (``str``/``bytes``; None for none): the one identity source, in place of
+            ``identity.sources`` (to chain it with others, list it in ``sources`` in a dict config).
         date_header: add ``Date`` to every response without one (``gateway serve`` sets it, since
             it turns uvicorn's off so the upstream's passes through: the gateway's own answers
             and replays then carry one, RFC 9110 §6.6.1). Off in-process: the server adds it.
@@ -71,9 +76,10 @@ class GatewayMiddleware(StackEntry):
         *,
         store: Store | None = None,
         metrics: Metrics | None = None,
+        identity: SourceFunction | None = None,
         date_header: bool = False,
     ) -> None:
-        self.config = load_config(config)
+        self.config = with_identity(load_config(config), identity)
         self.metrics = metrics if metrics is not None else Metrics(
             (p.name for p in self.config.rate_limits), (c.name for c in self.config.concurrency_limits))
         self._owns_store = store is None
@@ -83,7 +89,7 @@ class GatewayMiddleware(StackEntry):
         # one resolver for every layer: the request context resolves a request's tags once
         keys = (*(p.key for p in self.config.rate_limits), *(c.key for c in self.config.concurrency_limits),
                 "identity")
-        resolver = IdentityResolver(self.config.identity, keys)
+        resolver = IdentityResolver(self.config.identity, keys, claims=plan_claims(self.config.rate_limits))
         # [errors] format: every layer's refusals written by one renderer
         renderer = renderer_for(self.config.errors.format)
         self._idempotency = IdempotencyMiddleware(
@@ -138,7 +144,8 @@ class GatewayMiddleware(StackEntry):
             inner,
             metrics=self.metrics,
             check=RequestCheck(self.config, metrics=self.metrics),
-            ops=OpsRoutes(store=self.store, metrics=self.metrics),
+            ops=OpsRoutes(store=self.store, metrics=self.metrics, config=self.config.ops,
+                          trusted_proxies=self.config.identity.trusted_proxies),
             date_header=date_header,
         )
 

@@ -87,7 +87,9 @@ class SleepApp:
 
 
 def gateway(app: Any, store: Mapping[str, Any], **sections: Any) -> GatewayMiddleware:
-    """GatewayMiddleware around ``app`` with ``[store]`` = ``store`` and the other sections given."""
+    """GatewayMiddleware around ``app`` with ``[store]`` = ``store`` and the other sections given;
+    metrics readable from any address (the exposure itself: tests/test_ops_exposure.py)."""
+    sections.setdefault("ops", {"metrics_allow": ["0.0.0.0/0", "::/0"]})
     return GatewayMiddleware(app, load_config({"store": dict(store), **sections}, env={}))
 
 

@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from gateway._asgi import Headers, Message, Send
 from gateway.requestid import HEADER as REQUEST_ID_HEADER
-from gateway.requestid import current_request_id, new_request_id
 from gateway.store import StoredResponse
 
 __all__ = ["REPLAYED", "Capture", "ResponseCutOff", "decode_headers", "encode_headers", "send_replay",
@@ -96,8 +95,7 @@ async def send_replay(
     for name, value in defaults:
         if not any(n.lower() == name for n, _ in headers):
             headers.append((name, value))
-    if current_request_id() is None:
-        headers.append((REQUEST_ID_HEADER, new_request_id()))
+    # X-Request-Id: the current one, set by the request-id layer outside
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     await send({"type": "http.response.body", "body": response.body})
 

@@ -35,10 +35,10 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from random import getrandbits
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from gateway._asgi import ASGIApp, Receive, Scope, Send
+from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
 from gateway._paths import PathPrefixes
 from gateway._settings import ConfigSetting, StoreSetting, resolve
-from gateway.config import IdempotencyConfig, IdentityConfig
+from gateway.config import IdempotencyConfig, IdentityConfig, SourceFunction
 from gateway.context import DeferredTake, context_of
 from gateway.errors import StoreError, StoreScriptError, StoreUnanswered
 from gateway.idempotency import problems
@@ -58,7 +58,13 @@ from gateway.idempotency.request import (
 from gateway.identity import ANONYMOUS_TAG, IdentityResolver
 from gateway.lifespan import run_lifespan
 from gateway.problem import Renderer, renderer_for
-from gateway.requestid import current_request_id
+from gateway.requestid import (
+    bind_request_id,
+    current_request_id,
+    take_request_id,
+    unbind_request_id,
+    with_request_id,
+)
 from gateway.store import Claim, LeaseTerms, Store
 
 if TYPE_CHECKING:
@@ -99,6 +105,17 @@ _OUTCOME_METRIC = {"new": "executed", "done": "replayed", "unknown": "replayed",
                    "mismatch": "mismatch"}
 
 
+def _sending_request_id(send: Send, rid: bytes) -> Send:
+    """``send`` with exactly one ``X-Request-Id`` (``rid``) on the response start."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = with_request_id(message.get("headers", ()), rid)
+        await send(message)
+
+    return sending
+
+
 class _Attempt:
     """What the app below tells the idempotency layer about a claimed request."""
 
@@ -135,7 +152,9 @@ class IdempotencyMiddleware:
     Args:
         app: the ASGI app to protect.
         idempotency: the ``[idempotency]`` section (dict or ``IdempotencyConfig``).
-        identity: the ``[identity]`` section: keys are scoped to the client it names.
+        identity: the ``[identity]`` section: keys are scoped to the client it names; or a
+            callable given the ASGI scope (sync or async) returning the client's identity (None
+            for none): the one source.
         store: a store URL, a ``[store]`` dict or ``StoreConfig`` (the middleware then owns the
             store and opens/closes it with the lifespan), or a ``Store`` shared with others.
         metrics: where outcomes are counted (``GatewayMiddleware`` passes its own); none when None.
@@ -152,7 +171,7 @@ class IdempotencyMiddleware:
         app: ASGIApp,
         *,
         idempotency: Mapping[str, Any] | IdempotencyConfig | None = None,
-        identity: Mapping[str, Any] | IdentityConfig | None = None,
+        identity: Mapping[str, Any] | IdentityConfig | SourceFunction | None = None,
         store: StoreSetting = None,
         metrics: Metrics | None = None,
         identity_resolver: IdentityResolver | None = None,
@@ -233,6 +252,24 @@ class IdempotencyMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
+        if ctx is None and current_request_id() is None:
+            # alone, with no request-id layer outside: every answer to a keyed request carries
+            # its X-Request-Id, the first response and its replays alike (as in the stack)
+            rid, scope = take_request_id(scope)
+            token = bind_request_id(rid, scope)
+            try:
+                await self._checked(scope, receive, _sending_request_id(send, rid), raw_key, lines=lines,
+                                    length=length, deferred=deferred)
+            finally:
+                unbind_request_id(token)
+            return
+        await self._checked(scope, receive, send, raw_key, lines=lines, length=length, deferred=deferred)
+
+    async def _checked(
+        self, scope: Scope, receive: Receive, send: Send, raw_key: bytes, *, lines: int, length: bytes,
+        deferred: DeferredTake | None,
+    ) -> None:
+        """A request carrying the key header: its key and declared length checked (400, 413)."""
         key = parse_key(raw_key) if lines == 1 else None
         if key is None or (length.isdigit() and int(length) > self._limit):
             # the rate limit's answer comes first, as when it made its take before this layer
@@ -252,7 +289,11 @@ class IdempotencyMiddleware:
         """Buffer, fingerprint and claim a request with a valid key (and make its deferred
         rate-limit take), then act on the claim."""
         ctx = context_of(scope)
-        tags = ctx.tags(self._resolver, scope) if ctx is not None else self._resolver.tags(scope)
+        if self._resolver.awaits:  # an async callable identity source
+            tags = await (ctx.tags_async(self._resolver, scope) if ctx is not None
+                          else self._resolver.tags_async(scope))
+        else:
+            tags = ctx.tags(self._resolver, scope) if ctx is not None else self._resolver.tags(scope)
         identity = tags["identity"]
         if identity == ANONYMOUS_TAG:
             # a shared "anonymous" scope would let one client read another's response
