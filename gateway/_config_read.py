@@ -378,6 +378,21 @@ class Table:
                 paths.append(prefix)
         return tuple(paths)
 
+    def statuses(self, key: str, default: frozenset[int], *, low: int, high: int, why: str) -> frozenset[int]:
+        """A list of HTTP status codes, each between ``low`` and ``high`` (``why`` says why)."""
+        items = self._list(key)
+        if items is None:
+            return default
+        found: set[int] = set()
+        for i, item in enumerate(items):
+            if isinstance(item, bool) or not isinstance(item, int):
+                self.problem(f"{key}[{i}]", f"expected a status code like 422, got {show(item)}")
+            elif not low <= item <= high:
+                self.problem(f"{key}[{i}]", f"must be between {low} and {high} ({why}), got {item}")
+            else:
+                found.add(item)
+        return frozenset(found)
+
     def methods(self, key: str, default: frozenset[str]) -> frozenset[str]:
         items = self._list(key)
         if items is None:

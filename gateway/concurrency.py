@@ -47,7 +47,7 @@ from gateway.context import DeferredTake, context_of
 from gateway.errors import ConfigError, StoreError
 from gateway.identity import IdentityResolver
 from gateway.lifespan import run_lifespan
-from gateway.problem import STORE_UNAVAILABLE, problem_type, send_problem
+from gateway.problem import STORE_UNAVAILABLE, Renderer, problem_type, renderer_for
 from gateway.requestid import current_request_id
 from gateway.slots import SlotHolding, SlotKeeper
 from gateway.store import SlotDecision, SlotPlan, Store
@@ -131,6 +131,8 @@ class ConcurrencyLimitMiddleware:
             ``[identity]`` and ``[store]`` from, instead of the keywords above.
         limit_preflights: ``request.limit_preflights``: limit CORS preflights too (by default
             they pass, ``gateway/_preflight.py``); from ``config`` when None.
+        renderer: how the layer's own refusals look (``gateway/problem.py``); from
+            ``[errors] format`` when None.
     """
 
     def __init__(
@@ -145,6 +147,7 @@ class ConcurrencyLimitMiddleware:
         claim_methods: frozenset[str] = frozenset(),
         config: ConfigSetting = None,
         limit_preflights: bool | None = None,
+        renderer: Renderer | None = None,
     ) -> None:
         if concurrency_limit is None and config is None:
             concurrency_limit = [ConcurrencyLimit()]  # the documented default: 20 in flight per client
@@ -168,6 +171,7 @@ class ConcurrencyLimitMiddleware:
         self.slots = SlotKeeper(self._store, shortest_lease_ms=min(
             (c.limit.lease_ms for c in self._limits), default=30_000))
         self._claim_methods = claim_methods
+        self._render = renderer or renderer_for(config.errors.format)
         limit = config.request.limit_preflights if limit_preflights is None else limit_preflights
         self._pass_preflights = not limit
 
@@ -295,7 +299,7 @@ class ConcurrencyLimitMiddleware:
             "event": "concurrency.denied", "request_id": current_request_id(), "policies": names,
             "in_flight": [decision.in_flight[i] for i in refused]})
         limits = ", ".join(f"{rules.names[i]}: {rules.limits[i].limit}" for i in refused)
-        await send_problem(
+        await self._render.send(
             send,
             status=429,
             type_=CONCURRENCY_LIMITED,
@@ -315,7 +319,7 @@ class ConcurrencyLimitMiddleware:
             "policies": list(rules.names), "action": action, "error": str(exc)})
         if not rules.deny_on_error:
             return None
-        await send_problem(
+        await self._render.send(
             send,
             status=503,
             type_=STORE_UNAVAILABLE,

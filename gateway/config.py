@@ -26,6 +26,7 @@ __all__ = [
     "LOOPBACK",
     "ConcurrencyLimit",
     "Config",
+    "ErrorsConfig",
     "FleetShedding",
     "IdempotencyConfig",
     "IdentityConfig",
@@ -37,6 +38,7 @@ __all__ = [
     "PriorityClass",
     "RateLimitPolicy",
     "RequestConfig",
+    "ResponseConfig",
     "ServerConfig",
     "SheddingConfig",
     "SourceFunction",
@@ -55,6 +57,14 @@ _PATH_NORMALIZATION: tuple[PathNormalization, ...] = ("normalize", "reject")
 _ON_STORE_ERROR: tuple[OnStoreError, ...] = ("allow", "deny")
 _ON_LOST_CLAIM: tuple[OnLostClaim, ...] = ("unknown", "retry")
 _POLICY_MODE: tuple[PolicyMode, ...] = ("enforce", "shadow")
+Fingerprint = Literal["raw", "json"]
+_FINGERPRINT: tuple[Fingerprint, ...] = ("raw", "json")
+OnInFlight = Literal["conflict", "wait"]
+_ON_IN_FLIGHT: tuple[OnInFlight, ...] = ("conflict", "wait")
+ErrorFormat = Literal["problem", "stripe"]
+_ERROR_FORMAT: tuple[ErrorFormat, ...] = ("problem", "stripe")
+RateLimitHeaders = Literal["ietf", "ietf+legacy", "none"]
+_RATE_LIMIT_HEADERS: tuple[RateLimitHeaders, ...] = ("ietf", "ietf+legacy", "none")
 
 #: Environment variables that override one key each, as container deploys expect.
 ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
@@ -295,6 +305,24 @@ class IdempotencyConfig:
     required_paths: tuple[str, ...] = ()
     max_body_bytes: int = 1_048_576
     on_store_error: OnStoreError = "deny"
+    fingerprint: Fingerprint = "raw"  # "json": a JSON body's canonical form, not its bytes
+    release_statuses: frozenset[int] = frozenset()  # answered, not stored: the key is free again
+    on_in_flight: OnInFlight = "conflict"  # "wait": a duplicate waits for the first answer
+    wait_timeout_s: float = 10.0  # the longest a duplicate waits before its 409
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorsConfig:
+    """``[errors]``: the shape of every response the gateway makes itself."""
+
+    format: ErrorFormat = "problem"  # RFC 9457; "stripe": Stripe's error envelope and statuses
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResponseConfig:
+    """``[response]``: fields the gateway adds to the responses it passes on."""
+
+    rate_limit_headers: RateLimitHeaders = "ietf"  # "ietf+legacy": also X-RateLimit-*; "none"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -312,6 +340,8 @@ class Config:
     priorities: tuple[PriorityClass, ...] = ()
     shedding: SheddingConfig = field(default_factory=SheddingConfig)
     idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
+    errors: ErrorsConfig = field(default_factory=ErrorsConfig)
+    response: ResponseConfig = field(default_factory=ResponseConfig)
 
 
 def load_config(
@@ -388,6 +418,13 @@ def _parse(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         elif source.startswith("header:") and not identity.trusted_proxies:
             reader.problem(f"rate_limit[{i}].plan", f"{show(source)} is believed only from "
                            "identity.trusted_proxies, and there are none: a client could pick its own plan")
+    errors_t = root.sub("errors")
+    errors = ErrorsConfig(format=errors_t.choice("format", ErrorsConfig().format, _ERROR_FORMAT))
+    errors_t.finish()
+    response_t = root.sub("response")
+    response = ResponseConfig(rate_limit_headers=response_t.choice(
+        "rate_limit_headers", ResponseConfig().rate_limit_headers, _RATE_LIMIT_HEADERS))
+    response_t.finish()
     named_sections: tuple[tuple[str, tuple[Any, ...]], ...] = (
         ("rate_limit", rate_limits), ("concurrency_limit", concurrency_limits), ("priority", priorities))
     for section, named in named_sections:
@@ -410,6 +447,8 @@ def _parse(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         priorities=priorities,
         shedding=shedding,
         idempotency=idempotency,
+        errors=errors,
+        response=response,
     )
 
 
@@ -715,6 +754,11 @@ def _idempotency(t: Table) -> IdempotencyConfig:
         required_paths=t.paths("required_paths", d.required_paths, empty_ok=True),
         max_body_bytes=t.integer("max_body_bytes", d.max_body_bytes, low=0, high=2**31),
         on_store_error=t.choice("on_store_error", d.on_store_error, _ON_STORE_ERROR),
+        fingerprint=t.choice("fingerprint", d.fingerprint, _FINGERPRINT),
+        release_statuses=t.statuses("release_statuses", d.release_statuses, low=400, high=599,
+                                    why="a 1xx-3xx response means the request was carried out"),
+        on_in_flight=t.choice("on_in_flight", d.on_in_flight, _ON_IN_FLIGHT),
+        wait_timeout_s=t.duration("wait_timeout", d.wait_timeout_s, low=0.01, high=600.0),
     )
     t.finish()
     return cfg

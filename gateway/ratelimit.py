@@ -33,22 +33,23 @@ only shadow policies gets no fields at all.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
-from time import monotonic, perf_counter
+from time import monotonic, perf_counter, time
 from typing import TYPE_CHECKING, Any
 
 from gateway._asgi import ASGIApp, Headers, Message, Receive, Scope, Send
 from gateway._paths import PathPrefixes, match_form
 from gateway._preflight import is_cors_preflight
 from gateway._settings import ConfigSetting, StoreSetting, resolve
-from gateway.config import IdentityConfig, RateLimitPolicy, SourceFunction
+from gateway.config import IdentityConfig, RateLimitHeaders, RateLimitPolicy, SourceFunction
 from gateway.context import RequestContext, context_of
 from gateway.denials import LocalDenials
 from gateway.errors import ConfigError, StoreError
 from gateway.identity import IdentityResolver
 from gateway.lifespan import run_lifespan
 from gateway.plans import PlanChooser, plan_claims
-from gateway.problem import QUOTA_EXCEEDED, STORE_UNAVAILABLE, send_problem
+from gateway.problem import QUOTA_EXCEEDED, STORE_UNAVAILABLE, Renderer, renderer_for
 from gateway.requestid import current_request_id
 from gateway.store import BucketSpec, BucketState, RateDecision, Store, TakePlan
 
@@ -61,6 +62,10 @@ __all__ = ["RateLimitMiddleware"]
 _log = logging.getLogger("gateway.ratelimit")
 _POLICY_HEADER = b"ratelimit-policy"
 _LIMIT_HEADER = b"ratelimit"
+# response.rate_limit_headers = "ietf+legacy": the de facto fields, as GitHub sends them
+_LEGACY_LIMIT = b"x-ratelimit-limit"
+_LEGACY_REMAINING = b"x-ratelimit-remaining"
+_LEGACY_RESET = b"x-ratelimit-reset"
 _STORE_RETRY_AFTER = b"1"
 
 
@@ -91,11 +96,12 @@ class _Plan:
     and the shadow policies; only the enforced ones refuse, and only they are shown."""
 
     __slots__ = ("allowed", "denied", "deny_on_error", "distinct_keys", "enforced", "errored", "keys",
-                 "matched", "names", "policy_field", "policy_pair", "shadow_allowed", "shadow_denied",
-                 "shadows", "shown", "take")
+                 "legacy", "limits", "matched", "names", "policy_field", "policy_pair", "shadow_allowed",
+                 "shadow_denied", "shadows", "shown", "take", "visible")
 
     def __init__(
-        self, policies: Sequence[_Policy], metrics: Metrics | None, matched: tuple[int, ...] = ()
+        self, policies: Sequence[_Policy], metrics: Metrics | None, matched: tuple[int, ...] = (),
+        headers: RateLimitHeaders = "ietf",
     ) -> None:
         self.matched = matched  # the policies' indices in config order
         self.take = TakePlan.of([p.spec for p in policies])
@@ -111,6 +117,11 @@ class _Plan:
         ).encode()
         self.policy_pair = (_POLICY_HEADER, self.policy_field)
         self.deny_on_error = any(p.policy.on_store_error == "deny" for p in shown)
+        # response.rate_limit_headers, decided here once: whether the fields are sent at all
+        # (never for shadow policies alone), and whether the legacy X-RateLimit-* go with them
+        self.visible = bool(self.enforced) and headers != "none"
+        self.legacy = self.visible and headers == "ietf+legacy"
+        self.limits = tuple(p.policy.limit for p in shown)
         # gateway_ratelimit_decisions_total children (none without metrics): allowed and denied
         # per enforced policy, shadow_* per shadow policy, errored per policy, each in order
         self.allowed: tuple[CounterTally, ...] = ()
@@ -126,10 +137,37 @@ class _Plan:
             self.errored = tuple(metrics.decision(n, "error") for n in self.names)
 
     def fields(self, decision: RateDecision) -> Headers:
-        """The response's RateLimit fields for the enforced policies; none when all are shadow."""
-        if not self.enforced:
+        """The response's RateLimit fields for the enforced policies; none when all are shadow
+        (or ``rate_limit_headers = "none"``)."""
+        if not self.visible:
             return []
+        if self.legacy:
+            return [self.policy_pair, (_LIMIT_HEADER, self.ratelimit_field(decision)),
+                    *self.legacy_fields(decision)]
         return [self.policy_pair, (_LIMIT_HEADER, self.ratelimit_field(decision))]
+
+    def policy_fields(self) -> Headers:
+        """``RateLimit-Policy`` alone, for a response whose remaining counts are unknown."""
+        return [self.policy_pair] if self.visible else []
+
+    def legacy_fields(self, decision: RateDecision) -> Headers:
+        """``X-RateLimit-Limit/Remaining/Reset`` of the most restrictive enforced policy (the
+        fewest tokens left; of those, the longest wait): its ``q``, ``r`` and ``t`` as in
+        ``RateLimit`` (``_member``), ``Reset`` as GitHub sends it, the epoch second by which
+        ``t`` has passed."""
+        best: tuple[int, int, int] | None = None  # (r, t, limit)
+        for limit, i in zip(self.limits, self.enforced, strict=True):
+            b = decision.buckets[i]
+            if decision.allowed or not b.wait_ms:
+                shown = (b.remaining, -(-b.full_ms // 1000), limit)
+            else:
+                shown = (0, -(-b.wait_ms // 1000), limit)
+            if best is None or (shown[0], -shown[1]) < (best[0], -best[1]):
+                best = shown
+        assert best is not None
+        remaining, wait_s, limit = best
+        return [(_LEGACY_LIMIT, b"%d" % limit), (_LEGACY_REMAINING, b"%d" % remaining),
+                (_LEGACY_RESET, b"%d" % (math.ceil(time()) + wait_s))]
 
     def ratelimit_field(self, decision: RateDecision) -> bytes:
         """``RateLimit``: whole tokens left and seconds (rounded up) until full, per enforced
@@ -187,6 +225,10 @@ class RateLimitMiddleware:
             one only passes on a request whose take is made here (no concurrency limit; the
             Idempotency-Key layer for the methods it does not claim): such a request goes
             straight to it, noted in the context as handed to the app, two frames shorter.
+        rate_limit_headers: ``response.rate_limit_headers``: ``"ietf"`` (the RateLimit fields),
+            ``"ietf+legacy"`` (and ``X-RateLimit-*``) or ``"none"``; from ``config`` when None.
+        renderer: how the layer's own refusals look (``gateway/problem.py``); from
+            ``[errors] format`` when None.
     """
 
     def __init__(
@@ -203,6 +245,8 @@ class RateLimitMiddleware:
         config: ConfigSetting = None,
         limit_preflights: bool | None = None,
         direct_app: ASGIApp | None = None,
+        rate_limit_headers: RateLimitHeaders | None = None,
+        renderer: Renderer | None = None,
     ) -> None:
         if rate_limit is None and config is None:
             rate_limit = [RateLimitPolicy()]  # the documented default: "per-client", 100 a minute
@@ -220,6 +264,9 @@ class RateLimitMiddleware:
         self._resolver = identity_resolver or IdentityResolver(
             config.identity, (p.key for p in config.rate_limits), claims=plan_claims(config.rate_limits))
         self._plans: dict[tuple[int, ...], _Plan] = {}
+        self._headers: RateLimitHeaders = (
+            config.response.rate_limit_headers if rate_limit_headers is None else rate_limit_headers)
+        self._render = renderer or renderer_for(config.errors.format)
         # per-plan numbers (plans.py): each policy on each of its plans, compiled once, and the
         # decision plans of the (matched policies, plans applied) combinations that occur
         planned = any(p.plans for p in config.rate_limits)
@@ -245,7 +292,8 @@ class RateLimitMiddleware:
         plan = self._plans.get(matched)
         if plan is None:
             # bounded: one entry per distinct subset of the configured policies that occurs
-            plan = self._plans[matched] = _Plan([self._policies[i] for i in matched], self._metrics, matched)
+            policies = [self._policies[i] for i in matched]
+            plan = self._plans[matched] = _Plan(policies, self._metrics, matched, self._headers)
         return plan
 
     async def _plan_applied(self, plan: _Plan, scope: Scope, ctx: RequestContext | None) -> _Plan:
@@ -262,7 +310,7 @@ class RateLimitMiddleware:
             # bounded: plans are the configured ones (any other value is the policy's own numbers)
             policies = [self._policies[i] if name is None else self._variants[i, name]
                         for i, name in zip(plan.matched, applied, strict=True)]
-            on_plans = self._on_plans[key] = _Plan(policies, self._metrics, plan.matched)
+            on_plans = self._on_plans[key] = _Plan(policies, self._metrics, plan.matched, self._headers)
         return on_plans
 
     def _match(self, method: str, path: str) -> _Plan | None:
@@ -345,7 +393,7 @@ class RateLimitMiddleware:
             extra={"event": "ratelimit.denied", "request_id": current_request_id(),
                    "policies": violated, "retry_after_s": retry_after, "local": local},
         )
-        await send_problem(
+        await self._render.send(
             send,
             status=429,
             type_=QUOTA_EXCEEDED,
@@ -408,7 +456,7 @@ class RateLimitMiddleware:
         if self._store_failed(plan, exc):
             await self._store_unavailable(plan, send)
             return None
-        return [(_POLICY_HEADER, plan.policy_field)] if plan.enforced else []
+        return plan.policy_fields()
 
     def _store_failed(self, plan: _Plan, exc: StoreError) -> bool:
         """Count and log a store failure; True when ``on_store_error`` denies the request (that
@@ -425,13 +473,13 @@ class RateLimitMiddleware:
 
     async def _store_unavailable(self, plan: _Plan, send: Send) -> None:
         """The 503 of a policy that does not run unchecked."""
-        await send_problem(
+        await self._render.send(
             send,
             status=503,
             type_=STORE_UNAVAILABLE,
             title="Rate limit store unavailable",
             detail="The rate limit could not be checked and this route does not run unchecked.",
-            headers=[(b"retry-after", _STORE_RETRY_AFTER), (_POLICY_HEADER, plan.policy_field)],
+            headers=[(b"retry-after", _STORE_RETRY_AFTER), *plan.policy_fields()],
         )
 
 

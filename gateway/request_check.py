@@ -40,7 +40,7 @@ from gateway.config import Config, IdentitySource
 from gateway.context import HeaderValues, RequestContext
 from gateway.identity import COOKIE, cookie_names, header_name, source_headers
 from gateway.metrics import Metrics
-from gateway.problem import problem_type, send_problem
+from gateway.problem import problem_type, renderer_for
 from gateway.requestid import HEADER as _REQUEST_ID
 from gateway.requestid import current_request_id, new_request_id, valid_request_id
 
@@ -103,6 +103,7 @@ class RequestCheck:
         if self._cookies:
             self._read |= {COOKIE}
         self._reject_non_normal = config.request.path_normalization == "reject"
+        self._render = renderer_for(config.errors.format)
         self._refused = metrics.refused
 
     def examine(self, scope: Scope, ctx: RequestContext) -> Refusal | None:
@@ -164,8 +165,8 @@ class RequestCheck:
         _log.info("request refused: %s", detail,
                   extra={"event": "request.refused", "reason": reason, "request_id": current_request_id()})
         title = "Expectation Failed" if status == 417 else "Bad Request"
-        await send_problem(send, status=status, type_=problem_type(name), title=title, detail=detail,
-                           headers=_CLOSE)
+        await self._render.send(send, status=status, type_=problem_type(name), title=title, detail=detail,
+                                headers=_CLOSE)
 
     def _refusal(self, scope: Scope, found: HeaderValues) -> Refusal | None:
         """(reason, status, detail) when the request is ambiguous, else None; ``found`` gets the

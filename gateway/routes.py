@@ -43,6 +43,7 @@ from gateway.config import IdentityConfig, RateLimitPolicy, SourceFunction, load
 from gateway.context import CONTEXT_SCOPE_KEY
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
+from gateway.problem import renderer_for
 from gateway.ratelimit import RateLimitMiddleware
 
 __all__ = ["RateLimitExceeded", "RouteLimit", "RouteLimits"]
@@ -162,7 +163,9 @@ class RouteLimit:
         self._owner = owner
         self._limiter = RateLimitMiddleware(
             _reached, rate_limit=[policy], identity=owner.config.identity, store=owner.store,
-            metrics=owner._metrics, limit_preflights=owner.config.request.limit_preflights)
+            metrics=owner._metrics, limit_preflights=owner.config.request.limit_preflights,
+            rate_limit_headers=owner.config.response.rate_limit_headers,
+            renderer=renderer_for(owner.config.errors.format))
 
     async def check(self, scope: Scope) -> tuple[Headers, Response | None]:
         """Decide ``scope``'s request: (the fields for its response, None) when it may go on;

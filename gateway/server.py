@@ -17,6 +17,7 @@ from gateway.config import Config, load_config
 from gateway.errors import ConfigError
 from gateway.http_protocol import GatewayHttpProtocol
 from gateway.metrics import Metrics
+from gateway.problem import renderer_for
 from gateway.proxy import ProxyApp
 from gateway.stack import SHUTDOWN_DRAIN_S, GatewayMiddleware
 
@@ -31,7 +32,8 @@ ENV_LOG_LEVEL = "GATEWAY_LOG_LEVEL"
 def build_app(config: Config) -> GatewayMiddleware:
     """The reverse proxy to ``[upstream]`` behind the full stack, one metrics for both."""
     metrics = Metrics((p.name for p in config.rate_limits), (c.name for c in config.concurrency_limits))
-    proxy = ProxyApp(config.upstream, trusted_proxies=config.identity.trusted_proxies, metrics=metrics)
+    proxy = ProxyApp(config.upstream, trusted_proxies=config.identity.trusted_proxies, metrics=metrics,
+                     renderer=renderer_for(config.errors.format))
     # uvicorn's own Date is off (the upstream's passes through): the gateway dates what it makes
     return GatewayMiddleware(proxy, config, metrics=metrics, date_header=True)
 
@@ -70,7 +72,8 @@ def uvicorn_options(config: Config, *, access_log: bool = False, log_level: str 
         "log_config": uvicorn_log_config(uvicorn_level, access_log=access_log),
         "loop": "uvloop" if _has("uvloop") else "asyncio",
         "http": functools.partial(GatewayHttpProtocol, header_timeout_s=config.server.header_timeout_s,
-                                  max_connections=config.server.max_connections),
+                                  max_connections=config.server.max_connections,
+                                  error_format=config.errors.format),
         "lifespan": "on",
         "log_level": None,  # the levels are log_config's
         "access_log": access_log,

@@ -46,7 +46,7 @@ from gateway.config import (
 from gateway.errors import ConfigError, StoreError
 from gateway.identity import GLOBAL_TAG, TrustedProxies
 from gateway.lifespan import run_lifespan
-from gateway.problem import STORE_UNAVAILABLE, problem_type, send_problem
+from gateway.problem import STORE_UNAVAILABLE, problem_type, renderer_for
 from gateway.requestid import current_request_id
 from gateway.slots import SlotHolding, SlotKeeper
 from gateway.store import SlotPlan, Store
@@ -273,6 +273,7 @@ class LoadSheddingMiddleware:
             raise ConfigError(["shedding: neither shedding.local nor shedding.fleet is enabled: "
                                "LoadSheddingMiddleware would shed nothing"])
         self.app = app
+        self._render = renderer_for(config.errors.format)
         self.classes = PriorityClasses(config.priorities, config.shedding.default_class, config.identity)
         names = self.classes.names
         local, fleet = config.shedding.local, config.shedding.fleet
@@ -341,7 +342,7 @@ class LoadSheddingMiddleware:
                              "event": "shedding.store_error", "error": str(exc),
                              "request_id": current_request_id()})
             if deny:
-                await send_problem(
+                await self._render.send(
                     send, status=503, type_=STORE_UNAVAILABLE, title="Load shedder store unavailable",
                     detail="The fleet's capacity could not be checked and it does not run unchecked.",
                     headers=[(b"retry-after", _RETRY_AFTER)])
@@ -364,7 +365,7 @@ class LoadSheddingMiddleware:
 
     async def _send_shed(self, send: Send, k: int, shedder: str) -> None:
         name = self.classes.names[k]
-        await send_problem(
+        await self._render.send(
             send,
             status=503,
             type_=LOAD_SHED,

@@ -32,6 +32,7 @@ from gateway.lifespan import run_lifespan
 from gateway.metrics import Metrics
 from gateway.ops import OpsRoutes, UpstreamTimer
 from gateway.plans import plan_claims
+from gateway.problem import renderer_for
 from gateway.ratelimit import RateLimitMiddleware
 from gateway.request_check import RequestCheck
 from gateway.shedding import LoadSheddingMiddleware
@@ -89,6 +90,8 @@ class GatewayMiddleware(StackEntry):
         keys = (*(p.key for p in self.config.rate_limits), *(c.key for c in self.config.concurrency_limits),
                 "identity")
         resolver = IdentityResolver(self.config.identity, keys, claims=plan_claims(self.config.rate_limits))
+        # [errors] format: every layer's refusals written by one renderer
+        renderer = renderer_for(self.config.errors.format)
         self._idempotency = IdempotencyMiddleware(
             UpstreamTimer(app),
             idempotency=self.config.idempotency,
@@ -96,6 +99,7 @@ class GatewayMiddleware(StackEntry):
             store=self.store,
             metrics=self.metrics,
             identity_resolver=resolver,
+            renderer=renderer,
         )
         inner: ASGIApp = self._idempotency
         claim_methods = frozenset(self.config.idempotency.methods)
@@ -110,6 +114,7 @@ class GatewayMiddleware(StackEntry):
                 identity_resolver=resolver,
                 claim_methods=claim_methods,
                 limit_preflights=self.config.request.limit_preflights,
+                renderer=renderer,
             )
         if self.config.rate_limits:
             inner = RateLimitMiddleware(
@@ -124,6 +129,8 @@ class GatewayMiddleware(StackEntry):
                 # and any other, with a concurrency limit's acquire (concurrency.py)
                 defer_every_take=self._concurrency is not None,
                 limit_preflights=self.config.request.limit_preflights,
+                rate_limit_headers=self.config.response.rate_limit_headers,
+                renderer=renderer,
                 # a request it takes for itself passes every layer inside untouched: to the app
                 direct_app=app if self._concurrency is None else None,
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
@@ -23,6 +24,7 @@ __all__ = [
     "ClaimOutcome",
     "LeaseTerms",
     "RateDecision",
+    "RecordWatch",
     "SlotDecision",
     "SlotPlan",
     "Store",
@@ -194,6 +196,9 @@ class LeaseTerms:
     claim_argv: bytes  # the same, framed as RESP bulk strings
     renew_argv: bytes
     ttl_argv: bytes
+    # idempotency.on_in_flight = "wait": completions and releases tell waiting duplicates
+    notify: bool = False
+    notify_argv: bytes = bulks(("0",))
 
     @classmethod
     def from_config(cls, config: IdempotencyConfig) -> LeaseTerms:
@@ -209,6 +214,8 @@ class LeaseTerms:
             claim_argv=bulks(claim),
             renew_argv=bulks((lock_ms, linger_ms)),
             ttl_argv=bulks((ttl_ms,)),
+            notify=config.on_in_flight == "wait",
+            notify_argv=bulks(("1" if config.on_in_flight == "wait" else "0",)),
         )
 
 
@@ -228,6 +235,21 @@ class Claim:
     outcome: ClaimOutcome
     lease_left_ms: int = 0  # in_flight: until the holder's lease ends unless it renews
     response: StoredResponse | None = None  # done: what to replay
+
+
+class RecordWatch(Protocol):
+    """Word that an idempotency record was completed or released (``Store.idempotency_watch``).
+
+    ``generation`` counts the notices so far; a waiter notes it before it looks at the record,
+    and ``changed`` returns at once if a notice came meanwhile, so none is missed."""
+
+    generation: int
+    broken: bool  # notices stopped (the connection failed): the waiter polls from now on
+
+    async def changed(self, seen: int, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) for a notice after generation ``seen``; False on the
+        timeout, or at once when notices cannot come any more (the connection broke)."""
+        ...
 
 
 class Store(Protocol):
@@ -348,4 +370,11 @@ class Store(Protocol):
     async def idempotency_renew(self, record: str, owner: bytes, terms: LeaseTerms) -> bool:
         """Extend ``owner``'s lease by ``terms.lock_ttl``; False when the claim is not
         ``owner``'s any more."""
+        ...
+
+    def idempotency_watch(self, record: str) -> AbstractAsyncContextManager[RecordWatch | None]:
+        """While the context is open, notices of ``record``'s completion or release (sent by
+        holders whose ``terms.notify`` is on), from the moment the context is entered; None
+        where this store cannot send them (the caller polls instead). Never raises a store
+        error: a watch that cannot be set up is None."""
         ...

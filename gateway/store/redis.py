@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from redis.asyncio import ConnectionPool, Redis
@@ -35,6 +36,7 @@ from gateway.store.base import (
     Claim,
     LeaseTerms,
     RateDecision,
+    RecordWatch,
     SlotDecision,
     SlotPlan,
     StoredResponse,
@@ -48,6 +50,7 @@ from gateway.store.layout import (
     slots_from_reply,
     take_acquire_from_reply,
 )
+from gateway.store.notify import RecordNotices
 from gateway.store.pipeline import Pipeline
 from gateway.store.resp import ScriptCall, bulk, command
 from gateway.store.scripted import ScriptStoreBase
@@ -203,6 +206,7 @@ class RedisStore(ScriptStoreBase):
             if pipelined else _Lane(pool.make_connection, max_connections)
         )
         self._bounded = pipelined  # the pipeline bounds every call itself, cheaper than the guard
+        self._notices = RecordNotices(client, timeout_s)
         self._take_frames: dict[tuple[object, ...], bytes] = {}
         self._scripts = (self._take, self._claim, self._complete, self._release, self._renew,
                          self._take_claim, self._acquire, self._give_back, self._slot_renew,
@@ -267,6 +271,7 @@ class RedisStore(ScriptStoreBase):
             await self._guard.run("open", self._lane.call, script.load, bounded=self._bounded)
 
     async def close(self) -> None:
+        await self._notices.close()
         await self._lane.close()
         await self._client.aclose()
         pool = self._client.connection_pool
@@ -359,13 +364,17 @@ class RedisStore(ScriptStoreBase):
     ) -> Coroutine[Any, Any, bool]:
         key = self._keys.record(record)
         args = b"".join((bulk(owner), bulk(b"%d" % response.status), bulk(response.headers),
-                         bulk(response.body), terms.ttl_argv))
-        return self._run(self._complete, self._complete.evalsha([key], args, 5), bool)
+                         bulk(response.body), terms.ttl_argv, terms.notify_argv))
+        return self._run(self._complete, self._complete.evalsha([key], args, 6), bool)
 
     def idempotency_release(self, record: str, owner: bytes, terms: LeaseTerms) -> Coroutine[Any, Any, bool]:
         key = self._keys.record(record)
-        packed = self._release.evalsha([key], bulk(owner) + terms.ttl_argv, 2)
+        packed = self._release.evalsha([key], bulk(owner) + terms.ttl_argv + terms.notify_argv, 3)
         return self._run(self._release, packed, bool)
+
+    def idempotency_watch(self, record: str) -> AbstractAsyncContextManager[RecordWatch | None]:
+        # the channel is named like the record's key (lua/idempotency_complete.lua)
+        return self._notices.watch(self._keys.record(record))
 
     def idempotency_renew(self, record: str, owner: bytes, terms: LeaseTerms) -> Coroutine[Any, Any, bool]:
         key = self._keys.record(record)
