@@ -58,6 +58,10 @@ _CLOSE = ((b"connection", b"close"),)
 _log = logging.getLogger(__name__)
 #: Why a request is refused: (reason, status, detail), as the header pass finds it
 Refusal = tuple[str, int, str]
+#: Normal paths (and valid Host values) remembered, each set at most this many, each value at
+#: most _REMEMBERED_LEN bytes
+REMEMBERED = 4096
+_REMEMBERED_LEN = 256
 #: The problem a refusal is answered with: (reason, status, problem type name, detail)
 Problem = tuple[str, int, str, str]
 
@@ -103,6 +107,10 @@ class RequestCheck:
         if self._cookies:
             self._read |= {COOKIE}
         self._reject_non_normal = config.request.path_normalization == "reject"
+        # the normal paths and valid hosts seen lately: most requests repeat them, and a set
+        # lookup costs a tenth of the regular-expression check (bounded by REMEMBERED each)
+        self._normal_paths: set[bytes] = set()
+        self._hosts: set[bytes] = set()
         self._render = renderer_for(config.errors.format)
         self._refused = metrics.refused
 
@@ -146,7 +154,14 @@ class RequestCheck:
             return reason, status, "expectation-failed" if status == 417 else "ambiguous-request", detail
         # a server that gives no raw_path: the path as it would be sent (the proxy does the same)
         raw_path: bytes = scope.get("raw_path") or quote(scope["path"]).encode("ascii")
+        normal = self._normal_paths
+        if raw_path in normal:  # checked lately: already in normal form
+            return None
         target = normal_target(raw_path)
+        if target is raw_path and len(raw_path) <= _REMEMBERED_LEN:
+            if len(normal) >= REMEMBERED:
+                normal.clear()  # bounded: many distinct paths only cost their check
+            normal.add(raw_path)
         if target is None:
             return ("path", 400, "ambiguous-path", "the path holds a '\\' (raw or encoded), an encoded "
                     "NUL or a malformed escape: servers disagree on what it names")
@@ -211,6 +226,11 @@ class RequestCheck:
         if host is None:
             if version == "1.1":
                 return "host", 400, "an HTTP/1.1 request needs a Host header"
-        elif not _HOST_VALUE.fullmatch(host):
-            return "host", 400, "the Host header is not host[:port]"
+        elif host not in self._hosts:
+            if not _HOST_VALUE.fullmatch(host):
+                return "host", 400, "the Host header is not host[:port]"
+            if len(host) <= _REMEMBERED_LEN:
+                if len(self._hosts) >= REMEMBERED:
+                    self._hosts.clear()
+                self._hosts.add(host)
         return None

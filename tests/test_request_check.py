@@ -259,3 +259,24 @@ async def test_a_refusal_echoes_the_clients_id_sent_after_the_ambiguity() -> Non
     assert sent[0]["status"] == 400
     assert [v for n, v in sent[0]["headers"] if n == _RID] == [b"later-id"]
     assert app.calls == 0
+
+
+async def test_remembered_paths_and_hosts_stay_bounded_and_decide_as_the_check(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Normal paths and valid hosts are remembered (no re-check), at most REMEMBERED of each; a
+    path that needs work and a bad Host are still rewritten and refused among them."""
+    monkeypatch.setattr("gateway.request_check.REMEMBERED", 3)
+    app = CountingApp()
+    gw = _gateway(app)
+    check = gw._check
+    for round_ in range(2):
+        for i in range(5):
+            host = b"h%d.example:80" % i
+            assert await raw_call(gw, "GET", b"/echo/%d" % i, [(b"host", host)]) == 200, round_
+            assert await raw_call(gw, "GET", b"/x/../echo/%d" % i, [(b"host", host)]) == 200
+            assert app.scopes[-1]["raw_path"] == b"/echo/%d" % i
+            assert await raw_call(gw, "GET", b"/echo", [(b"host", b"bad host")]) == 400
+            assert len(check._normal_paths) <= 3
+            assert len(check._hosts) <= 3
+    assert b"/x/../echo/4" not in check._normal_paths
+    assert b"bad host" not in check._hosts
