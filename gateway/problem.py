@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from http import HTTPStatus
 from typing import Any
 
 from gateway._asgi import Send
@@ -21,6 +22,7 @@ __all__ = [
     "PROBLEM_HEADERS",
     "QUOTA_EXCEEDED",
     "STORE_UNAVAILABLE",
+    "CannedProblem",
     "problem_body",
     "problem_type",
     "send_problem",
@@ -79,3 +81,41 @@ async def send_problem(
         out.append((REQUEST_ID_HEADER, new_request_id().encode()))
     await send({"type": "http.response.start", "status": status, "headers": out})
     await send({"type": "http.response.body", "body": payload})
+
+
+class CannedProblem:
+    """One problem response built once and sent many times (a shed request's 503): the same
+    body and headers ``send_problem`` would send, without the JSON encoding per request.
+
+    ``head`` is the response head up to the ``X-Request-Id`` value, for an HTTP/1.1 connection
+    that writes the answer itself (``gateway/connection_shed.py``): status line, the headers
+    (Content-Length included), then ``x-request-id: ``; the caller ends it."""
+
+    __slots__ = ("body", "head", "headers", "status")
+
+    def __init__(
+        self,
+        *,
+        status: int,
+        type_: str,
+        title: str,
+        detail: str,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+        extensions: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.status = status
+        self.body = problem_body(status=status, type_=type_, title=title, detail=detail,
+                                 extensions=extensions)
+        self.headers = (*PROBLEM_HEADERS, (b"content-length", str(len(self.body)).encode()), *headers)
+        lines = [b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode())]
+        lines += [name + b": " + value for name, value in self.headers]
+        self.head = b"\r\n".join(lines) + b"\r\n" + REQUEST_ID_HEADER + b": "
+
+    async def send(self, send: Send) -> None:
+        """Send it, as ``send_problem`` would: with a new ``X-Request-Id`` when no layer outside
+        names the request."""
+        out = list(self.headers)
+        if current_request_id() is None:
+            out.append((REQUEST_ID_HEADER, new_request_id().encode()))
+        await send({"type": "http.response.start", "status": self.status, "headers": out})
+        await send({"type": "http.response.body", "body": self.body})

@@ -77,7 +77,7 @@ class RequestCheck:
         """The scope to go on with (its path in normal form), or None once a refusal is sent;
         the values of the headers the decisions read go into ``ctx.headers``."""
         values: dict[bytes, bytes] = {}
-        refusal = self._refusal(scope, values)
+        refusal = self._refusal(scope.get("http_version", "1.1"), scope["headers"], values)
         ctx.headers = HeaderValues(self._read, values)
         if refusal is not None:
             reason, status, detail = refusal
@@ -100,6 +100,18 @@ class RequestCheck:
             scope = {**scope, "raw_path": target, "path": unquote(target.decode("latin-1"))}
         return scope
 
+    def passing_path(self, http_version: str, headers: Iterable[tuple[bytes, bytes]],
+                     raw_path: bytes) -> str | None:
+        """The path (decoded, in normal form) ``admit`` would go on with, or None when it would
+        refuse the request: for the connection's early shed (``connection_shed.py``), which
+        leaves every request the check refuses to the check, so its answer stays the same."""
+        if self._refusal(http_version, headers, {}) is not None:
+            return None
+        target = normal_target(raw_path)
+        if target is None or (target is not raw_path and self._reject_non_normal):
+            return None
+        return unquote(target.decode("latin-1"))
+
     async def _refuse(self, send: Send, reason: str, status: int, name: str, detail: str) -> None:
         self._refused[reason].inc()
         _log.info("request refused: %s", detail,
@@ -108,16 +120,16 @@ class RequestCheck:
         await send_problem(send, status=status, type_=problem_type(name), title=title, detail=detail,
                            headers=_CLOSE)
 
-    def _refusal(self, scope: Scope, values: dict[bytes, bytes]) -> tuple[str, int, str] | None:
+    def _refusal(self, version: str, headers: Iterable[tuple[bytes, bytes]],
+                 values: dict[bytes, bytes]) -> tuple[str, int, str] | None:
         """(reason, status, detail) when the request is ambiguous, else None; ``values`` gets the
         values of the headers the decisions read (see ``HeaderValues``)."""
-        version = scope.get("http_version", "1.1")
         if version not in _VERSIONS:
             return "http_version", 400, f"HTTP/{version} is not served; send HTTP/1.1"
         single = self._single
         read = self._read
         host: bytes | None = None
-        for name, value in scope["headers"]:
+        for name, value in headers:
             if name in read:
                 if name in single:
                     if name in values:

@@ -24,6 +24,7 @@ from typing import Any
 from gateway._asgi import ASGIApp, Receive, Scope, Send
 from gateway.concurrency import ConcurrencyLimitMiddleware
 from gateway.config import Config, load_config
+from gateway.connection_shed import ConnectionShedder
 from gateway.entry import StackEntry
 from gateway.idempotency import IdempotencyMiddleware
 from gateway.identity import IdentityResolver
@@ -122,10 +123,18 @@ class GatewayMiddleware:
             inner = self._shedding = LoadSheddingMiddleware(
                 inner, config=self.config, store=self.store, metrics=self.metrics)
         self.app = app
+        check = RequestCheck(self.config, metrics=self.metrics)
+        #: what ``gateway serve``'s connection asks before a request reaches this stack (the
+        #: local shedder's early refusal, ``connection_shed.py``); None when it has nothing to shed
+        self.connection_shedder: ConnectionShedder | None = None
+        local = self._shedding.local if self._shedding is not None else None
+        if self._shedding is not None and local is not None and shedding.local.mode == "enforce":
+            self.connection_shedder = ConnectionShedder(self._shedding, local, check, self.metrics,
+                                                        date_header=date_header)
         self._chain: ASGIApp = StackEntry(
             inner,
             metrics=self.metrics,
-            check=RequestCheck(self.config, metrics=self.metrics),
+            check=check,
             ops=OpsRoutes(store=self.store, metrics=self.metrics),
             date_header=date_header,
         )
