@@ -111,12 +111,16 @@ class ConnectionShedder:
         scope[DRAWN_SCOPE_KEY] = self.local
 
     def answer(self, k: int, headers: Sequence[tuple[bytes, bytes]], *, started: float, head_only: bool,
-               close: bool) -> bytes:
+               close: bool, server_headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
         """The whole 503 for a request of class ``k`` shed here (its body left out for ``HEAD``,
-        ``Connection: close`` when the connection will close), counted and noted in the log."""
+        ``Connection: close`` when the connection will close, the server's own default headers
+        first, where uvicorn puts them), counted and noted in the log."""
         rid = request_id_of(headers)
         answer = self._answers[k]
-        parts = [answer.head, rid, _CRLF]
+        parts = [answer.status_line]
+        for name, value in server_headers:
+            parts += [name, b": ", value, _CRLF]
+        parts += [answer.fields, rid, _CRLF]
         if self._date_header:
             parts += [_DATE, http_date(), _CRLF]
         if close:

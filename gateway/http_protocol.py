@@ -242,7 +242,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         body, drainable = _body_ahead(self.headers)
         close = not keep_alive or (body and (not drainable or self.expect_100_continue))
         self.transport.write(shedder.answer(k, self.headers, started=started, head_only=method == "HEAD",
-                                            close=close))
+                                            close=close, server_headers=self.server_state.default_headers))
+        if self.access_log:
+            self.access_logger.info('%s - "%s %s HTTP/%s" %d', _address(self.client), method,
+                                    self.url.decode("latin-1"), self.parser.get_http_version(), 503)
         self._discard(close=close)  # until its message completes, with or without a body
         if close and not body:
             self.transport.close()

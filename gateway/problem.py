@@ -87,11 +87,11 @@ class CannedProblem:
     """One problem response built once and sent many times (a shed request's 503): the same
     body and headers ``send_problem`` would send, without the JSON encoding per request.
 
-    ``head`` is the response head up to the ``X-Request-Id`` value, for an HTTP/1.1 connection
-    that writes the answer itself (``gateway/connection_shed.py``): status line, the headers
-    (Content-Length included), then ``x-request-id: ``; the caller ends it."""
+    For an HTTP/1.1 connection that writes the answer itself (``gateway/connection_shed.py``):
+    ``status_line`` (with its CRLF), and ``fields``: the header lines (Content-Length included),
+    then ``x-request-id: ``, for the caller to end."""
 
-    __slots__ = ("body", "head", "headers", "status")
+    __slots__ = ("body", "fields", "headers", "status", "status_line")
 
     def __init__(
         self,
@@ -107,9 +107,9 @@ class CannedProblem:
         self.body = problem_body(status=status, type_=type_, title=title, detail=detail,
                                  extensions=extensions)
         self.headers = (*PROBLEM_HEADERS, (b"content-length", str(len(self.body)).encode()), *headers)
-        lines = [b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode())]
-        lines += [name + b": " + value for name, value in self.headers]
-        self.head = b"\r\n".join(lines) + b"\r\n" + REQUEST_ID_HEADER + b": "
+        self.status_line = b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())
+        self.fields = b"".join(name + b": " + value + b"\r\n" for name, value in self.headers)
+        self.fields += REQUEST_ID_HEADER + b": "
 
     async def send(self, send: Send) -> None:
         """Send it, as ``send_problem`` would: with a new ``X-Request-Id`` when no layer outside

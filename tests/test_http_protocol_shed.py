@@ -142,10 +142,16 @@ async def test_a_shed_request_makes_no_scope_cycle_or_task(server: Any) -> None:
     assert not transport.closing
 
 
-async def test_the_connections_answer_is_the_stacks_byte_for_byte(server: Any) -> None:
+UVICORN_DEFAULTS = [(b"server", b"uvicorn"), (b"date", b"Tue, 01 Dec 2026 00:00:00 GMT")]
+
+
+@pytest.mark.parametrize("server_headers", [[], UVICORN_DEFAULTS], ids=["serve", "uvicorn-defaults"])
+async def test_the_connections_answer_is_the_stacks_byte_for_byte(
+        server: Any, server_headers: list[tuple[bytes, bytes]]) -> None:
     """The same shed request answered by the connection and (writes paused, so left to it) by
-    the stack: the same bytes."""
+    the stack: the same bytes, uvicorn's own default headers (as it adds them) included."""
     s: Server = server()
+    s.state.default_headers = server_headers
     s.local.in_flight = 1
     early, early_transport = s.connect()
     early.data_received(GET)
