@@ -21,7 +21,7 @@ from gateway.errors import (
     StoreTimeout,
     StoreUnavailable,
 )
-from gateway.idempotency import IdempotencyMiddleware, mark_not_sent
+from gateway.idempotency import IdempotencyMiddleware, mark_not_sent, mark_outcome_unknown
 from gateway.ratelimit import RateLimitMiddleware
 from gateway.requestid import RequestIdMiddleware
 from gateway.shedding import LoadSheddingMiddleware
@@ -43,6 +43,7 @@ __all__ = [
     "StoreUnavailable",
     "load_config",
     "mark_not_sent",
+    "mark_outcome_unknown",
 ]
 __version__ = "0.1.0"
 

@@ -35,6 +35,7 @@ KNOWN_METHODS = frozenset({
 _POLICY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _KEY_PREFIX = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # no braces: they would hijack hash tags
 _PATH_PREFIX = re.compile(r"/[^\s?#]*")
+_WILDCARD = re.compile(r"\*|\{[A-Za-z_][A-Za-z0-9_]*\}")  # a pattern's wildcard segment
 _ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})")  # host:port, [v6]:port
 
 
@@ -82,6 +83,16 @@ class Table:
     def _get(self, key: str) -> Any:
         self._read.add(key)
         return self._data.get(key, _MISSING)
+
+    def given_keys(self) -> list[str]:
+        """The keys given (each then counts as read: the caller reads or refuses it)."""
+        names = [str(k) for k in self._data]
+        self._read.update(names)
+        return names
+
+    def has(self, key: str) -> bool:
+        """Whether ``key`` is given (it then counts as read)."""
+        return self._get(key) is not _MISSING
 
     def finish(self) -> None:
         """Report every key that no getter asked for: unknown keys are errors."""
@@ -248,23 +259,71 @@ class Table:
             return None
         return list(value)
 
-    def identity_sources(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    def identity_sources(self, key: str, default: tuple[Any, ...]) -> tuple[Any, ...]:
+        """``ip``, ``header:NAME``, ``cookie:NAME``, ``bearer``, ``jwt:CLAIM``, or (in-process) a
+        callable; at least one, no duplicates."""
         items = self._list(key)
         if items is None:
             return default
         if not items:
-            self.problem(key, 'expected at least one source ("ip" or "header:NAME")')
+            self.problem(key, f"expected at least one source ({_SOURCES})")
             return default
-        sources: list[str] = []
+        sources: list[Any] = []
         for i, item in enumerate(items):
-            source = "ip" if item == "ip" else _header_source(item)
+            source = item if callable(item) else identity_source(item)
             if source is None:
-                self.problem(f"{key}[{i}]", f'expected "ip" or "header:NAME", got {show(item)}')
+                self.problem(f"{key}[{i}]", f"expected {_SOURCES} or a callable, got {show(item)}")
             elif source in sources:
                 self.problem(f"{key}[{i}]", f"duplicate source {show(item)}")
             else:
                 sources.append(source)
         return tuple(sources)
+
+    def plan_source(self, key: str) -> Any:
+        """Where a client's plan is read: ``jwt:CLAIM``, ``header:NAME`` or a callable; None
+        when not given."""
+        value = self._get(key)
+        if value is _MISSING:
+            return None
+        if callable(value):
+            return value
+        source = identity_source(value)
+        if source is None or not source.startswith(("jwt:", "header:")):
+            self.problem(key, f'expected "jwt:CLAIM", "header:NAME" or a callable, got {show(value)}')
+            return None
+        return source
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        """One non-empty string or a list of them."""
+        value = self._get(key)
+        if value is _MISSING:
+            return ()
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, Sequence) or not items or not all(isinstance(v, str) and v for v in items):
+            self.problem(key, f"expected a string or a list of strings, got {show(value)}")
+            return ()
+        return tuple(items)
+
+    def algorithms(self, key: str, families: Mapping[str, str]) -> tuple[str, ...]:
+        """JWT algorithms, pinned: required, all of one family, never ``none``."""
+        items = self._list(key)
+        if not items:
+            self.problem(key, f'required: the algorithms tokens are signed with, e.g. ["RS256"] '
+                         f"(one family of {', '.join(families)})")
+            return ()
+        found: list[str] = []
+        before = self.problem_count()
+        for i, item in enumerate(items):
+            if not isinstance(item, str) or item not in families:
+                why = " (an unsigned token is never believed)" if str(item).lower() == "none" else ""
+                self.problem(f"{key}[{i}]", f"expected one of {', '.join(families)}{why}, got {show(item)}")
+            elif item not in found:
+                found.append(item)
+        if len({families[a] for a in found}) > 1:
+            self.problem(key, "mixes algorithm families: one key serves one family (an RSA public key "
+                         f"must never be taken as an HMAC secret), got {', '.join(found)}")
+            return ()
+        return tuple(found) if self.problem_count() == before else ()
 
     def networks(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
         items = self._list(key)
@@ -310,10 +369,29 @@ class Table:
             if not isinstance(item, str) or not _PATH_PREFIX.fullmatch(item):
                 self.problem(f"{key}[{i}]", f'expected a path prefix starting with "/", got {show(item)}')
                 continue
+            if not _segments_ok(item):
+                self.problem(f"{key}[{i}]", f'a wildcard is a whole segment, "*" or "{{name}}" (as in '
+                             f'"/v1/charges/*/capture"), got {show(item)}')
+                continue
             prefix = item.rstrip("/") or "/"
             if prefix not in paths:
                 paths.append(prefix)
         return tuple(paths)
+
+    def statuses(self, key: str, default: frozenset[int], *, low: int, high: int, why: str) -> frozenset[int]:
+        """A list of HTTP status codes, each between ``low`` and ``high`` (``why`` says why)."""
+        items = self._list(key)
+        if items is None:
+            return default
+        found: set[int] = set()
+        for i, item in enumerate(items):
+            if isinstance(item, bool) or not isinstance(item, int):
+                self.problem(f"{key}[{i}]", f"expected a status code like 422, got {show(item)}")
+            elif not low <= item <= high:
+                self.problem(f"{key}[{i}]", f"must be between {low} and {high} ({why}), got {item}")
+            else:
+                found.add(item)
+        return frozenset(found)
 
     def methods(self, key: str, default: frozenset[str]) -> frozenset[str]:
         items = self._list(key)
@@ -331,6 +409,32 @@ class Table:
             else:
                 methods.add(item.upper())
         return frozenset(methods)
+
+
+_SOURCES = '"ip", "header:NAME", "cookie:NAME", "bearer" or "jwt:CLAIM"'
+_COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 6265 §4.1.1 cookie-name: a token
+_CLAIM = re.compile(r"[!-~]{1,256}")  # a JWT claim name: visible ASCII (URIs included), no spaces
+
+
+def identity_source(value: object) -> str | None:
+    """A source as configured, normalised (header names lowercased), or None when it is none."""
+    if value in ("ip", "bearer"):
+        return str(value)
+    if not isinstance(value, str):
+        return None
+    if value.startswith("header:"):
+        return _header_source(value)
+    if value.startswith("cookie:"):
+        name = value[len("cookie:"):]
+        return value if _COOKIE_NAME.fullmatch(name) else None  # cookie names are case-sensitive
+    if value.startswith("jwt:"):
+        return value if _CLAIM.fullmatch(value[len("jwt:"):]) else None
+    return None
+
+
+def _segments_ok(path: str) -> bool:
+    """Whether every segment with a wildcard character is a whole wildcard (``*``, ``{name}``)."""
+    return all(_WILDCARD.fullmatch(seg) for seg in path.split("/") if "*" in seg or "{" in seg or "}" in seg)
 
 
 def _header_source(value: object) -> str | None:

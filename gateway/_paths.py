@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["PathPrefixes", "match_form", "normal_target"]
+__all__ = ["PathPrefixes", "is_pattern", "match_form", "normal_target"]
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
@@ -83,23 +83,110 @@ def _remove_dot_segments(path: str) -> str:
     return "/" + "/".join(out)
 
 
+class _Wild:
+    """A pattern token: ``ANY`` stands for one segment, ``REST`` for any number (0 or more)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+_ANY = _Wild("ANY")
+_REST = _Wild("REST")
+_Token = str | _Wild
+
+
+def is_pattern(path: str) -> bool:
+    """Whether a ``paths`` entry is a segment pattern (``*`` or ``{name}`` segments)."""
+    return "*" in path or "{" in path
+
+
+def _compile(pattern: str) -> tuple[_Token, ...]:
+    """A pattern as tokens: a literal segment (in match form), or a wildcard. A wildcard matches
+    one segment, or several: an encoded slash (``%2F``) is one segment to some upstreams and two
+    in the decoded path matchers compare, so to cover the request either way it may span more
+    (never fewer requests). The pattern is a prefix, as a plain entry is: ``REST`` closes it."""
+    tokens: list[_Token] = []
+    for segment in match_form(pattern).split("/")[1:]:
+        if segment == "*" or (segment.startswith("{") and segment.endswith("}")):
+            tokens += (_ANY, _REST)
+        elif segment:
+            tokens.append(segment)
+    tokens.append(_REST)
+    return tuple(tokens)
+
+
+def _glob(tokens: tuple[_Token, ...], segments: list[str]) -> bool:
+    """Whether ``tokens`` match all of ``segments``: the wildcard matching of shells, over
+    segments, backtracking only to the last ``REST`` (O(len(tokens) * len(segments)), no regex
+    to blow up on a path of thousands of segments)."""
+    i = j = 0
+    star = -1
+    mark = 0
+    n, m = len(tokens), len(segments)
+    while j < m:  # bounded: each pass moves j forward, or moves mark (and j) forward
+        token = tokens[i] if i < n else None
+        if token is _REST:
+            star, mark = i, j
+            i += 1
+        elif token is not None and (token is _ANY or token == segments[j]):
+            i += 1
+            j += 1
+        elif star >= 0:
+            i = star + 1
+            mark += 1
+            j = mark
+        else:
+            return False
+    while i < n and tokens[i] is _REST:
+        i += 1
+    return i == n
+
+
 class PathPrefixes:
-    """A compiled set of path prefixes (``[[rate_limit]].paths``, ``required_paths``), matched by
-    segment (``/api`` is /api and /api/..., never /apiary) on the ``match_form`` of both sides."""
+    """A compiled set of paths (``[[rate_limit]].paths``, ``required_paths``...), matched by
+    segment on the ``match_form`` of both sides.
 
-    __slots__ = ("_prefixes", "everything")
+    A plain entry is a prefix: ``/api`` is /api and /api/..., never /apiary. A pattern has
+    wildcard segments, ``*`` or ``{name}`` (``/v1/charges/*/capture``, ``/users/{id}``), each
+    standing for one segment (or more, see ``_compile``), and is a prefix too: it matches the
+    paths it names and those below them (``/users/{id}`` is /users/7 and /users/7/orders, never
+    /users). ``exempt``: paths (plain or patterns) taken back out of the set."""
 
-    def __init__(self, paths: Iterable[str]) -> None:
-        paths = tuple(match_form(p) for p in paths)
-        self.everything = "/" in paths
-        self._prefixes = tuple((p, p.rstrip("/") + "/") for p in paths)
+    __slots__ = ("_all", "_exempt", "_patterns", "_prefixes", "everything")
+
+    def __init__(self, paths: Iterable[str], exempt: Iterable[str] = ()) -> None:
+        paths = tuple(paths)
+        plain = tuple(match_form(p) for p in paths if not is_pattern(p))
+        self._patterns = tuple(_compile(p) for p in paths if is_pattern(p))
+        self._all = "/" in plain
+        self._prefixes = tuple((p, p.rstrip("/") + "/") for p in plain)
+        exempt = tuple(exempt)
+        self._exempt = PathPrefixes(exempt) if exempt else None
+        #: every path, none exempt: no need to look at the path at all
+        self.everything = self._all and self._exempt is None
 
     def __bool__(self) -> bool:
-        return bool(self._prefixes)
+        return bool(self._prefixes or self._patterns)
 
     def matches(self, path: str) -> bool:
         return self.everything or self.matches_form(match_form(path))
 
     def matches_form(self, form: str) -> bool:
-        """``matches`` for a path already in ``match_form`` (one form for many prefix sets)."""
-        return self.everything or any(form == p or form.startswith(ps) for p, ps in self._prefixes)
+        """``matches`` for a path already in ``match_form`` (one form for many path sets)."""
+        if self.everything:
+            return True
+        if self._exempt is not None and self._exempt.matches_form(form):
+            return False
+        if self._all or any(form == p or form.startswith(ps) for p, ps in self._prefixes):
+            return True
+        if self._patterns:
+            segments = form.split("/")[1:]
+            if segments and not segments[-1]:
+                segments.pop()  # a trailing slash names the same resource
+            return any(_glob(p, segments) for p in self._patterns)
+        return False

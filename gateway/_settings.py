@@ -20,12 +20,13 @@ from gateway.config import (
     IdempotencyConfig,
     IdentityConfig,
     RateLimitPolicy,
+    SourceFunction,
     StoreConfig,
     load_config,
 )
 from gateway.store import Store, store_from_config
 
-__all__ = ["ConfigSetting", "StoreSetting", "resolve"]
+__all__ = ["ConfigSetting", "StoreSetting", "resolve", "with_identity"]
 
 StoreSetting = str | Mapping[str, Any] | StoreConfig | Store | None
 
@@ -38,7 +39,7 @@ def resolve(
     config: ConfigSetting = None,
     rate_limit: Sequence[Mapping[str, Any] | RateLimitPolicy] | None = None,
     concurrency_limit: Sequence[Mapping[str, Any] | ConcurrencyLimit] | None = None,
-    identity: Mapping[str, Any] | IdentityConfig | None = None,
+    identity: Mapping[str, Any] | IdentityConfig | SourceFunction | None = None,
     sections: Mapping[str, Any] | None = None,
     idempotency: Mapping[str, Any] | IdempotencyConfig | None = None,
     store: StoreSetting = None,
@@ -49,8 +50,14 @@ def resolve(
     ``GatewayMiddleware`` takes it, instead of the section keywords (only ``store`` may be given
     with it: a shared store). ``sections``: more top-level sections shaped like the TOML
     (``priority``, ``shedding``). A ``Store`` instance is shared (its owner opens and closes
-    it); anything else builds a new store that the middleware owns.
+    it); anything else builds a new store that the middleware owns. ``identity`` may be a
+    callable (sync or async, given the scope): the one identity source (``with_identity``), with
+    ``config`` too.
     """
+    if callable(identity):
+        built, st, owns = resolve(config=config, rate_limit=rate_limit, concurrency_limit=concurrency_limit,
+                                  sections=sections, idempotency=idempotency, store=store)
+        return with_identity(built, identity), st, owns
     if config is not None:
         keywords = (("rate_limit", rate_limit), ("concurrency_limit", concurrency_limit),
                     ("identity", identity), ("idempotency", idempotency), ("sections", sections))
@@ -102,6 +109,16 @@ def resolve(
     if shared is not None:
         return built, shared, False
     return built, store_from_config(built.store), True
+
+
+def with_identity(config: Config, identity: SourceFunction | None) -> Config:
+    """``config`` with ``identity`` (a callable) as its one identity source; itself for None."""
+    if identity is None:
+        return config
+    if not callable(identity):
+        msg = f"identity= takes a callable (given the ASGI scope), got {identity!r}"
+        raise TypeError(msg)
+    return dataclasses.replace(config, identity=dataclasses.replace(config.identity, sources=(identity,)))
 
 
 def _with_store(config: Config, store: str | Mapping[str, Any] | StoreConfig) -> tuple[Config, Store, bool]:

@@ -63,6 +63,11 @@ def _build_parser() -> _Parser:
     serve.add_argument("--host", help="address to listen on (overrides [server] host)")
     serve.add_argument("--port", type=_port, help="port to listen on (overrides [server] port)")
     serve.add_argument("--workers", type=_workers, help="worker processes (overrides [server] workers)")
+    serve.add_argument("--access-log", action="store_true",
+                       help="one JSON line per response (event http.access: client, method, path, status)")
+    serve.add_argument("--log-level", type=_log_level, default="info", metavar="LEVEL",
+                       help="the gateway's own records: debug, info (default: every decision worth "
+                            "knowing), warning or error; debug shows uvicorn's too")
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check", help="validate a config file")
@@ -81,6 +86,13 @@ def _port(text: str) -> int:
         msg = f"expected a port between 0 and 65535, got {text!r}"
         raise argparse.ArgumentTypeError(msg)
     return int(text)
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in ("debug", "info", "warning", "error"):
+        msg = f"expected debug, info, warning or error, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return text.lower()
 
 
 def _workers(text: str) -> int:
@@ -160,7 +172,7 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("PROMETHEUS_DISABLE_CREATED_SERIES", "true")
     import uvicorn
 
-    from gateway.server import ENV_CONFIG, uvicorn_options
+    from gateway.server import ENV_CONFIG, ENV_LOG_LEVEL, uvicorn_options
 
     config = _load(args.config)
     if config is None:
@@ -179,6 +191,7 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     bound_host, bound_port = sock.getsockname()[:2]
     os.environ[ENV_CONFIG] = os.path.abspath(args.config)
+    os.environ[ENV_LOG_LEVEL] = args.log_level  # every worker's gateway logger
     metrics_dir = None
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # set before any worker imports prometheus_client: every worker writes its values there
@@ -186,7 +199,7 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     print(f"gateway serve on {_base_url(bound_host, bound_port)} -> {config.upstream.url} "
           f"(store {_store_line(config.store)}), {workers} worker{'s' if workers > 1 else ''}", flush=True)
-    options: dict[str, Any] = uvicorn_options(config)
+    options: dict[str, Any] = uvicorn_options(config, access_log=args.access_log, log_level=args.log_level)
     uv_config = uvicorn.Config("gateway.server:create_app", factory=True, workers=workers, **options)
     try:
         server = uvicorn.Server(uv_config)

@@ -42,20 +42,21 @@ from gateway._asgi import ASGIApp, Receive, Scope, Send
 from gateway._paths import PathPrefixes, match_form
 from gateway._preflight import is_cors_preflight
 from gateway._settings import ConfigSetting, StoreSetting, resolve
-from gateway.config import ConcurrencyLimit, IdentityConfig
+from gateway.config import ConcurrencyLimit, IdentityConfig, SourceFunction
 from gateway.context import DeferredTake, context_of
 from gateway.errors import ConfigError, StoreError
 from gateway.identity import IdentityResolver
 from gateway.lifespan import run_lifespan
-from gateway.problem import STORE_UNAVAILABLE, problem_type, send_problem
+from gateway.problem import STORE_UNAVAILABLE, Renderer, problem_type, renderer_for
 from gateway.requestid import current_request_id
 from gateway.slots import SlotHolding, SlotKeeper
 from gateway.store import SlotDecision, SlotPlan, Store
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter, Gauge
+    from prometheus_client import Gauge
 
     from gateway.metrics import Metrics
+    from gateway.tallies import CounterTally
 
 __all__ = ["CONCURRENCY_LIMITED", "ConcurrencyLimitMiddleware"]
 
@@ -68,15 +69,16 @@ _RETRY_AFTER = b"1"  # a slot frees when some request ends: soon, but nobody can
 class _Limit:
     """One limit, compiled for matching."""
 
-    __slots__ = ("limit", "methods", "paths")
+    __slots__ = ("exempt_methods", "limit", "methods", "paths")
 
     def __init__(self, limit: ConcurrencyLimit) -> None:
         self.limit = limit
         self.methods = limit.methods
-        self.paths = PathPrefixes(limit.paths)
+        self.exempt_methods = limit.exempt_methods
+        self.paths = PathPrefixes(limit.paths, limit.exempt_paths)
 
     def matches(self, method: str, form: str) -> bool:
-        if self.methods and method not in self.methods:
+        if (self.methods and method not in self.methods) or method in self.exempt_methods:
             return False
         return self.paths.matches_form(form)
 
@@ -94,10 +96,10 @@ class _Rules:
         self.names = tuple(c.name for c in limits)
         self.enforced = tuple(c.mode == "enforce" for c in limits)
         self.deny_on_error = any(c.on_store_error == "deny" and c.mode == "enforce" for c in limits)
-        self.allowed: tuple[Counter, ...] = ()
-        self.denied: tuple[Counter, ...] = ()
-        self.shadow_denied: tuple[Counter, ...] = ()
-        self.errored: tuple[Counter, ...] = ()
+        self.allowed: tuple[CounterTally, ...] = ()
+        self.denied: tuple[CounterTally, ...] = ()
+        self.shadow_denied: tuple[CounterTally, ...] = ()
+        self.errored: tuple[CounterTally, ...] = ()
         self.held: tuple[Gauge, ...] = ()
         if metrics is not None:
             self.allowed = tuple(metrics.concurrency_decision(n, "allow") for n in self.names)
@@ -115,7 +117,8 @@ class ConcurrencyLimitMiddleware:
         concurrency_limit: the ``[[concurrency_limit]]`` policies, as dicts shaped like the TOML
             or as ``ConcurrencyLimit`` objects; one ``"concurrent"`` limit (20 in flight per
             client) when neither this nor ``config`` is given. An empty list is refused.
-        identity: the ``[identity]`` section (dict or ``IdentityConfig``).
+        identity: the ``[identity]`` section (dict or ``IdentityConfig``); or a callable given the ASGI scope
+            (sync or async) returning the client's identity (None for none): the one source.
         store: a store URL, a ``[store]`` dict or ``StoreConfig`` (the middleware then owns the
             store and opens/closes it with the lifespan), or a ``Store`` shared with others.
         metrics: where decisions and slots held are counted; none when None.
@@ -128,6 +131,8 @@ class ConcurrencyLimitMiddleware:
             ``[identity]`` and ``[store]`` from, instead of the keywords above.
         limit_preflights: ``request.limit_preflights``: limit CORS preflights too (by default
             they pass, ``gateway/_preflight.py``); from ``config`` when None.
+        renderer: how the layer's own refusals look (``gateway/problem.py``); from
+            ``[errors] format`` when None.
     """
 
     def __init__(
@@ -135,13 +140,14 @@ class ConcurrencyLimitMiddleware:
         app: ASGIApp,
         *,
         concurrency_limit: Sequence[Mapping[str, Any] | ConcurrencyLimit] | None = None,
-        identity: Mapping[str, Any] | IdentityConfig | None = None,
+        identity: Mapping[str, Any] | IdentityConfig | SourceFunction | None = None,
         store: StoreSetting = None,
         metrics: Metrics | None = None,
         identity_resolver: IdentityResolver | None = None,
         claim_methods: frozenset[str] = frozenset(),
         config: ConfigSetting = None,
         limit_preflights: bool | None = None,
+        renderer: Renderer | None = None,
     ) -> None:
         if concurrency_limit is None and config is None:
             concurrency_limit = [ConcurrencyLimit()]  # the documented default: 20 in flight per client
@@ -159,11 +165,13 @@ class ConcurrencyLimitMiddleware:
         self._resolver = identity_resolver or IdentityResolver(
             config.identity, (c.key for c in config.concurrency_limits))
         self._rules: dict[tuple[int, ...], _Rules] = {}
-        self._everywhere = all(c.paths.everything and not c.methods for c in self._limits)
+        self._everywhere = all(c.paths.everything and not c.methods and not c.exempt_methods
+                               for c in self._limits)
         self._all = self._rules_of(tuple(range(len(self._limits)))) if self._limits else None
         self.slots = SlotKeeper(self._store, shortest_lease_ms=min(
             (c.limit.lease_ms for c in self._limits), default=30_000))
         self._claim_methods = claim_methods
+        self._render = renderer or renderer_for(config.errors.format)
         limit = config.request.limit_preflights if limit_preflights is None else limit_preflights
         self._pass_preflights = not limit
 
@@ -197,7 +205,11 @@ class ConcurrencyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         ctx = context_of(scope)
-        tags_of = ctx.tags(self._resolver, scope) if ctx is not None else self._resolver.tags(scope)
+        if self._resolver.awaits:  # an async callable identity source
+            tags_of = await (ctx.tags_async(self._resolver, scope) if ctx is not None
+                             else self._resolver.tags_async(scope))
+        else:
+            tags_of = ctx.tags(self._resolver, scope) if ctx is not None else self._resolver.tags(scope)
         tags = [tags_of[k] for k in rules.keys]
         owner = b"%032x" % getrandbits(128)
         deferred = None
@@ -287,7 +299,7 @@ class ConcurrencyLimitMiddleware:
             "event": "concurrency.denied", "request_id": current_request_id(), "policies": names,
             "in_flight": [decision.in_flight[i] for i in refused]})
         limits = ", ".join(f"{rules.names[i]}: {rules.limits[i].limit}" for i in refused)
-        await send_problem(
+        await self._render.send(
             send,
             status=429,
             type_=CONCURRENCY_LIMITED,
@@ -307,7 +319,7 @@ class ConcurrencyLimitMiddleware:
             "policies": list(rules.names), "action": action, "error": str(exc)})
         if not rules.deny_on_error:
             return None
-        await send_problem(
+        await self._render.send(
             send,
             status=503,
             type_=STORE_UNAVAILABLE,

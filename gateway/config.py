@@ -9,29 +9,39 @@ Reading a section is ``gateway/_config_read.py``'s job; this module owns the sha
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gateway._config_read import Reader, Table
+from gateway._config_read import Reader, Table, show
 from gateway.errors import ConfigError
 
 __all__ = [
     "ENV_OVERRIDES",
+    "LOOPBACK",
     "ConcurrencyLimit",
     "Config",
+    "ErrorsConfig",
     "FleetShedding",
     "IdempotencyConfig",
     "IdentityConfig",
+    "IdentitySource",
+    "JwtConfig",
     "LocalShedding",
+    "OpsConfig",
+    "PlanLimits",
     "PriorityClass",
     "RateLimitPolicy",
     "RequestConfig",
+    "ResponseConfig",
     "ServerConfig",
     "SheddingConfig",
+    "SourceFunction",
     "StoreConfig",
     "UpstreamConfig",
     "load_config",
@@ -47,6 +57,14 @@ _PATH_NORMALIZATION: tuple[PathNormalization, ...] = ("normalize", "reject")
 _ON_STORE_ERROR: tuple[OnStoreError, ...] = ("allow", "deny")
 _ON_LOST_CLAIM: tuple[OnLostClaim, ...] = ("unknown", "retry")
 _POLICY_MODE: tuple[PolicyMode, ...] = ("enforce", "shadow")
+Fingerprint = Literal["raw", "json"]
+_FINGERPRINT: tuple[Fingerprint, ...] = ("raw", "json")
+OnInFlight = Literal["conflict", "wait"]
+_ON_IN_FLIGHT: tuple[OnInFlight, ...] = ("conflict", "wait")
+ErrorFormat = Literal["problem", "stripe"]
+_ERROR_FORMAT: tuple[ErrorFormat, ...] = ("problem", "stripe")
+RateLimitHeaders = Literal["ietf", "ietf+legacy", "none"]
+_RATE_LIMIT_HEADERS: tuple[RateLimitHeaders, ...] = ("ietf", "ietf+legacy", "none")
 
 #: Environment variables that override one key each, as container deploys expect.
 ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
@@ -57,6 +75,8 @@ ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
 # Token counts in ratelimit_take.lua are integers in units of 1/unit token; Lua numbers are
 # doubles, exact below 2^53. Keeping burst * unit under 2^50 leaves room for the refill sums.
 _EXACT_LIMIT = 2**50
+_OPS_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~-]+)+")
+_PLAN_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,6 +96,23 @@ class RequestConfig:
 
     path_normalization: PathNormalization = "normalize"
     limit_preflights: bool = False  # CORS preflights pass the rate and concurrency limits
+
+
+#: Loopback, IPv4 and IPv6: who may read ``/_gateway/metrics`` unless ``ops.metrics_allow`` says.
+LOOPBACK = ("127.0.0.0/8", "::1/128")
+_EVERYONE = ("0.0.0.0/0", "::/0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpsConfig:
+    """``[ops]``: where the gateway's own routes (health, readiness, metrics) are, and who may
+    reach them. Metrics are the gateway's internals (policy names, traffic, store errors): by
+    default only loopback reads them, in-process and under ``gateway serve``."""
+
+    enabled: bool = True
+    prefix: str = "/_gateway"
+    allow: tuple[str, ...] = _EVERYONE  # healthz and readyz (probes come from the node or LB)
+    metrics_allow: tuple[str, ...] = LOOPBACK
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -102,12 +139,47 @@ class StoreConfig:
     breaker_cooldown_s: float = 1.0  # how long an open breaker fails calls fast before a probe
 
 
+#: An in-process identity (or plan) source: called with the request's ASGI scope, it returns
+#: the value (``str`` or ``bytes``; None for none), or an awaitable of it.
+SourceFunction = Callable[[Mapping[str, Any]], Any]
+#: A source: ``"ip"``, ``"header:NAME"``, ``"cookie:NAME"``, ``"bearer"``, ``"jwt:CLAIM"``, or a
+#: ``SourceFunction`` (in-process).
+IdentitySource = str | SourceFunction
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JwtConfig:
+    """``[identity.jwt]``: how the ``jwt:CLAIM`` sources verify a bearer JWT (``bearer.py``).
+
+    ``key`` is one PEM public key (or an HMAC secret: then never shown in a repr), ``jwks`` a
+    JWKS document; exactly one is set, read from ``key``/``key_file``/``jwks_file`` at load."""
+
+    algorithms: tuple[str, ...]
+    key: bytes | None = field(default=None, repr=False)
+    jwks: str | None = field(default=None, repr=False)
+    audience: tuple[str, ...] = ()
+    issuer: str = ""
+    leeway_s: float = 10.0
+    require_exp: bool = True
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IdentityConfig:
     """``[identity]``: how a client is recognised; the first source with a value wins."""
 
-    sources: tuple[str, ...] = ("header:x-api-key", "ip")
+    sources: tuple[IdentitySource, ...] = ("header:x-api-key", "ip")
     trusted_proxies: tuple[str, ...] = ()
+    jwt: JwtConfig | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlanLimits:
+    """One entry of a policy's ``plans``: the numbers a client on plan ``name`` gets."""
+
+    name: str
+    limit: int
+    burst: int
+    cost: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -126,8 +198,22 @@ class RateLimitPolicy:
     key: str = "identity"
     paths: tuple[str, ...] = ("/",)
     methods: frozenset[str] = frozenset()
+    exempt_paths: tuple[str, ...] = ()  # taken back out of ``paths``
+    exempt_methods: frozenset[str] = frozenset()  # taken back out of ``methods``
     on_store_error: OnStoreError = "allow"
     mode: PolicyMode = "enforce"
+    # where the client's plan is read (jwt:CLAIM, header:NAME from trusted proxies, a callable),
+    # and each plan's numbers; a client on no listed plan gets the policy's own
+    plan: IdentitySource | None = None
+    plans: tuple[PlanLimits, ...] = ()
+
+    def on_plan(self, name: str) -> RateLimitPolicy:
+        """This policy with the numbers of plan ``name`` (its own when no plan has that name)."""
+        for p in self.plans:
+            if p.name == name:
+                return dataclasses.replace(self, limit=p.limit, burst=p.burst, cost=p.cost, plan=None,
+                                           plans=())
+        return self
 
     @property
     def shadow(self) -> bool:
@@ -152,6 +238,8 @@ class ConcurrencyLimit:
     key: str = "identity"
     paths: tuple[str, ...] = ("/",)
     methods: frozenset[str] = frozenset()
+    exempt_paths: tuple[str, ...] = ()
+    exempt_methods: frozenset[str] = frozenset()
     lease_ms: int = 30_000
     on_store_error: OnStoreError = "allow"
     mode: LimitMode = "enforce"
@@ -217,6 +305,24 @@ class IdempotencyConfig:
     required_paths: tuple[str, ...] = ()
     max_body_bytes: int = 1_048_576
     on_store_error: OnStoreError = "deny"
+    fingerprint: Fingerprint = "raw"  # "json": a JSON body's canonical form, not its bytes
+    release_statuses: frozenset[int] = frozenset()  # answered, not stored: the key is free again
+    on_in_flight: OnInFlight = "conflict"  # "wait": a duplicate waits for the first answer
+    wait_timeout_s: float = 10.0  # the longest a duplicate waits before its 409
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorsConfig:
+    """``[errors]``: the shape of every response the gateway makes itself."""
+
+    format: ErrorFormat = "problem"  # RFC 9457; "stripe": Stripe's error envelope and statuses
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResponseConfig:
+    """``[response]``: fields the gateway adds to the responses it passes on."""
+
+    rate_limit_headers: RateLimitHeaders = "ietf"  # "ietf+legacy": also X-RateLimit-*; "none"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -225,6 +331,7 @@ class Config:
 
     server: ServerConfig = field(default_factory=ServerConfig)
     request: RequestConfig = field(default_factory=RequestConfig)
+    ops: OpsConfig = field(default_factory=OpsConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
@@ -233,6 +340,8 @@ class Config:
     priorities: tuple[PriorityClass, ...] = ()
     shedding: SheddingConfig = field(default_factory=SheddingConfig)
     idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
+    errors: ErrorsConfig = field(default_factory=ErrorsConfig)
+    response: ResponseConfig = field(default_factory=ResponseConfig)
 
 
 def load_config(
@@ -285,6 +394,7 @@ def _parse(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
 
     server = _server(root.sub("server"))
     request = _request(root.sub("request"))
+    ops = _ops(root.sub("ops"))
     upstream = _upstream(root.sub("upstream"), overrides["upstream"])
     store = _store(root.sub("store"), overrides["store"])
     identity = _identity(root.sub("identity"))
@@ -300,6 +410,21 @@ def _parse(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
                            "after this one would get no share of the fleet budget")
             break
     idempotency = _idempotency(root.sub("idempotency"))
+    for i, policy in enumerate(rate_limits):
+        source = policy.plan if isinstance(policy.plan, str) else ""
+        if source.startswith("jwt:") and identity.jwt is None and not reader.problems:
+            reader.problem(f"rate_limit[{i}].plan", f"{show(source)} needs [identity.jwt]: the algorithms "
+                           "and the key that verify the token")
+        elif source.startswith("header:") and not identity.trusted_proxies:
+            reader.problem(f"rate_limit[{i}].plan", f"{show(source)} is believed only from "
+                           "identity.trusted_proxies, and there are none: a client could pick its own plan")
+    errors_t = root.sub("errors")
+    errors = ErrorsConfig(format=errors_t.choice("format", ErrorsConfig().format, _ERROR_FORMAT))
+    errors_t.finish()
+    response_t = root.sub("response")
+    response = ResponseConfig(rate_limit_headers=response_t.choice(
+        "rate_limit_headers", ResponseConfig().rate_limit_headers, _RATE_LIMIT_HEADERS))
+    response_t.finish()
     named_sections: tuple[tuple[str, tuple[Any, ...]], ...] = (
         ("rate_limit", rate_limits), ("concurrency_limit", concurrency_limits), ("priority", priorities))
     for section, named in named_sections:
@@ -313,6 +438,7 @@ def _parse(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     return Config(
         server=server,
         request=request,
+        ops=ops,
         upstream=upstream,
         store=store,
         identity=identity,
@@ -321,6 +447,8 @@ def _parse(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         priorities=priorities,
         shedding=shedding,
         idempotency=idempotency,
+        errors=errors,
+        response=response,
     )
 
 
@@ -342,6 +470,23 @@ def _request(t: Table) -> RequestConfig:
     cfg = RequestConfig(
         path_normalization=t.choice("path_normalization", d.path_normalization, _PATH_NORMALIZATION),
         limit_preflights=t.boolean("limit_preflights", d.limit_preflights),
+    )
+    t.finish()
+    return cfg
+
+
+def _ops(t: Table) -> OpsConfig:
+    d = OpsConfig()
+    prefix = t.string("prefix", d.prefix)
+    if prefix != d.prefix and not _OPS_PREFIX.fullmatch(prefix):
+        t.problem("prefix", f'expected a path like "/_gateway" (segments of A-Z a-z 0-9 . _ ~ -, no '
+                  f"trailing slash, not /), got {show(prefix)}")
+        prefix = d.prefix
+    cfg = OpsConfig(
+        enabled=t.boolean("enabled", d.enabled),
+        prefix=prefix,
+        allow=t.networks("allow", d.allow),
+        metrics_allow=t.networks("metrics_allow", d.metrics_allow),
     )
     t.finish()
     return cfg
@@ -398,12 +543,72 @@ def _store(t: Table, overrides: dict[str, tuple[str, str]]) -> StoreConfig:
 
 def _identity(t: Table) -> IdentityConfig:
     d = IdentityConfig()
-    cfg = IdentityConfig(
-        sources=t.identity_sources("sources", d.sources),
-        trusted_proxies=t.networks("trusted_proxies", d.trusted_proxies),
-    )
+    sources = t.identity_sources("sources", d.sources)
+    trusted = t.networks("trusted_proxies", d.trusted_proxies)
+    from gateway.bearer import jwt_available
+
+    jwt_given = t.has("jwt")
+    jwt = None
+    if jwt_given and not jwt_available():
+        t.problem("jwt", "verifying JWTs needs PyJWT: pip install 'gateway[jwt]'")
+    elif jwt_given:
+        jwt = _jwt(t.sub("jwt"))
+    for i, source in enumerate(sources):
+        if isinstance(source, str) and source.startswith("jwt:") and jwt is None and not jwt_given:
+            t.problem(f"sources[{i}]", f"{show(source)} needs [identity.jwt]: the algorithms and the key "
+                      "(key, key_file or jwks_file) that verify the token")
     t.finish()
-    return cfg
+    return IdentityConfig(sources=sources, trusted_proxies=trusted, jwt=jwt)
+
+
+def _jwt(t: Table) -> JwtConfig | None:
+    """``[identity.jwt]``: pinned algorithms and one key, checked now (a bad key is a config error,
+    not a request that silently has no identity)."""
+    from gateway.bearer import ALGORITHM_FAMILIES, load_keys
+
+    d = JwtConfig(algorithms=())
+    before = t.problem_count()
+    algorithms = t.algorithms("algorithms", ALGORITHM_FAMILIES)
+    key_text = t.string("key", "") or None
+    key_file = t.string("key_file", "") or None
+    jwks_file = t.string("jwks_file", "") or None
+    cfg = JwtConfig(
+        algorithms=algorithms,
+        audience=t.strings("audience"),
+        issuer=t.string("issuer", d.issuer),
+        leeway_s=t.duration("leeway", d.leeway_s, low=0.0, high=300.0),
+        require_exp=t.boolean("require_exp", d.require_exp),
+    )
+    given = [k for k, v in (("key", key_text), ("key_file", key_file), ("jwks_file", jwks_file)) if v]
+    if len(given) != 1:
+        t.problem("key", "set exactly one of key, key_file or jwks_file" + (f" (got {', '.join(given)})"
+                                                                                  if given else ""))
+    if t.problem_count() != before or len(given) != 1:
+        t.finish()
+        return None
+    name = given[0]
+    try:
+        if key_text is not None:
+            key: bytes | None = key_text.encode()
+            jwks = None
+        else:
+            path = key_file or jwks_file
+            assert path is not None
+            with open(path, "rb") as f:
+                raw = f.read(1 << 20)
+            key, jwks = (raw.rstrip(b"\r\n"), None) if key_file else (None, raw.decode("utf-8", "replace"))
+        load_keys(algorithms, key=key, jwks=jwks)
+    except OSError as exc:
+        t.problem(name, f"cannot read {show(key_file or jwks_file)}: {exc.strerror or exc}")
+        t.finish()
+        return None
+    except ValueError as exc:
+        t.problem(name, str(exc))
+        t.finish()
+        return None
+    t.finish()
+    return JwtConfig(algorithms=cfg.algorithms, key=key, jwks=jwks, audience=cfg.audience, issuer=cfg.issuer,
+                     leeway_s=cfg.leeway_s, require_exp=cfg.require_exp)
 
 
 def _policy(t: Table) -> RateLimitPolicy:
@@ -418,6 +623,17 @@ def _policy(t: Table) -> RateLimitPolicy:
     if burst * (period_ms // math.gcd(limit, period_ms)) >= _EXACT_LIMIT:
         t.problem("burst", "too large for this limit and period: burst x period / gcd(limit, "
                   "period in ms) must stay below 2^50 for exact token arithmetic")
+    before = t.problem_count()
+    plan = t.plan_source("plan")
+    plans = _plans(t, limit=limit, period_ms=period_ms, cost=cost) if t.has("plans") else ()
+    if t.problem_count() != before:
+        pass  # a bad plan or plans has its own line
+    elif plan is not None and not plans:
+        t.problem("plan", "names where the client's plan is read, but there is no plans table giving "
+                  "each plan's numbers (plans = { free = { limit = 10 }, ... })")
+    elif plans and plan is None:
+        t.problem("plans", "need plan: where the client's plan is read (\"jwt:CLAIM\", \"header:NAME\" "
+                  "from identity.trusted_proxies, or in-process a callable)")
     policy = RateLimitPolicy(
         name=t.policy_name("name", d.name),
         limit=limit,
@@ -427,11 +643,42 @@ def _policy(t: Table) -> RateLimitPolicy:
         key=t.policy_key("key", d.key),
         paths=t.paths("paths", d.paths, empty_ok=False),
         methods=t.methods("methods", d.methods),
+        exempt_paths=t.paths("exempt_paths", d.exempt_paths, empty_ok=True),
+        exempt_methods=t.methods("exempt_methods", d.exempt_methods),
         on_store_error=t.choice("on_store_error", d.on_store_error, _ON_STORE_ERROR),
         mode=t.choice("mode", d.mode, _POLICY_MODE),
+        plan=plan,
+        plans=plans,
     )
     t.finish()
     return policy
+
+
+def _plans(t: Table, *, limit: int, period_ms: int, cost: int) -> tuple[PlanLimits, ...]:
+    """``plans = { free = { limit = 10 }, pro = { limit = 1000, burst = 2000 } }``: per plan,
+    ``limit``, ``burst`` (the plan's limit unless given) and ``cost`` (the policy's unless given),
+    each checked as the policy's own are."""
+    table = t.sub("plans")
+    before = t.problem_count()
+    out: list[PlanLimits] = []
+    for name in table.given_keys():
+        if not _PLAN_NAME.fullmatch(name):
+            table.problem(name, "a plan name is 1-64 characters of A-Z a-z 0-9 . _ -")
+            continue
+        entry = table.sub(name)
+        plan_limit = entry.integer("limit", limit, low=1, high=_EXACT_LIMIT)
+        burst = entry.integer("burst", plan_limit, low=1, high=_EXACT_LIMIT)
+        plan_cost = entry.integer("cost", cost, low=1, high=_EXACT_LIMIT)
+        if plan_cost > burst:
+            entry.problem("cost", f"must not exceed burst ({burst}), or no request could ever pass; "
+                          f"got {plan_cost}")
+        if burst * (period_ms // math.gcd(plan_limit, period_ms)) >= _EXACT_LIMIT:
+            entry.problem("burst", "too large for this limit and period (below 2^50, as the policy's)")
+        entry.finish()
+        out.append(PlanLimits(name=name, limit=plan_limit, burst=burst, cost=plan_cost))
+    if not out and t.problem_count() == before:
+        t.problem("plans", "expected at least one plan, e.g. { pro = { limit = 1000 } }")
+    return tuple(out)
 
 
 def _concurrency_limit(t: Table) -> ConcurrencyLimit:
@@ -443,6 +690,8 @@ def _concurrency_limit(t: Table) -> ConcurrencyLimit:
         key=t.policy_key("key", d.key),
         paths=t.paths("paths", d.paths, empty_ok=False),
         methods=t.methods("methods", d.methods),
+        exempt_paths=t.paths("exempt_paths", d.exempt_paths, empty_ok=True),
+        exempt_methods=t.methods("exempt_methods", d.exempt_methods),
         lease_ms=max(1, round(lease_s * 1000)),
         on_store_error=t.choice("on_store_error", d.on_store_error, _ON_STORE_ERROR),
         mode=t.choice("mode", d.mode, _LIMIT_MODES),
@@ -505,6 +754,11 @@ def _idempotency(t: Table) -> IdempotencyConfig:
         required_paths=t.paths("required_paths", d.required_paths, empty_ok=True),
         max_body_bytes=t.integer("max_body_bytes", d.max_body_bytes, low=0, high=2**31),
         on_store_error=t.choice("on_store_error", d.on_store_error, _ON_STORE_ERROR),
+        fingerprint=t.choice("fingerprint", d.fingerprint, _FINGERPRINT),
+        release_statuses=t.statuses("release_statuses", d.release_statuses, low=400, high=599,
+                                    why="a 1xx-3xx response means the request was carried out"),
+        on_in_flight=t.choice("on_in_flight", d.on_in_flight, _ON_IN_FLIGHT),
+        wait_timeout_s=t.duration("wait_timeout", d.wait_timeout_s, low=0.01, high=600.0),
     )
     t.finish()
     return cfg

@@ -13,8 +13,9 @@ got from the stack:
 
 * nothing to do while the local shedder admits every class (``LocalShedder.may_shed``): the
   common case costs one call;
-* a request the request check would refuse (``RequestCheck.passing_path``) or a
-  ``/_gateway/*`` path goes on to the stack, which answers it as before;
+* a request the request check would refuse (``RequestCheck.passing_path``) or one for the
+  ops routes (``/_gateway/*``, ``OpsRoutes.claims``) goes on to the stack, which answers it as
+  before;
 * the class from the method, the path in normal form and the ``[[priority]]`` header, as
   ``PriorityClasses`` finds it in the stack; then ``LocalShedder.admits``. A request admitted
   here carries that draw into the scope (``DRAWN_SCOPE_KEY``): the stack's shedder checks the
@@ -22,9 +23,10 @@ got from the stack:
 
 A shed request is counted where the stack counts it (``gateway_shed_total``,
 ``gateway_requests_total{code="503"}``, ``gateway_added_latency_seconds``) and noted in the
-shedder's aggregated log line. Its answer is the stack's byte for byte: the class's
-``CannedProblem`` (``Retry-After: 1``), the request's own ``X-Request-Id`` when well formed
-(else a new one), ``Date`` when the stack adds it. The connection owns the framing (keep-alive,
+shedder's aggregated log line. Its answer is the stack's byte for byte, in the ``[errors]
+format`` the stack writes: the class's ``CannedProblem`` (``Retry-After: 1``), the request's own
+``X-Request-Id`` when well formed (else a new one; in Stripe's format ``Request-Id`` too),
+``Date`` when the stack adds it. The connection owns the framing (keep-alive,
 ``HEAD``, the request body): ``http_protocol.py``.
 
 Only the local shedder in ``enforce`` mode sheds here: a shadow one sheds nothing, and the fleet
@@ -40,13 +42,14 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from gateway.entry import http_date
-from gateway.ops import is_ops_path
 from gateway.requestid import HEADER as REQUEST_ID_HEADER
 from gateway.requestid import new_request_id, valid_request_id
 from gateway.shedding import DRAWN_SCOPE_KEY
 
 if TYPE_CHECKING:
+    from gateway._asgi import Headers
     from gateway.metrics import Metrics
+    from gateway.ops import OpsRoutes
     from gateway.request_check import RequestCheck
     from gateway.shedding import LoadSheddingMiddleware, LocalShedder
 
@@ -59,6 +62,7 @@ ADMITTED = -1
 _DATE = b"date: "
 _CRLF = b"\r\n"
 _CLOSE = b"connection: close\r\n"
+_REQUEST_ID = REQUEST_ID_HEADER + b": "
 
 
 def request_id_of(headers: Sequence[tuple[bytes, bytes]]) -> bytes:
@@ -66,8 +70,8 @@ def request_id_of(headers: Sequence[tuple[bytes, bytes]]) -> bytes:
     else a new one (``requestid.take_request_id``)."""
     for name, value in headers:
         if name == REQUEST_ID_HEADER:
-            return value if valid_request_id(value) else new_request_id().encode()
-    return new_request_id().encode()
+            return value if valid_request_id(value) else new_request_id()
+    return new_request_id()
 
 
 class ConnectionShedder:
@@ -77,11 +81,12 @@ class ConnectionShedder:
     connection finds it as the app's ``connection_shedder``."""
 
     def __init__(self, shedding: LoadSheddingMiddleware, local: LocalShedder, check: RequestCheck,
-                 metrics: Metrics, *, date_header: bool) -> None:
+                 ops: OpsRoutes, metrics: Metrics, *, date_header: bool) -> None:
         self.local = local
         self._shedding = shedding
         self._classes = shedding.classes
         self._check = check
+        self._ops = ops
         self._metrics = metrics
         self._date_header = date_header
         self._answers = shedding.answers["local"]
@@ -90,7 +95,7 @@ class ConnectionShedder:
         """Whether any request could be shed now (else the connection asks nothing more)."""
         return self.local.may_shed()
 
-    def decide(self, method: str, url: bytes, http_version: str, headers: Sequence[tuple[bytes, bytes]],
+    def decide(self, method: str, url: bytes, http_version: str, headers: Headers,
                client: Sequence[Any] | None) -> int:
         """The class to shed the request as (0 the most critical), or ``PASS`` (the stack
         decides), or ``ADMITTED`` (admitted here, its draw made)."""
@@ -101,7 +106,7 @@ class ConnectionShedder:
         if not raw_path.isascii():
             return PASS
         path = self._check.passing_path(http_version, headers, raw_path)
-        if path is None or is_ops_path(path):
+        if path is None or self._ops.claims(path):
             return PASS
         k = self._classes.of_request(method, path, headers, client)
         return ADMITTED if self.local.admits(k) else k
@@ -120,7 +125,8 @@ class ConnectionShedder:
         parts = [answer.status_line]
         for name, value in server_headers:
             parts += [name, b": ", value, _CRLF]
-        parts += [answer.fields, rid, _CRLF]
+        # the renderer's headers, its lines naming the request, then the entry's X-Request-Id
+        parts += [answer.fields, answer.id_lines(rid), _REQUEST_ID, rid, _CRLF]
         if self._date_header:
             parts += [_DATE, http_date(), _CRLF]
         if close:

@@ -41,14 +41,16 @@ class HeaderValues:
 
     A name the stack refuses twice (``request_check.decided_headers``) has its one line's value;
     ``x-forwarded-for`` its non-empty lines joined with commas (one list, RFC 9110 §5.3);
-    ``content-length`` its last line. A name not in ``names`` was not looked for: a layer that
+    ``content-length`` its last line; ``x-request-id`` its first line, ``request_id_repeated``
+    telling whether more followed. A name not in ``names`` was not looked for: a layer that
     needs it reads the header list itself."""
 
-    __slots__ = ("names", "values")
+    __slots__ = ("names", "request_id_repeated", "values")
 
     def __init__(self, names: frozenset[bytes], values: dict[bytes, bytes]) -> None:
         self.names = names
         self.values = values
+        self.request_id_repeated = False
 
 
 class DeferredTake(Protocol):
@@ -99,6 +101,13 @@ class RequestContext:
         """Every key tag ``resolver`` knows for this request, resolved on first use only."""
         if self._resolver is not resolver:
             self._tags = resolver.tags(scope, found=self.headers)
+            self._resolver = resolver
+        return self._tags
+
+    async def tags_async(self, resolver: IdentityResolver, scope: Scope) -> Mapping[str, str]:
+        """``tags`` for a resolver that ``awaits`` (an async callable identity source)."""
+        if self._resolver is not resolver:
+            self._tags = await resolver.tags_async(scope, found=self.headers)
             self._resolver = resolver
         return self._tags
 

@@ -1,10 +1,10 @@
 """The stack's outermost HTTP layer: the request id, the request's context, and one ``send`` wrapper.
 
-``StackEntry`` does, once per request and in one frame, what used to take three layers: it takes
-the request id (``requestid.take_request_id``), makes the ``RequestContext`` the layers inside
-add to, runs the request check inline (``request_check.RequestCheck``: ambiguous requests
-refused, the path made normal) and answers ``/_gateway/*`` itself (``ops.OpsRoutes``,
-uncounted). It wraps ``send`` once: at ``http.response.start`` that wrapper sets
+``StackEntry`` does, once per request and in one frame, what used to take three layers: it makes
+the ``RequestContext`` the layers inside add to, runs the request check inline
+(``request_check.RequestCheck``: one pass over the headers, which also finds the request id;
+ambiguous requests refused, the path made normal) and answers ``/_gateway/*`` itself
+(``ops.OpsRoutes``, uncounted). It wraps ``send`` once: at ``http.response.start`` that wrapper sets
 ``X-Request-Id``, adds the fields the layers asked for (``RateLimit``, ``RateLimit-Policy``), and
 counts the response by status with the upstream's latency and the gateway's own.
 """
@@ -17,9 +17,9 @@ from email.utils import formatdate
 from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
 from gateway.context import CONTEXT_SCOPE_KEY, RequestContext
 from gateway.metrics import Metrics
-from gateway.ops import OpsRoutes, is_ops_path
+from gateway.ops import OpsRoutes
 from gateway.request_check import RequestCheck
-from gateway.requestid import bind_request_id, take_request_id, unbind_request_id, with_request_id
+from gateway.requestid import bind_request_id, unbind_request_id, with_request_id
 
 __all__ = ["StackEntry", "http_date"]
 
@@ -38,26 +38,38 @@ def http_date() -> bytes:
 
 
 class StackEntry:
-    """Pure ASGI: one context and one response decoration per HTTP request."""
+    """Pure ASGI: one context and one response decoration per HTTP request.
+
+    ``GatewayMiddleware`` is one (a subclass that opens the store with the lifespan), so the
+    stack's first frame is this one. Non-HTTP scopes go to ``not_http``, which passes them on."""
 
     def __init__(
-        self, app: ASGIApp, *, metrics: Metrics, check: RequestCheck, ops: OpsRoutes,
+        self, inner: ASGIApp, *, metrics: Metrics, check: RequestCheck, ops: OpsRoutes,
         date_header: bool = False,
     ) -> None:
-        self.app = app
+        self._inner = inner
         self._date_header = date_header
         self._metrics = metrics
         self._check = check
         self._ops = ops
 
+    async def not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A scope that is not HTTP (lifespan, websocket): passed on untouched."""
+        await self._inner(scope, receive, send)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            await self.not_http(scope, receive, send)
             return
-        rid, scope = take_request_id(scope)
         ctx = RequestContext()
-        # a copy: a stack nested in this one's app makes its own context, and must not replace ours
+        check = self._check
+        refusal = check.examine(scope, ctx)  # the one pass over the headers
+        rid, headers = check.request_id(scope, ctx.headers)
+        # the one copy of the scope: a stack nested in this one's app makes its own context, and
+        # must not replace ours; the request check makes its path normal in it
         scope = {**scope, CONTEXT_SCOPE_KEY: ctx}
+        if headers is not None:
+            scope["headers"] = headers
         started = False
 
         async def send_decorated(message: Message) -> None:
@@ -74,16 +86,17 @@ class StackEntry:
                     self._count(ctx, message["status"])
             await send(message)
 
-        token = bind_request_id(rid.decode())
+        token = bind_request_id(rid, scope)
         try:
-            admitted = await self._check.admit(scope, send_decorated, ctx)
-            if admitted is None:
+            problem = check.admit(scope, refusal)
+            if problem is not None:
+                await check.refuse(send_decorated, problem)
                 return
-            if is_ops_path(admitted["path"]):
+            if self._ops.claims(scope["path"]):
                 ctx.counted = False
-                await self._ops.answer(admitted, send_decorated)
+                await self._ops.answer(scope, send_decorated)
                 return
-            await self.app(admitted, receive, send_decorated)
+            await self._inner(scope, receive, send_decorated)
         except Exception:
             if not started and ctx.counted:  # the server answers 500 for an app that raised first
                 self._count(ctx, 500)

@@ -33,7 +33,6 @@ What uvicorn's ``HttpToolsProtocol`` leaves open, closed here:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -42,7 +41,7 @@ from typing import Any, cast
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.connection_shed import ADMITTED, ConnectionShedder
-from gateway.problem import PROBLEM_HEADERS, problem_type
+from gateway.problem import PROBLEM_RENDERER, STRIPE_RENDERER, Renderer, problem_type
 from gateway.requestid import HEADER as REQUEST_ID_HEADER
 from gateway.requestid import new_request_id
 
@@ -61,33 +60,47 @@ _log = logging.getLogger("gateway.http")
 
 
 class _Refusal:
-    """A problem+json response the connection itself sends, then closes: head and body built once,
-    only the ``X-Request-Id`` new each time (every gateway-made response carries one)."""
+    """A response the connection itself sends, then closes, in the ``[errors] format`` its
+    renderer writes: head and body built once, only the request id new each time (every
+    gateway-made response carries one: ``X-Request-Id``, and ``Request-Id`` in Stripe's format)."""
 
-    __slots__ = ("_body", "_head")
+    __slots__ = ("_body", "_head", "_ids")
 
-    def __init__(self, status: int, reason: bytes, name: str, detail: str, *,
+    def __init__(self, renderer: Renderer, status: int, reason: bytes, name: str, detail: str, *,
                  extra: tuple[bytes, ...] = ()) -> None:
-        title = reason.decode()
-        self._body = json.dumps({"type": problem_type(name), "title": title, "status": status,
-                                 "detail": detail}, separators=(",", ":")).encode()
+        status, headers, self._body = renderer.record(
+            status=status, type_=problem_type(name), title=reason.decode(), detail=detail)
         lines = [b"HTTP/1.1 %d %s" % (status, reason)]
-        lines += [name_ + b": " + value for name_, value in PROBLEM_HEADERS]
+        lines += [name_ + b": " + value for name_, value in headers]
         lines += [b"content-length: %d" % len(self._body), b"connection: close", *extra]
         self._head = b"\r\n".join(lines) + b"\r\n"
+        stripe = renderer.format == "stripe"
+        self._ids = (REQUEST_ID_HEADER, b"request-id") if stripe else (REQUEST_ID_HEADER,)
 
     def bytes(self) -> bytes:
-        return self._head + REQUEST_ID_HEADER + b": " + new_request_id().encode() + b"\r\n\r\n" + self._body
+        rid = new_request_id()
+        ids = b"".join(name + b": " + rid + b"\r\n" for name in self._ids)
+        return self._head + ids + b"\r\n" + self._body
 
 
-_HEAD_TIMEOUT = _Refusal(
-    408, b"Request Timeout", "request-header-timeout",
-    "the request head did not arrive within server.header_timeout")
-_TOO_MANY = _Refusal(
-    503, b"Service Unavailable", "too-many-connections",
-    "this gateway process has server.max_connections connections open", extra=(b"retry-after: 1",))
-_BAD_REQUEST = _Refusal(
-    400, b"Bad Request", "malformed-request", "the request is not valid HTTP/1.1")
+class _Refusals:
+    """The three answers of the connection, in one format."""
+
+    __slots__ = ("bad_request", "head_timeout", "too_many")
+
+    def __init__(self, renderer: Renderer) -> None:
+        self.head_timeout = _Refusal(
+            renderer, 408, b"Request Timeout", "request-header-timeout",
+            "the request head did not arrive within server.header_timeout")
+        self.too_many = _Refusal(
+            renderer, 503, b"Service Unavailable", "too-many-connections",
+            "this gateway process has server.max_connections connections open", extra=(b"retry-after: 1",))
+        self.bad_request = _Refusal(
+            renderer, 400, b"Bad Request", "malformed-request", "the request is not valid HTTP/1.1")
+
+
+# built once per format at import (immutable afterwards), picked per connection
+_REFUSALS = {r.format: _Refusals(r) for r in (PROBLEM_RENDERER, STRIPE_RENDERER)}
 
 
 def _address(client: tuple[str, int] | None) -> str | None:
@@ -119,8 +132,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     """
 
     def __init__(self, *args: Any, header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS, **kwargs: Any) -> None:
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, error_format: str = "problem",
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._refusals = _REFUSALS.get(error_format, _REFUSALS["problem"])
         self._header_timeout_s = header_timeout_s
         self._max_connections = max_connections
         self._head_timer: asyncio.TimerHandle | None = None
@@ -140,7 +155,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if len(self.connections) > self._max_connections:
             _log.warning("connection refused: server.max_connections (%d) are open", self._max_connections,
                          extra={"event": "connection.refused", "client": _address(self.client)})
-            transport.write(_TOO_MANY.bytes())
+            transport.write(self._refusals.too_many.bytes())
             transport.close()
             return
         self._arm_head_timer()
@@ -156,7 +171,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         self._cancel_head_timer()
-        self.transport.write(_BAD_REQUEST.bytes())
+        self.transport.write(self._refusals.bad_request.bytes())
         self.transport.close()
 
     # -- parser callbacks --------------------------------------------------------------------
@@ -276,5 +291,5 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             _log.warning("request head not received within server.header_timeout (%ss)",
                          self._header_timeout_s,
                          extra={"event": "request.header_timeout", "client": _address(self.client)})
-            self.transport.write(_HEAD_TIMEOUT.bytes())
+            self.transport.write(self._refusals.head_timeout.bytes())
         self.transport.close()

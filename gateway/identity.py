@@ -1,5 +1,12 @@
 """Who is asking: the ``identity.sources`` chain, the client IP, and the hashing of both.
 
+A source is ``ip``, ``header:NAME``, ``cookie:NAME`` (the named cookie; several ``Cookie`` lines,
+as HTTP/2 sends them, form one list), ``bearer`` (the token of ``Authorization: Bearer``),
+``jwt:CLAIM`` (a claim of a bearer JWT that verifies with ``[identity.jwt]``: ``bearer.py``), or
+in-process a callable given the ASGI scope (sync or async; None for nobody). The first source
+with a value names the client; one without (no cookie, a forged or expired JWT, a callable that
+returned None or raised) hands over to the next, and a request none names is anonymous.
+
 Every value that becomes store key material goes through ``tag()`` first, so no API key or
 address is ever stored in clear. ``X-Forwarded-For`` is believed only when the direct peer is
 one of ``trusted_proxies``; it is then walked right to left, skipping trusted hops, and the
@@ -13,19 +20,26 @@ References:
 from __future__ import annotations
 
 import hashlib
+import inspect
 import ipaddress
+import logging
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from typing import Any
 
-from gateway.config import IdentityConfig
+from gateway.bearer import JwtVerifier, bearer_token, load_keys
+from gateway.config import IdentityConfig, IdentitySource, SourceFunction
 from gateway.context import HeaderValues
 
-__all__ = ["ANONYMOUS_TAG", "GLOBAL_TAG", "IdentityResolver", "TrustedProxies", "header_name", "tag"]
+__all__ = ["ANONYMOUS_TAG", "AUTHORIZATION", "COOKIE", "GLOBAL_TAG", "TAGS_KEPT", "IdentityResolver",
+           "TrustedProxies", "cookie_names", "cookie_value", "header_name", "source_headers", "tag"]
 
 #: The tag of ``key = "global"`` policies: one bucket for everyone.
 GLOBAL_TAG = "global"
+AUTHORIZATION = b"authorization"
+COOKIE = _COOKIE = b"cookie"
 _XFF = b"x-forwarded-for"
+_log = logging.getLogger("gateway.identity")
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -34,9 +48,52 @@ def tag(material: bytes) -> str:
     return hashlib.blake2b(material, digest_size=16, person=b"gateway-key").hexdigest()
 
 
+#: Tags kept per resolver for the key values seen lately (a hash per request costs more than a
+#: dict lookup; a flood of new values only empties the cache, it never grows past this).
+TAGS_KEPT = 16_384
+
+
 _ANONYMOUS = b"anonymous"
 #: The identity tag of a request no source names (no header value, no client address).
 ANONYMOUS_TAG = tag(_ANONYMOUS)
+
+
+class _Source:
+    """One ``identity.sources`` entry, compiled: what it reads and how it makes key material."""
+
+    __slots__ = ("awaits", "claim", "fn", "kind", "name")
+
+    def __init__(self, source: IdentitySource) -> None:
+        self.name = b""
+        self.claim = ""
+        self.fn: SourceFunction | None = None
+        self.awaits = False
+        if callable(source):
+            self.kind = "call"
+            self.fn = source
+            self.awaits = inspect.iscoroutinefunction(source) or inspect.iscoroutinefunction(
+                getattr(source, "__call__", None))  # noqa: B004 - an object whose __call__ is async
+        elif source in {"ip", "bearer"}:
+            self.kind = source
+        else:
+            self.kind, _, arg = source.partition(":")
+            if self.kind == "header":
+                self.name = header_name(source)
+            elif self.kind == "cookie":
+                self.name = arg.encode("latin-1")
+            else:
+                self.claim = arg
+
+    @property
+    def header(self) -> bytes:
+        """The request header the source reads (b"" for none: ip, a callable)."""
+        if self.kind == "header":
+            return self.name
+        if self.kind == "cookie":
+            return _COOKIE
+        if self.kind in ("bearer", "jwt"):
+            return AUTHORIZATION
+        return b""
 
 
 class IdentityResolver:
@@ -46,24 +103,33 @@ class IdentityResolver:
         config: the ``[identity]`` section.
         keys: the policy ``key`` values in use (``identity``, ``ip``, ``global``,
             ``header:NAME``); only what they need is computed per request.
+        claims: more JWT claims to verify tokens for (a rate limit's ``plan = "jwt:CLAIM"``), so
+            one verification (and one cache entry) serves both.
     """
 
-    __slots__ = ("_headers", "_ip_needed", "_key_headers", "_keys", "_sources", "_trusted")
+    __slots__ = ("_headers", "_ip_needed", "_key_headers", "_keys", "_sources", "_tags", "_trusted", "awaits",
+                 "jwt")
 
-    def __init__(self, config: IdentityConfig, keys: Iterable[str]) -> None:
+    def __init__(self, config: IdentityConfig, keys: Iterable[str], *, claims: Iterable[str] = ()) -> None:
         self._keys = tuple(dict.fromkeys(keys))
-        # per source, the header name it reads (ASGI names are lowercase); b"" stands for "ip"
-        self._sources = tuple(header_name(s) if s.startswith("header:") else b"" for s in config.sources)
         needs_identity = "identity" in self._keys
-        self._ip_needed = "ip" in self._keys or (needs_identity and "ip" in config.sources)
+        self._sources = tuple(_Source(s) for s in config.sources) if needs_identity else ()
+        self._ip_needed = "ip" in self._keys or any(s.kind == "ip" for s in self._sources)
         self._trusted = TrustedProxies(config.trusted_proxies)
         self._key_headers = {k: header_name(k) for k in self._keys if k.startswith("header:")}
         wanted = set(self._key_headers.values())
-        if needs_identity:
-            wanted |= {name for name in self._sources if name}
+        wanted |= {s.header for s in self._sources if s.header}
         if self._ip_needed and self._trusted:
             wanted.add(_XFF)
+        claims = (*(s.claim for s in self._sources if s.kind == "jwt"), *claims)
+        #: the verifier of the ``jwt:`` sources (None without any)
+        self.jwt = _verifier(config, claims)
+        if self.jwt is not None:
+            wanted.add(AUTHORIZATION)
         self._headers = frozenset(wanted)
+        #: whether a source is an async callable: then ``tags_async`` must be used
+        self.awaits = any(s.awaits for s in self._sources)
+        self._tags: dict[bytes, str] = {}  # key material -> tag, bounded by TAGS_KEPT
 
     def tags(
         self, scope: Mapping[str, Any], keys: Iterable[str] | None = None, *,
@@ -72,22 +138,46 @@ class IdentityResolver:
         """Map each policy key (all in use, or those of ``keys``) to its tag for this request.
 
         ``found``: the header values the stack's request check read; used, instead of a pass
-        over the headers of its own, when it holds every header this resolver reads."""
+        over the headers of its own, when it holds every header this resolver reads. Not for a
+        resolver that ``awaits`` (an async callable source): ``tags_async``."""
+        values = self.header_values(scope, found)
+        return self._tags_of(scope, values, keys, None)
+
+    async def tags_async(
+        self, scope: Mapping[str, Any], keys: Iterable[str] | None = None, *,
+        found: HeaderValues | None = None,
+    ) -> dict[str, str]:
+        """``tags``, awaiting the async callable sources."""
+        values = self.header_values(scope, found)
+        material: bytes | None = None
+        if "identity" in (self._keys if keys is None else keys):
+            ip = self._client_ip(scope, values.get(_XFF) or None) if self._ip_needed else None
+            material = await self._identity_material_async(scope, values, ip)
+        return self._tags_of(scope, values, keys, material)
+
+    def header_values(
+        self, scope: Mapping[str, Any], found: HeaderValues | None = None
+    ) -> Mapping[bytes, bytes]:
+        """The values of the headers this resolver reads (``found`` when it holds them all)."""
         if found is not None and self._headers <= found.names:
-            return self._tags_of(scope, found.values, keys)
+            return found.values
         values: dict[bytes, bytes] = {}
         if self._headers:
             wanted = self._headers
             for name, value in scope["headers"]:
                 if name in wanted and value:
-                    if name == _XFF and name in values:
-                        values[name] += b"," + value  # several header lines form one list
-                    elif name not in values:
+                    if name in values:
+                        if name == _XFF:
+                            values[name] += b"," + value  # several header lines form one list
+                        elif name == _COOKIE:
+                            values[name] += b"; " + value  # HTTP/2 splits Cookie (RFC 9113 §8.2.3)
+                    else:
                         values[name] = value
-        return self._tags_of(scope, values, keys)
+        return values
 
     def _tags_of(
-        self, scope: Mapping[str, Any], found: Mapping[bytes, bytes], keys: Iterable[str] | None
+        self, scope: Mapping[str, Any], found: Mapping[bytes, bytes], keys: Iterable[str] | None,
+        material: bytes | None,
     ) -> dict[str, str]:
         ip = self._client_ip(scope, found.get(_XFF) or None) if self._ip_needed else None
         out: dict[str, str] = {}
@@ -95,25 +185,101 @@ class IdentityResolver:
             if key == "global":
                 out[key] = GLOBAL_TAG
             elif key == "ip":
-                out[key] = tag(b"ip:" + (ip or "unknown").encode())
+                out[key] = self._tag(b"ip:" + (ip or "unknown").encode())
             elif key == "identity":
-                out[key] = tag(self._identity_material(found, ip))
+                if material is None:
+                    material = self._identity_material(scope, found, ip)
+                out[key] = self._tag(material)
             else:
                 name = self._key_headers[key]
                 # requests without the header share one bucket (CONTRACT "Rate limits")
-                out[key] = tag(b"h:" + name + b":" + found.get(name, b""))
+                out[key] = self._tag(b"h:" + name + b":" + found.get(name, b""))
         return out
 
-    def _identity_material(self, found: Mapping[bytes, bytes], ip: str | None) -> bytes:
-        for name in self._sources:
-            if name:
-                value = found.get(name)
-                if value:
-                    # same material as a header:NAME policy, so both share a bucket tag
-                    return b"h:" + name + b":" + value
-            elif ip is not None:
-                return b"ip:" + ip.encode()
+    def _tag(self, material: bytes) -> str:
+        """``tag(material)``, remembered for the values seen lately."""
+        known = self._tags.get(material)
+        if known is None:
+            if len(self._tags) >= TAGS_KEPT:
+                self._tags.clear()
+            known = self._tags[material] = tag(material)
+        return known
+
+    def _identity_material(
+        self, scope: Mapping[str, Any], found: Mapping[bytes, bytes], ip: str | None
+    ) -> bytes:
+        for source in self._sources:
+            material = self._one(source, scope, found, ip)
+            if material is not None:
+                return material
         return _ANONYMOUS
+
+    async def _identity_material_async(
+        self, scope: Mapping[str, Any], found: Mapping[bytes, bytes], ip: str | None
+    ) -> bytes:
+        for source in self._sources:
+            if source.awaits:
+                assert source.fn is not None
+                try:
+                    material = _material(await source.fn(scope))
+                except Exception:  # the app's code: logged, and the next source decides
+                    _source_failed(source.fn)
+                    material = None
+            else:
+                material = self._one(source, scope, found, ip)
+            if material is not None:
+                return material
+        return _ANONYMOUS
+
+    def _one(
+        self, source: _Source, scope: Mapping[str, Any], found: Mapping[bytes, bytes], ip: str | None
+    ) -> bytes | None:
+        """The key material of one (not async) source, None when it names nobody."""
+        kind = source.kind
+        if kind == "header":
+            value = found.get(source.name)
+            # same material as a header:NAME policy, so both share a bucket tag
+            return b"h:" + source.name + b":" + value if value else None
+        if kind == "ip":
+            return b"ip:" + ip.encode() if ip is not None else None
+        if kind == "call":
+            assert source.fn is not None
+            try:
+                return _material(source.fn(scope))
+            except Exception:  # the app's code: logged, and the next source decides
+                _source_failed(source.fn)
+                return None
+        return self._read(source, found)
+
+    def _read(self, source: _Source, found: Mapping[bytes, bytes]) -> bytes | None:
+        """The material of a cookie, bearer or jwt source; None when the request has none."""
+        if source.kind == "cookie":
+            value = cookie_value(found.get(_COOKIE), source.name)
+            return b"c:" + source.name + b":" + value if value else None
+        token = bearer_token(found.get(AUTHORIZATION))
+        if token is None:
+            return None
+        if source.kind == "bearer":
+            return b"bearer:" + token
+        claims = self.jwt.claims(token) if self.jwt is not None else None
+        value_ = claims.get(source.claim) if claims else None
+        return b"jwt:" + source.claim.encode() + b":" + value_.encode() if value_ else None
+
+    def claims(self, found: Mapping[bytes, bytes]) -> Mapping[str, str] | None:
+        """The verified claims of the request's bearer JWT (None when it has none that verifies)."""
+        token = bearer_token(found.get(AUTHORIZATION))
+        return self.jwt.claims(token) if token is not None and self.jwt is not None else None
+
+    def client_ip(self, scope: Mapping[str, Any], found: Mapping[bytes, bytes]) -> str | None:
+        """The client's address, ``X-Forwarded-For`` believed only from trusted proxies."""
+        return self._client_ip(scope, found.get(_XFF) or None)
+
+    def peer_trusted(self, scope: Mapping[str, Any]) -> bool:
+        """Whether the direct peer is one of ``trusted_proxies`` (its headers are believed)."""
+        client = scope.get("client")
+        if not client or not self._trusted:
+            return False
+        return _normalise(client[0]) in self._trusted
 
     def _client_ip(self, scope: Mapping[str, Any], xff: bytes | None) -> str | None:
         client = scope.get("client")
@@ -182,3 +348,51 @@ def _normalise(hop: str) -> str:
     """One spelling per address, so ``::ffff:1.2.3.4`` and ``1.2.3.4`` share a bucket."""
     addr = _parse_ip(hop)
     return str(addr) if addr is not None else hop
+
+
+def source_headers(sources: Iterable[IdentitySource]) -> set[bytes]:
+    """The request headers a list of sources reads (lowercase), callables and ``ip`` aside."""
+    return {h for h in (_Source(s).header for s in sources) if h}
+
+
+def cookie_value(cookie: bytes | None, name: bytes) -> bytes | None:
+    """The value of cookie ``name`` in a ``Cookie`` field (lines joined with ``; ``): the first
+    one, as sent (quotes kept); None when absent or empty. The stack refuses a request that
+    carries the name twice (``request_check.py``), so there the first is the only one."""
+    if not cookie or name not in cookie:
+        return None
+    for pair in cookie.split(b";"):
+        key, eq, value = pair.partition(b"=")
+        if eq and key.strip(b" \t") == name:
+            return value.strip(b" \t") or None
+    return None
+
+
+def cookie_names(cookie: bytes) -> list[bytes]:
+    """Every cookie name in a ``Cookie`` field, in order, repeats kept."""
+    return [pair.partition(b"=")[0].strip(b" \t") for pair in cookie.split(b";") if b"=" in pair]
+
+
+def _material(value: object) -> bytes | None:
+    """A callable source's return value as key material: str or bytes, non-empty."""
+    if isinstance(value, str):
+        value = value.encode()
+    if isinstance(value, bytes | bytearray) and value:
+        return b"fn:" + bytes(value)
+    return None
+
+
+def _source_failed(fn: SourceFunction) -> None:
+    _log.warning("identity source raised; trying the next one", exc_info=True,
+                 extra={"event": "identity.source_error", "source": getattr(fn, "__qualname__", repr(fn))})
+
+
+def _verifier(config: IdentityConfig, claims: Iterable[str]) -> JwtVerifier | None:
+    """The JWT verifier of the claims wanted, on ``[identity.jwt]``; None when none is."""
+    wanted = tuple(dict.fromkeys(claims))
+    jwt = config.jwt
+    if not wanted or jwt is None:
+        return None
+    keys = load_keys(jwt.algorithms, key=jwt.key, jwks=jwt.jwks)
+    return JwtVerifier(keys=keys, algorithms=jwt.algorithms, audience=jwt.audience, issuer=jwt.issuer,
+                       leeway_s=jwt.leeway_s, require_exp=jwt.require_exp, claims=wanted)

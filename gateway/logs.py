@@ -14,11 +14,12 @@ import sys
 import time
 from typing import Any
 
-from gateway.requestid import current_request_id
+from gateway.requestid import current_request_id, current_request_line
 
 __all__ = ["JsonFormatter", "install_json_logging", "uvicorn_log_config"]
 
 # attributes every LogRecord has; anything else on a record came from `extra=`
+_ACCESS = "uvicorn.access"
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
@@ -40,6 +41,15 @@ class JsonFormatter(logging.Formatter):
             rid = current_request_id()
             if rid is not None:
                 out["request_id"] = rid
+        if "method" not in out:
+            line = current_request_line()
+            if line is not None:  # the request being handled: what a denial, a refusal... was about
+                out["method"], out["path"] = line
+        if record.name == _ACCESS and isinstance(record.args, tuple) and len(record.args) == 5:
+            # uvicorn's access line: (client, method, path with query, HTTP version, status)
+            client, method, path, version, status = record.args
+            out.update(event="http.access", client=client, method=method, path=path, http_version=version,
+                       status=status)
         if record.exc_info and record.exc_info[0] is not None:
             out["error_type"] = record.exc_info[0].__name__
         return json.dumps(out, default=str, separators=(",", ":"))
@@ -57,9 +67,11 @@ def install_json_logging(level: int = logging.INFO) -> None:
     logger.propagate = False
 
 
-def uvicorn_log_config(level: str = "WARNING") -> dict[str, Any]:
+def uvicorn_log_config(level: str = "WARNING", *, access_log: bool = False) -> dict[str, Any]:
     """A ``logging.config.dictConfig`` for uvicorn's own loggers: JSON lines on stderr too, so
-    everything the server writes there is one JSON object per line."""
+    everything the server writes there is one JSON object per line. ``access_log``: one line per
+    response (``event: "http.access"``, at INFO whatever ``level`` is)."""
+    levels = {"uvicorn": level, "uvicorn.error": level, "uvicorn.access": "INFO" if access_log else level}
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -67,7 +79,7 @@ def uvicorn_log_config(level: str = "WARNING") -> dict[str, Any]:
         "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json",
                                 "stream": "ext://sys.stderr"}},
         "loggers": {
-            name: {"handlers": ["stderr"], "level": level, "propagate": False}
-            for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+            name: {"handlers": ["stderr"], "level": named, "propagate": False}
+            for name, named in levels.items()
         },
     }

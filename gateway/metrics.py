@@ -8,8 +8,10 @@ workers (prometheus_client's multiprocess mode), so whichever worker answers a s
 the whole server.
 
 Label values are bounded: policy names come from the config, outcomes and decisions from fixed
-sets, status codes from 100-599, store operations from the scripts. Children are bound once and
-the hot path only calls ``inc``/``observe`` on them.
+sets, status codes from 100-599, store operations from the scripts. Children are bound once, and
+the counters and histograms the hot path touches are tallies (``tallies.py``): a request adds
+to plain numbers, folded into the children whenever the registry is read (and once a second
+while the app runs, for the other workers' scrapes).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.store.breaker import BREAKER_STATES, BreakerState
+from gateway.tallies import CounterTally, Tallies
 
 __all__ = [
     "CONCURRENCY_DECISIONS",
@@ -78,6 +81,10 @@ class Metrics:
     def __init__(self, policies: Iterable[str] = (), concurrency_limits: Iterable[str] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
+        # first in the registry: any read of it folds the pending counts before the others show
+        self.tallies = Tallies()
+        reg.register(self.tallies)
+        tallies = self.tallies
         self.requests = Counter(
             "gateway_requests", "HTTP requests through the gateway (not /_gateway/*), by status code.",
             ["code"], registry=reg,
@@ -120,13 +127,13 @@ class Metrics:
             "gateway_store_latency_seconds", "Time of one store call, errors and timeouts included.",
             ["operation"], buckets=_STORE_BUCKETS, registry=reg,
         )
-        self.upstream_latency = Histogram(
+        upstream_latency = Histogram(
             "gateway_upstream_latency_seconds",
             "From handing a request to the upstream (the proxied service or the wrapped app) to "
             "its response start.",
             buckets=_LATENCY_BUCKETS, registry=reg,
         )
-        self.added_latency = Histogram(
+        added_latency = Histogram(
             "gateway_added_latency_seconds",
             "Time the gateway adds before a response starts: time to response start minus the "
             "upstream latency (all of it when the gateway answers itself).",
@@ -160,13 +167,17 @@ class Metrics:
         )
         self.breaker_changed("closed")
         self.refused = {r: refused.labels(reason=r) for r in REFUSAL_REASONS}
-        self.outcome = {o: outcomes.labels(outcome=o) for o in IDEMPOTENCY_OUTCOMES}
+        self.outcome = {o: tallies.counter(outcomes.labels(outcome=o)) for o in IDEMPOTENCY_OUTCOMES}
         self.store_error = {(op, kind): store_errors.labels(operation=op, kind=kind)
                             for op in STORE_OPERATIONS for kind in STORE_ERROR_KINDS}
-        self.store_latency = {op: store_latency.labels(operation=op) for op in STORE_OPERATIONS}
+        self.store_latency = {op: tallies.histogram(store_latency.labels(operation=op), _STORE_BUCKETS)
+                              for op in STORE_OPERATIONS}
+        self.upstream_latency = tallies.histogram(upstream_latency, _LATENCY_BUCKETS)
+        self.added_latency = tallies.histogram(added_latency, _LATENCY_BUCKETS)
         self.upstream_error = {k: upstream_errors.labels(kind=k) for k in UPSTREAM_ERRORS}
         # status codes are bound on first use: at most 500 distinct children
-        self._codes: dict[int, Counter] = {}
+        self._codes: dict[int, CounterTally] = {}
+        self._counter_tallies: dict[tuple[object, ...], CounterTally] = {}
         for name in policies:
             for decision in RATELIMIT_DECISIONS:
                 # exported at 0 from the start, so a rate() over a fresh series is defined
@@ -176,9 +187,9 @@ class Metrics:
             for decision in CONCURRENCY_DECISIONS:
                 self._concurrency_decisions.labels(limit=name, decision=decision)
 
-    def concurrency_decision(self, limit: str, decision: str) -> Counter:
+    def concurrency_decision(self, limit: str, decision: str) -> CounterTally:
         """The counter of one concurrency limit's decisions of one kind."""
-        return self._concurrency_decisions.labels(limit=limit, decision=decision)
+        return self._bound(self._concurrency_decisions, limit=limit, decision=decision)
 
     def concurrency_in_flight(self, limit: str) -> Gauge:
         """The gauge of the requests holding a slot of one concurrency limit here."""
@@ -194,9 +205,18 @@ class Metrics:
         gauge.set(1)
         return gauge
 
-    def decision(self, policy: str, decision: str) -> Counter:
+    def decision(self, policy: str, decision: str) -> CounterTally:
         """The counter of one policy's decisions of one kind."""
-        return self._decisions.labels(policy=policy, decision=decision)
+        return self._bound(self._decisions, policy=policy, decision=decision)
+
+    def _bound(self, family: Counter, **labels: str) -> CounterTally:
+        """The one tally of a counter's child (bounded: the label values come from the config
+        and fixed sets)."""
+        key = (family, *labels.values())
+        tally = self._counter_tallies.get(key)
+        if tally is None:
+            tally = self._counter_tallies[key] = self.tallies.counter(family.labels(**labels))
+        return tally
 
     def breaker_changed(self, state: BreakerState) -> None:
         """Show the store breaker's new state (and count it when it opens)."""
@@ -209,11 +229,18 @@ class Metrics:
         """Count one response by its status code."""
         child = self._codes.get(status)
         if child is None:
-            child = self._codes[status] = self.requests.labels(code=str(status))
-        child.inc()
+            child = self._codes[status] = self.tallies.counter(self.requests.labels(code=str(status)))
+        child.pending += 1
+
+    def fold(self) -> None:
+        """Fold the pending counts into the registry (on the event loop, before a scrape that
+        renders in another thread)."""
+        self.tallies.fold()
 
     def exposition(self) -> bytes:
-        """The text a scrape gets: this process's registry, or every worker's in multiprocess mode."""
+        """The text a scrape gets: this process's registry, or every worker's in multiprocess mode.
+
+        May run in a worker thread: call ``fold`` on the event loop first."""
         path = multiprocess_dir()
         if path is None:
             return generate_latest(self.registry)

@@ -21,8 +21,10 @@ import asyncio
 import time
 
 from gateway._asgi import ASGIApp, Receive, Scope, Send
+from gateway.config import IdentityConfig, OpsConfig
 from gateway.context import context_of
 from gateway.errors import StoreError
+from gateway.identity import IdentityResolver, TrustedProxies
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.problem import STORE_UNAVAILABLE, problem_type, send_problem
 from gateway.store import Store
@@ -36,24 +38,59 @@ _HEALTHY = b'{"status":"ok"}'
 _READY = b'{"status":"ready","breaker":"%s"}'
 
 
+def _covers_everything(cidrs: tuple[str, ...]) -> bool:
+    return {"0.0.0.0/0", "::/0"} <= set(cidrs)
+
+
 def is_ops_path(path: str) -> bool:
     """``/_gateway`` and ``/_gateway/...``: answered by the gateway, never passed on."""
     return path.startswith(OPS_PREFIX) and (len(path) == len(OPS_PREFIX) or path[len(OPS_PREFIX)] == "/")
 
 
 class OpsRoutes:
-    """The ``/_gateway/*`` answers, given by the stack's entry layer."""
+    """The ``/_gateway/*`` answers (``[ops]``), given by the stack's entry layer.
 
-    def __init__(self, *, store: Store, metrics: Metrics) -> None:
+    ``claims(path)`` says whether a path is the gateway's (under ``ops.prefix``, unless
+    ``ops.enabled = false``: then every path is the app's). A client outside ``ops.allow`` (or,
+    for metrics, outside ``ops.metrics_allow``: loopback by default) gets the same 404 as a name
+    that does not exist, so the routes are not even confirmed. The client is its address as
+    ``identity.trusted_proxies`` tells it (``X-Forwarded-For`` only from them)."""
+
+    def __init__(self, *, store: Store, metrics: Metrics, config: OpsConfig | None = None,
+                 trusted_proxies: tuple[str, ...] = ()) -> None:
+        config = config or OpsConfig()
         self._store = store
         self._metrics = metrics
+        self.prefix = config.prefix
+        self._enabled = config.enabled
+        self._everyone = _covers_everything(config.allow)
+        self._allow = TrustedProxies(config.allow)
+        self._metrics_allow = TrustedProxies(config.metrics_allow)
+        self._addresses = IdentityResolver(IdentityConfig(sources=("ip",), trusted_proxies=trusted_proxies),
+                                           ("ip",))
+
+    def claims(self, path: str) -> bool:
+        """Whether ``path`` (normal form) is under the ops prefix: answered here, never passed on."""
+        prefix = self.prefix
+        if not self._enabled or not path.startswith(prefix):
+            return False
+        return len(path) == len(prefix) or path[len(prefix)] == "/"
+
+    def _client(self, scope: Scope) -> str | None:
+        return self._addresses.client_ip(scope, self._addresses.header_values(scope))
 
     async def answer(self, scope: Scope, send: Send) -> None:
-        """Answer one ``/_gateway/*`` request (404 for a name it does not have)."""
-        name = scope["path"][len(OPS_PREFIX):]
-        if name not in ("/healthz", "/readyz", "/metrics"):
+        """Answer one ``/_gateway/*`` request (404 for a name it does not have, or a client it
+        does not serve that name to)."""
+        name = scope["path"][len(self.prefix):]
+        known = name in ("/healthz", "/readyz", "/metrics")
+        if known and not self._everyone:
+            known = self._client(scope) in self._allow
+        if known and name == "/metrics":
+            known = self._client(scope) in self._metrics_allow
+        if not known:
             await send_problem(send, status=404, type_=problem_type("not-found"), title="Not Found",
-                               detail=f"{OPS_PREFIX}/ has healthz, readyz and metrics.")
+                               detail=f"{self.prefix}/ has healthz, readyz and metrics.")
             return
         if scope["method"] not in ("GET", "HEAD"):
             await send_problem(send, status=405, type_=problem_type("method-not-allowed"),
@@ -73,7 +110,9 @@ class OpsRoutes:
                 return
             await _respond(scope, send, 200, _JSON, _READY % self._store.breaker_state().encode())
         else:
-            # multiprocess mode reads every worker's files: off the event loop
+            # multiprocess mode reads every worker's files: off the event loop, once this
+            # process's pending counts are in (folded here, on the loop: tallies.py)
+            self._metrics.fold()
             text = await asyncio.to_thread(self._metrics.exposition)
             await _respond(scope, send, 200, (b"content-type", CONTENT_TYPE.encode()), text)
 

@@ -41,10 +41,10 @@ from yarl import URL
 from gateway._asgi import Headers, Message, Receive, Scope, Send
 from gateway.config import UpstreamConfig
 from gateway.idempotency import mark_not_sent
-from gateway.idempotency.middleware import ATTEMPT_SCOPE_KEY
+from gateway.idempotency.middleware import ATTEMPT_SCOPE_KEY, mark_outcome_unknown
 from gateway.idempotency.problems import NOT_SENT, OUTCOME_UNKNOWN
 from gateway.metrics import Metrics
-from gateway.problem import problem_type, send_problem
+from gateway.problem import PROBLEM_RENDERER, Renderer, problem_type
 from gateway.requestid import current_request_id
 
 __all__ = ["HOP_BY_HOP", "KEEPALIVE_S", "MAX_CONNECTIONS", "ProxyApp", "hop_by_hop"]
@@ -103,10 +103,12 @@ class ProxyApp:
         trusted_proxies: CIDRs whose ``X-Forwarded-*`` headers are extended rather than replaced
             (``[identity].trusted_proxies``).
         metrics: where upstream errors are counted; none when None.
+        renderer: how the proxy's own answers (400, 502, 504) look (``[errors] format``).
     """
 
     def __init__(
-        self, upstream: UpstreamConfig, *, trusted_proxies: Iterable[str] = (), metrics: Metrics | None = None
+        self, upstream: UpstreamConfig, *, trusted_proxies: Iterable[str] = (),
+        metrics: Metrics | None = None, renderer: Renderer = PROBLEM_RENDERER,
     ) -> None:
         parts = urlsplit(upstream.url)
         # the request's path is appended to this URL's path, never parsed as a URL of its own
@@ -114,6 +116,7 @@ class ProxyApp:
         self._upstream = upstream
         self._trusted = tuple(ip_network(n, strict=False) for n in trusted_proxies)
         self._metrics = metrics
+        self._render = renderer
         self._timeout = aiohttp.ClientTimeout(
             total=None,
             connect=upstream.connect_timeout_s,  # waiting for a pooled connection counts too
@@ -170,7 +173,8 @@ class ProxyApp:
             target = self._target(scope)
             headers, has_body = self._request_headers(scope)
         except _Unforwardable as exc:
-            await send_problem(send, status=400, type_=_BAD_REQUEST, title="Bad Request", detail=str(exc))
+            await self._render.send(send, status=400, type_=_BAD_REQUEST, title="Bad Request",
+                                    detail=str(exc))
             return
         body = _Body(receive) if has_body else None
         try:
@@ -187,6 +191,7 @@ class ProxyApp:
                              detail="The upstream could not be reached; the request was not sent.")
             return
         except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
+            mark_outcome_unknown(scope)
             await self._fail(send, "timeout", exc, status=504, type_=OUTCOME_UNKNOWN,
                              title="Upstream timed out; outcome unknown",
                              detail=f"The upstream did not answer within {self._upstream.timeout_s:g}s; "
@@ -195,6 +200,7 @@ class ProxyApp:
         except (aiohttp.ClientError, OSError) as exc:
             if isinstance(exc.__cause__, _ClientGone) or isinstance(exc.__context__, _ClientGone):
                 return
+            mark_outcome_unknown(scope)
             await self._fail(send, "broken", exc, status=502, type_=OUTCOME_UNKNOWN,
                              title="Upstream connection broken; outcome unknown",
                              detail="The connection to the upstream broke before it answered; it may "
@@ -330,7 +336,7 @@ class ProxyApp:
             "event": f"upstream.{kind}", "request_id": current_request_id(), "upstream": self._upstream.url,
             "error": _describe(exc),
         })
-        await send_problem(send, **problem)
+        await self._render.send(send, **problem)
 
     def _count(self, kind: str) -> None:
         if self._metrics is not None:

@@ -33,52 +33,58 @@ only shadow policies gets no fields at all.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
-from time import monotonic
+from time import monotonic, perf_counter, time
 from typing import TYPE_CHECKING, Any
 
 from gateway._asgi import ASGIApp, Headers, Message, Receive, Scope, Send
 from gateway._paths import PathPrefixes, match_form
 from gateway._preflight import is_cors_preflight
 from gateway._settings import ConfigSetting, StoreSetting, resolve
-from gateway.config import IdentityConfig, RateLimitPolicy
+from gateway.config import IdentityConfig, RateLimitHeaders, RateLimitPolicy, SourceFunction
 from gateway.context import RequestContext, context_of
 from gateway.denials import LocalDenials
 from gateway.errors import ConfigError, StoreError
 from gateway.identity import IdentityResolver
 from gateway.lifespan import run_lifespan
-from gateway.problem import QUOTA_EXCEEDED, STORE_UNAVAILABLE, send_problem
+from gateway.plans import PlanChooser, plan_claims
+from gateway.problem import QUOTA_EXCEEDED, STORE_UNAVAILABLE, Renderer, renderer_for
 from gateway.requestid import current_request_id
-from gateway.store import BucketSpec, RateDecision, Store, TakePlan
+from gateway.store import BucketSpec, BucketState, RateDecision, Store, TakePlan
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter
-
     from gateway.metrics import Metrics
+    from gateway.tallies import CounterTally
 
 __all__ = ["RateLimitMiddleware"]
 
 _log = logging.getLogger("gateway.ratelimit")
 _POLICY_HEADER = b"ratelimit-policy"
 _LIMIT_HEADER = b"ratelimit"
+# response.rate_limit_headers = "ietf+legacy": the de facto fields, as GitHub sends them
+_LEGACY_LIMIT = b"x-ratelimit-limit"
+_LEGACY_REMAINING = b"x-ratelimit-remaining"
+_LEGACY_RESET = b"x-ratelimit-reset"
 _STORE_RETRY_AFTER = b"1"
 
 
 class _Policy:
     """One policy, compiled for matching and rendering."""
 
-    __slots__ = ("item", "methods", "paths", "policy", "spec")
+    __slots__ = ("exempt_methods", "item", "methods", "paths", "policy", "spec")
 
     def __init__(self, policy: RateLimitPolicy) -> None:
         self.policy = policy
         self.spec = BucketSpec.from_policy(policy)
         self.methods = policy.methods
-        self.paths = PathPrefixes(policy.paths)
+        self.exempt_methods = policy.exempt_methods
+        self.paths = PathPrefixes(policy.paths, policy.exempt_paths)
         self.item = f'"{policy.name}";'
 
     def matches(self, method: str, form: str) -> bool:
         """Whether a request (its ``match_form`` path) is this policy's."""
-        if self.methods and method not in self.methods:
+        if (self.methods and method not in self.methods) or method in self.exempt_methods:
             return False
         return self.paths.matches_form(form)
 
@@ -89,10 +95,15 @@ class _Plan:
     ``enforced`` and ``shadows`` are the indices (in the take's bucket order) of the enforced
     and the shadow policies; only the enforced ones refuse, and only they are shown."""
 
-    __slots__ = ("allowed", "denied", "deny_on_error", "distinct_keys", "enforced", "errored", "items",
-                 "keys", "names", "policy_field", "shadow_allowed", "shadow_denied", "shadows", "take")
+    __slots__ = ("allowed", "denied", "deny_on_error", "distinct_keys", "enforced", "errored", "keys",
+                 "legacy", "limits", "matched", "names", "policy_field", "policy_pair", "shadow_allowed",
+                 "shadow_denied", "shadows", "shown", "take", "visible")
 
-    def __init__(self, policies: Sequence[_Policy], metrics: Metrics | None) -> None:
+    def __init__(
+        self, policies: Sequence[_Policy], metrics: Metrics | None, matched: tuple[int, ...] = (),
+        headers: RateLimitHeaders = "ietf",
+    ) -> None:
+        self.matched = matched  # the policies' indices in config order
         self.take = TakePlan.of([p.spec for p in policies])
         self.keys = tuple(p.policy.key for p in policies)
         self.distinct_keys = tuple(dict.fromkeys(self.keys))
@@ -100,18 +111,24 @@ class _Plan:
         self.enforced = tuple(i for i, p in enumerate(policies) if not p.policy.shadow)
         self.shadows = tuple(i for i, p in enumerate(policies) if p.policy.shadow)
         shown = [policies[i] for i in self.enforced]
-        self.items = tuple(p.item for p in shown)
+        self.shown = tuple(zip((p.item.encode() for p in shown), self.enforced, strict=True))
         self.policy_field = ", ".join(
             f"{p.item}q={p.policy.limit};w={p.policy.window_s}" for p in shown
         ).encode()
+        self.policy_pair = (_POLICY_HEADER, self.policy_field)
         self.deny_on_error = any(p.policy.on_store_error == "deny" for p in shown)
+        # response.rate_limit_headers, decided here once: whether the fields are sent at all
+        # (never for shadow policies alone), and whether the legacy X-RateLimit-* go with them
+        self.visible = bool(self.enforced) and headers != "none"
+        self.legacy = self.visible and headers == "ietf+legacy"
+        self.limits = tuple(p.policy.limit for p in shown)
         # gateway_ratelimit_decisions_total children (none without metrics): allowed and denied
         # per enforced policy, shadow_* per shadow policy, errored per policy, each in order
-        self.allowed: tuple[Counter, ...] = ()
-        self.denied: tuple[Counter, ...] = ()
-        self.shadow_allowed: tuple[Counter, ...] = ()
-        self.shadow_denied: tuple[Counter, ...] = ()
-        self.errored: tuple[Counter, ...] = ()
+        self.allowed: tuple[CounterTally, ...] = ()
+        self.denied: tuple[CounterTally, ...] = ()
+        self.shadow_allowed: tuple[CounterTally, ...] = ()
+        self.shadow_denied: tuple[CounterTally, ...] = ()
+        self.errored: tuple[CounterTally, ...] = ()
         if metrics is not None:
             self.allowed = tuple(metrics.decision(self.names[i], "allow") for i in self.enforced)
             self.denied = tuple(metrics.decision(self.names[i], "deny") for i in self.enforced)
@@ -120,22 +137,46 @@ class _Plan:
             self.errored = tuple(metrics.decision(n, "error") for n in self.names)
 
     def fields(self, decision: RateDecision) -> Headers:
-        """The response's RateLimit fields for the enforced policies; none when all are shadow."""
-        if not self.enforced:
+        """The response's RateLimit fields for the enforced policies; none when all are shadow
+        (or ``rate_limit_headers = "none"``)."""
+        if not self.visible:
             return []
-        return [(_POLICY_HEADER, self.policy_field), (_LIMIT_HEADER, self.ratelimit_field(decision))]
+        if self.legacy:
+            return [self.policy_pair, (_LIMIT_HEADER, self.ratelimit_field(decision)),
+                    *self.legacy_fields(decision)]
+        return [self.policy_pair, (_LIMIT_HEADER, self.ratelimit_field(decision))]
+
+    def policy_fields(self) -> Headers:
+        """``RateLimit-Policy`` alone, for a response whose remaining counts are unknown."""
+        return [self.policy_pair] if self.visible else []
+
+    def legacy_fields(self, decision: RateDecision) -> Headers:
+        """``X-RateLimit-Limit/Remaining/Reset`` of the most restrictive enforced policy (the
+        fewest tokens left; of those, the longest wait): its ``q``, ``r`` and ``t`` as in
+        ``RateLimit`` (``_member``), ``Reset`` as GitHub sends it, the epoch second by which
+        ``t`` has passed."""
+        best: tuple[int, int, int] | None = None  # (r, t, limit)
+        for limit, i in zip(self.limits, self.enforced, strict=True):
+            b = decision.buckets[i]
+            if decision.allowed or not b.wait_ms:
+                shown = (b.remaining, -(-b.full_ms // 1000), limit)
+            else:
+                shown = (0, -(-b.wait_ms // 1000), limit)
+            if best is None or (shown[0], -shown[1]) < (best[0], -best[1]):
+                best = shown
+        assert best is not None
+        remaining, wait_s, limit = best
+        return [(_LEGACY_LIMIT, b"%d" % limit), (_LEGACY_REMAINING, b"%d" % remaining),
+                (_LEGACY_RESET, b"%d" % (math.ceil(time()) + wait_s))]
 
     def ratelimit_field(self, decision: RateDecision) -> bytes:
         """``RateLimit``: whole tokens left and seconds (rounded up) until full, per enforced
         policy; a denying policy shows r=0 and the seconds until the request's cost is there."""
-        parts = []
-        for item, i in zip(self.items, self.enforced, strict=True):
-            b = decision.buckets[i]
-            if decision.allowed or not b.wait_ms:
-                parts.append(f"{item}r={b.remaining};t={-(-b.full_ms // 1000)}")
-            else:
-                parts.append(f"{item}r=0;t={-(-b.wait_ms // 1000)}")
-        return ", ".join(parts).encode()
+        buckets, allowed = decision.buckets, decision.allowed
+        if len(self.shown) == 1:
+            item, i = self.shown[0]
+            return _member(item, buckets[i], allowed)
+        return b", ".join([_member(item, buckets[i], allowed) for item, i in self.shown])
 
     def lacking(self, decision: RateDecision, among: Sequence[int]) -> list[int]:
         """Which of the buckets ``among`` lacked the request's cost: a bucket the take did not
@@ -148,6 +189,13 @@ class _Plan:
         return [i for i in among if decision.buckets[i].wait_ms > 0]
 
 
+def _member(item: bytes, bucket: BucketState, allowed: bool) -> bytes:
+    """One policy's ``RateLimit`` member: ``"name";r=..;t=..``."""
+    if allowed or not bucket.wait_ms:
+        return b"%br=%d;t=%d" % (item, bucket.remaining, -(-bucket.full_ms // 1000))
+    return b"%br=0;t=%d" % (item, -(-bucket.wait_ms // 1000))
+
+
 class RateLimitMiddleware:
     """Pure ASGI rate limiting: token buckets decided atomically in the store.
 
@@ -156,7 +204,8 @@ class RateLimitMiddleware:
         rate_limit: the ``[[rate_limit]]`` policies, as dicts shaped like the TOML or as
             ``RateLimitPolicy`` objects; one ``"per-client"`` policy (100 a minute per client)
             when neither this nor ``config`` is given. An empty list is refused.
-        identity: the ``[identity]`` section (dict or ``IdentityConfig``).
+        identity: the ``[identity]`` section (dict or ``IdentityConfig``); or a callable given the ASGI scope
+            (sync or async) returning the client's identity (None for none): the one source.
         store: a store URL, a ``[store]`` dict or ``StoreConfig`` (the middleware then owns the
             store and opens/closes it with the lifespan), or a ``Store`` shared with others.
         metrics: where decisions are counted (``GatewayMiddleware`` passes its own); none when None.
@@ -172,6 +221,14 @@ class RateLimitMiddleware:
             ``[identity]`` and ``[store]`` from, instead of the keywords above.
         limit_preflights: ``request.limit_preflights``: limit CORS preflights too (by default
             they pass, ``gateway/_preflight.py``); from ``config`` when None.
+        direct_app: ``GatewayMiddleware`` passes the app itself when every layer inside this
+            one only passes on a request whose take is made here (no concurrency limit; the
+            Idempotency-Key layer for the methods it does not claim): such a request goes
+            straight to it, noted in the context as handed to the app, two frames shorter.
+        rate_limit_headers: ``response.rate_limit_headers``: ``"ietf"`` (the RateLimit fields),
+            ``"ietf+legacy"`` (and ``X-RateLimit-*``) or ``"none"``; from ``config`` when None.
+        renderer: how the layer's own refusals look (``gateway/problem.py``); from
+            ``[errors] format`` when None.
     """
 
     def __init__(
@@ -179,7 +236,7 @@ class RateLimitMiddleware:
         app: ASGIApp,
         *,
         rate_limit: Sequence[Mapping[str, Any] | RateLimitPolicy] | None = None,
-        identity: Mapping[str, Any] | IdentityConfig | None = None,
+        identity: Mapping[str, Any] | IdentityConfig | SourceFunction | None = None,
         store: StoreSetting = None,
         metrics: Metrics | None = None,
         identity_resolver: IdentityResolver | None = None,
@@ -187,6 +244,9 @@ class RateLimitMiddleware:
         defer_every_take: bool = False,
         config: ConfigSetting = None,
         limit_preflights: bool | None = None,
+        direct_app: ASGIApp | None = None,
+        rate_limit_headers: RateLimitHeaders | None = None,
+        renderer: Renderer | None = None,
     ) -> None:
         if rate_limit is None and config is None:
             rate_limit = [RateLimitPolicy()]  # the documented default: "per-client", 100 a minute
@@ -201,16 +261,28 @@ class RateLimitMiddleware:
         self.app = app
         self._metrics = metrics
         self._policies = tuple(_Policy(p) for p in config.rate_limits)
-        self._resolver = identity_resolver or IdentityResolver(config.identity,
-                                                               (p.key for p in config.rate_limits))
+        self._resolver = identity_resolver or IdentityResolver(
+            config.identity, (p.key for p in config.rate_limits), claims=plan_claims(config.rate_limits))
         self._plans: dict[tuple[int, ...], _Plan] = {}
-        self._everywhere = all(p.paths.everything and not p.methods for p in self._policies)
+        self._headers: RateLimitHeaders = (
+            config.response.rate_limit_headers if rate_limit_headers is None else rate_limit_headers)
+        self._render = renderer or renderer_for(config.errors.format)
+        # per-plan numbers (plans.py): each policy on each of its plans, compiled once, and the
+        # decision plans of the (matched policies, plans applied) combinations that occur
+        planned = any(p.plans for p in config.rate_limits)
+        self._chooser = PlanChooser(config.rate_limits, self._resolver) if planned else None
+        self._variants = {(i, x.name): _Policy(p.on_plan(x.name))
+                          for i, p in enumerate(config.rate_limits) for x in p.plans}
+        self._on_plans: dict[tuple[tuple[int, ...], tuple[str | None, ...]], _Plan] = {}
+        self._everywhere = all(p.paths.everything and not p.methods and not p.exempt_methods
+                               for p in self._policies)
         self._all = self._plan(tuple(range(len(self._policies)))) if self._policies else None
         self._denials = LocalDenials()
         self._claim_methods = claim_methods
         self._defer_every_take = defer_every_take
         limit = config.request.limit_preflights if limit_preflights is None else limit_preflights
         self._pass_preflights = not limit
+        self._direct_app = direct_app
 
     @property
     def store(self) -> Store:
@@ -220,8 +292,26 @@ class RateLimitMiddleware:
         plan = self._plans.get(matched)
         if plan is None:
             # bounded: one entry per distinct subset of the configured policies that occurs
-            plan = self._plans[matched] = _Plan([self._policies[i] for i in matched], self._metrics)
+            policies = [self._policies[i] for i in matched]
+            plan = self._plans[matched] = _Plan(policies, self._metrics, matched, self._headers)
         return plan
+
+    async def _plan_applied(self, plan: _Plan, scope: Scope, ctx: RequestContext | None) -> _Plan:
+        """``plan`` with the numbers of the client's plans, where its policies have ``plans``."""
+        assert self._chooser is not None
+        found = ctx.headers if ctx is not None else None
+        applied = (await self._chooser.applied_async(plan.matched, scope, found) if self._chooser.awaits
+                   else self._chooser.applied(plan.matched, scope, found))
+        if applied is None:
+            return plan
+        key = (plan.matched, applied)
+        on_plans = self._on_plans.get(key)
+        if on_plans is None:
+            # bounded: plans are the configured ones (any other value is the policy's own numbers)
+            policies = [self._policies[i] if name is None else self._variants[i, name]
+                        for i, name in zip(plan.matched, applied, strict=True)]
+            on_plans = self._on_plans[key] = _Plan(policies, self._metrics, plan.matched, self._headers)
+        return on_plans
 
     def _match(self, method: str, path: str) -> _Plan | None:
         if self._everywhere:
@@ -242,10 +332,15 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         ctx = context_of(scope)
-        if ctx is not None:
+        if self._resolver.awaits:  # an async callable identity source
+            tags = await (ctx.tags_async(self._resolver, scope) if ctx is not None
+                          else self._resolver.tags_async(scope, plan.distinct_keys))
+        elif ctx is not None:
             tags = ctx.tags(self._resolver, scope)
         else:
             tags = self._resolver.tags(scope, plan.distinct_keys)
+        if self._chooser is not None:
+            plan = await self._plan_applied(plan, scope, ctx)
         values = [tags[k] for k in plan.keys]
         sent_at = monotonic()
         if self._denials:  # a client the store denied is answered here until it could pass
@@ -260,8 +355,15 @@ class RateLimitMiddleware:
                 ctx.deferred_take = _DeferredTake(self, plan, values, sent_at, ctx)
                 await self.app(scope, receive, send)
                 return
-            if await _DeferredTake(self, plan, values, sent_at, ctx).alone(send):
+            fields = await self._take(plan, values, sent_at, send)
+            if fields is None:
+                return
+            ctx.response_headers += fields
+            if self._direct_app is None:
                 await self.app(scope, receive, send)
+            else:
+                ctx.app_start = perf_counter()
+                await self._direct_app(scope, receive, send)
             return
         fields = await self._take(plan, values, sent_at, send)
         if fields is None:
@@ -291,7 +393,7 @@ class RateLimitMiddleware:
             extra={"event": "ratelimit.denied", "request_id": current_request_id(),
                    "policies": violated, "retry_after_s": retry_after, "local": local},
         )
-        await send_problem(
+        await self._render.send(
             send,
             status=429,
             type_=QUOTA_EXCEEDED,
@@ -354,7 +456,7 @@ class RateLimitMiddleware:
         if self._store_failed(plan, exc):
             await self._store_unavailable(plan, send)
             return None
-        return [(_POLICY_HEADER, plan.policy_field)] if plan.enforced else []
+        return plan.policy_fields()
 
     def _store_failed(self, plan: _Plan, exc: StoreError) -> bool:
         """Count and log a store failure; True when ``on_store_error`` denies the request (that
@@ -371,13 +473,13 @@ class RateLimitMiddleware:
 
     async def _store_unavailable(self, plan: _Plan, send: Send) -> None:
         """The 503 of a policy that does not run unchecked."""
-        await send_problem(
+        await self._render.send(
             send,
             status=503,
             type_=STORE_UNAVAILABLE,
             title="Rate limit store unavailable",
             detail="The rate limit could not be checked and this route does not run unchecked.",
-            headers=[(b"retry-after", _STORE_RETRY_AFTER), (_POLICY_HEADER, plan.policy_field)],
+            headers=[(b"retry-after", _STORE_RETRY_AFTER), *plan.policy_fields()],
         )
 
 

@@ -13,35 +13,49 @@ from random import getrandbits
 
 from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["RequestIdMiddleware", "bind_request_id", "current_request_id", "new_request_id",
-           "take_request_id", "unbind_request_id", "valid_request_id", "with_request_id"]
+__all__ = ["RequestIdMiddleware", "bind_request_id", "current_request_id", "current_request_line",
+           "new_request_id", "take_request_id", "unbind_request_id", "valid_request_id", "with_request_id"]
 
 HEADER = b"x-request-id"
+_HEADER_LEN = len(HEADER)
 _MAX_LEN = 128
 _ALLOWED = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~:/+=@-"
-_request_id: ContextVar[str | None] = ContextVar("gateway_request_id", default=None)
+# the request being handled: its id as the header's bytes (decoded only when a log line or a
+# problem asks for it) and its scope, whose method and path log lines name
+_request: ContextVar[tuple[bytes, Scope | None] | None] = ContextVar("gateway_request", default=None)
 
 
 def current_request_id() -> str | None:
     """The id of the request being handled, when ``RequestIdMiddleware`` is in the stack."""
-    return _request_id.get()
+    bound = _request.get()
+    return bound[0].decode("ascii") if bound is not None else None
 
 
-def bind_request_id(rid: str) -> Token[str | None]:
-    """Make ``rid`` the current request's id (for log lines and problems) until the token is reset."""
-    return _request_id.set(rid)
+def current_request_line() -> tuple[str, str] | None:
+    """The method and path of the request being handled (as bound with its id), for log lines."""
+    bound = _request.get()
+    if bound is None or bound[1] is None:
+        return None
+    scope = bound[1]
+    return scope.get("method", ""), scope.get("path", "")
 
 
-def unbind_request_id(token: Token[str | None]) -> None:
+def bind_request_id(rid: bytes, scope: Scope | None = None) -> Token[tuple[bytes, Scope | None] | None]:
+    """Make ``rid`` (a valid id: ASCII) the current request's id, for log lines and problems,
+    until the token is reset; ``scope``: the request, whose method and path log lines name."""
+    return _request.set((rid, scope))
+
+
+def unbind_request_id(token: Token[tuple[bytes, Scope | None] | None]) -> None:
     """Back to the id that was current before ``bind_request_id``."""
-    _request_id.reset(token)
+    _request.reset(token)
 
 
-def new_request_id() -> str:
+def new_request_id() -> bytes:
     """128 random bits, hex: unique without coordination between processes. From ``random``
     (seeded from the OS, and again in each forked worker), not ``os.urandom``: an id is no
     secret, and a system call per request is measurable on the hot path."""
-    return "%032x" % getrandbits(128)  # noqa: UP031 - the fastest spelling
+    return b"%032x" % getrandbits(128)
 
 
 def valid_request_id(value: bytes) -> bool:
@@ -59,7 +73,7 @@ def take_request_id(scope: Scope) -> tuple[bytes, Scope]:
             lines += 1
             if given is None:
                 given = value
-    rid = given if given is not None and valid_request_id(given) else new_request_id().encode()
+    rid = given if given is not None and valid_request_id(given) else new_request_id()
     if rid is not given or lines > 1:
         headers = [h for h in scope["headers"] if h[0] != HEADER]
         headers.append((HEADER, rid))
@@ -69,7 +83,11 @@ def take_request_id(scope: Scope) -> tuple[bytes, Scope]:
 
 def with_request_id(headers: Iterable[tuple[bytes, bytes]], rid: bytes) -> list[tuple[bytes, bytes]]:
     """Response headers with exactly one ``X-Request-Id``: ``rid`` (an app's own is replaced)."""
-    out = [h for h in headers if h[0].lower() != HEADER]
+    out = list(headers)
+    for name, _ in out:
+        if len(name) == _HEADER_LEN and name.lower() == HEADER:  # rare: the app set its own
+            out = [h for h in out if h[0].lower() != HEADER]
+            break
     out.append((HEADER, rid))
     return out
 
@@ -91,7 +109,7 @@ class RequestIdMiddleware:
                 message["headers"] = with_request_id(message.get("headers", ()), rid)
             await send(message)
 
-        token = bind_request_id(rid.decode())
+        token = bind_request_id(rid, scope)
         try:
             await self.app(scope, receive, send_with_id)
         finally:

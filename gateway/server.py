@@ -9,6 +9,7 @@ shares limits and idempotency records with the others through the store.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Any
 
@@ -16,19 +17,23 @@ from gateway.config import Config, load_config
 from gateway.errors import ConfigError
 from gateway.http_protocol import GatewayHttpProtocol
 from gateway.metrics import Metrics
+from gateway.problem import renderer_for
 from gateway.proxy import ProxyApp
 from gateway.stack import SHUTDOWN_DRAIN_S, GatewayMiddleware
 
-__all__ = ["ENV_CONFIG", "build_app", "create_app", "uvicorn_options"]
+__all__ = ["ENV_CONFIG", "ENV_LOG_LEVEL", "build_app", "create_app", "uvicorn_options"]
 
 #: The environment variable that names the config file for the workers.
 ENV_CONFIG = "GATEWAY_CONFIG"
+#: The level of the workers' gateway loggers (``gateway serve --log-level``).
+ENV_LOG_LEVEL = "GATEWAY_LOG_LEVEL"
 
 
 def build_app(config: Config) -> GatewayMiddleware:
     """The reverse proxy to ``[upstream]`` behind the full stack, one metrics for both."""
     metrics = Metrics((p.name for p in config.rate_limits), (c.name for c in config.concurrency_limits))
-    proxy = ProxyApp(config.upstream, trusted_proxies=config.identity.trusted_proxies, metrics=metrics)
+    proxy = ProxyApp(config.upstream, trusted_proxies=config.identity.trusted_proxies, metrics=metrics,
+                     renderer=renderer_for(config.errors.format))
     # uvicorn's own Date is off (the upstream's passes through): the gateway dates what it makes
     return GatewayMiddleware(proxy, config, metrics=metrics, date_header=True)
 
@@ -40,11 +45,12 @@ def create_app() -> GatewayMiddleware:
     path = os.environ.get(ENV_CONFIG)
     if not path:
         raise ConfigError([f"{ENV_CONFIG}: not set; run the proxy with `gateway serve --config FILE`"])
-    install_json_logging()
+    level = os.environ.get(ENV_LOG_LEVEL, "info").upper()
+    install_json_logging(getattr(logging, level, logging.INFO))
     return build_app(load_config(path))
 
 
-def uvicorn_options(config: Config) -> dict[str, Any]:
+def uvicorn_options(config: Config, *, access_log: bool = False, log_level: str = "info") -> dict[str, Any]:
     """uvicorn settings for the gateway, beyond the app and the socket.
 
     * ``proxy_headers`` off: uvicorn would otherwise take the client address from
@@ -54,20 +60,23 @@ def uvicorn_options(config: Config) -> dict[str, Any]:
     * the connection is ``GatewayHttpProtocol`` (``gateway/http_protocol.py``): trailers never
       become headers, a request head has ``server.header_timeout`` to arrive, and a worker holds
       at most ``server.max_connections`` connections.
-    * uvicorn's own log lines are JSON on stderr like the gateway's.
+    * uvicorn's own log lines are JSON on stderr like the gateway's, at WARNING (``log_level``
+      ``debug``: at DEBUG); ``access_log``: one ``http.access`` line per response.
     * a graceful shutdown bounded by the upstream timeout plus the time settles may still take:
       in-flight requests finish and their idempotency records are stored before the store closes.
     """
     from gateway.logs import uvicorn_log_config
 
+    uvicorn_level = "DEBUG" if log_level == "debug" else "WARNING"
     return {
-        "log_config": uvicorn_log_config(),
+        "log_config": uvicorn_log_config(uvicorn_level, access_log=access_log),
         "loop": "uvloop" if _has("uvloop") else "asyncio",
         "http": functools.partial(GatewayHttpProtocol, header_timeout_s=config.server.header_timeout_s,
-                                  max_connections=config.server.max_connections),
+                                  max_connections=config.server.max_connections,
+                                  error_format=config.errors.format),
         "lifespan": "on",
-        "log_level": "warning",
-        "access_log": False,
+        "log_level": None,  # the levels are log_config's
+        "access_log": access_log,
         "proxy_headers": False,
         "server_header": False,
         "date_header": False,

@@ -50,7 +50,7 @@ from gateway.config import (
 from gateway.errors import ConfigError, StoreError
 from gateway.identity import GLOBAL_TAG, TrustedProxies
 from gateway.lifespan import run_lifespan
-from gateway.problem import STORE_UNAVAILABLE, CannedProblem, problem_type, send_problem
+from gateway.problem import STORE_UNAVAILABLE, CannedProblem, Renderer, problem_type, renderer_for
 from gateway.requestid import current_request_id
 from gateway.slots import SlotHolding, SlotKeeper
 from gateway.store import SlotPlan, Store
@@ -80,9 +80,10 @@ DRAWN_SCOPE_KEY = "gateway.local_shed_drawn"
 _RETRY_AFTER = b"1"
 
 
-def shed_answer(priority: str, shedder: str) -> CannedProblem:
-    """The 503 of a request of class ``priority`` shed by ``shedder`` (``local``, ``fleet``)."""
-    return CannedProblem(
+def shed_answer(render: Renderer, priority: str, shedder: str) -> CannedProblem:
+    """The 503 of a request of class ``priority`` shed by ``shedder`` (``local``, ``fleet``), in
+    ``render``'s format."""
+    return render.canned(
         status=503,
         type_=LOAD_SHED,
         title="Service overloaded",
@@ -307,6 +308,7 @@ class LoadSheddingMiddleware:
             raise ConfigError(["shedding: neither shedding.local nor shedding.fleet is enabled: "
                                "LoadSheddingMiddleware would shed nothing"])
         self.app = app
+        self._render = renderer_for(config.errors.format)
         self.classes = PriorityClasses(config.priorities, config.shedding.default_class, config.identity)
         names = self.classes.names
         local, fleet = config.shedding.local, config.shedding.fleet
@@ -322,7 +324,7 @@ class LoadSheddingMiddleware:
         self.fleet = _Fleet(fleet, self.classes.classes, self._store) if fleet.enabled else None
         self._shed_log = _ShedLog()
         #: per shedder, the canned 503 of each class
-        self.answers = {shedder: tuple(shed_answer(n, shedder) for n in names)
+        self.answers = {shedder: tuple(shed_answer(self._render, n, shedder) for n in names)
                         for shedder in ("local", "fleet")}
 
     @property
@@ -379,7 +381,7 @@ class LoadSheddingMiddleware:
                              "event": "shedding.store_error", "error": str(exc),
                              "request_id": current_request_id()})
             if deny:
-                await send_problem(
+                await self._render.send(
                     send, status=503, type_=STORE_UNAVAILABLE, title="Load shedder store unavailable",
                     detail="The fleet's capacity could not be checked and it does not run unchecked.",
                     headers=[(b"retry-after", _RETRY_AFTER)])

@@ -22,8 +22,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from gateway._asgi import ASGIApp, Receive, Scope, Send
+from gateway._settings import with_identity
 from gateway.concurrency import ConcurrencyLimitMiddleware
-from gateway.config import Config, load_config
+from gateway.config import Config, SourceFunction, load_config
 from gateway.connection_shed import ConnectionShedder
 from gateway.entry import StackEntry
 from gateway.idempotency import IdempotencyMiddleware
@@ -31,22 +32,27 @@ from gateway.identity import IdentityResolver
 from gateway.lifespan import run_lifespan
 from gateway.metrics import Metrics
 from gateway.ops import OpsRoutes, UpstreamTimer
+from gateway.plans import plan_claims
+from gateway.problem import renderer_for
 from gateway.ratelimit import RateLimitMiddleware
 from gateway.request_check import RequestCheck
 from gateway.shedding import LoadSheddingMiddleware
 from gateway.store import Store, store_from_config
 
-__all__ = ["GEN0_THRESHOLD", "SHUTDOWN_DRAIN_S", "GatewayMiddleware", "freeze_startup_heap"]
+__all__ = ["GEN0_THRESHOLD", "METRICS_FOLD_S", "SHUTDOWN_DRAIN_S", "GatewayMiddleware", "freeze_startup_heap"]
 
 #: At shutdown, how long settles that outlived their requests may still take before the store closes.
 SHUTDOWN_DRAIN_S = 10.0
+#: How often the hot path's pending counts are folded into the metrics while the app runs.
+METRICS_FOLD_S = 1.0
 #: Allocations (net of frees) between two collections of the youngest generation, once started.
 GEN0_THRESHOLD = 10_000
 _CPYTHON_GEN0_THRESHOLD = 700
 
 
-class GatewayMiddleware:
-    """The gateway in front of an ASGI app.
+class GatewayMiddleware(StackEntry):
+    """The gateway in front of an ASGI app: the stack's entry (``entry.py``) in front of the
+    layers this config needs, so a request's first frame is the entry's own.
 
     Args:
         app: the ASGI app to protect.
@@ -56,6 +62,9 @@ class GatewayMiddleware:
             closes it.
         metrics: the metrics to count in (``gateway serve`` shares one with its proxy); a new
             ``Metrics`` on its own registry when None.
+        identity: a callable given the ASGI scope (sync or async), returning the client's
+            identity (``str``/``bytes``; None for none): the one identity source, in place of
+            ``identity.sources`` (to chain it with others, list it in ``sources`` in a dict config).
         date_header: add ``Date`` to every response without one (``gateway serve`` sets it, since
             it turns uvicorn's off so the upstream's passes through: the gateway's own answers
             and replays then carry one, RFC 9110 §6.6.1). Off in-process: the server adds it.
@@ -68,9 +77,10 @@ class GatewayMiddleware:
         *,
         store: Store | None = None,
         metrics: Metrics | None = None,
+        identity: SourceFunction | None = None,
         date_header: bool = False,
     ) -> None:
-        self.config = load_config(config)
+        self.config = with_identity(load_config(config), identity)
         self.metrics = metrics if metrics is not None else Metrics(
             (p.name for p in self.config.rate_limits), (c.name for c in self.config.concurrency_limits))
         self._owns_store = store is None
@@ -80,7 +90,9 @@ class GatewayMiddleware:
         # one resolver for every layer: the request context resolves a request's tags once
         keys = (*(p.key for p in self.config.rate_limits), *(c.key for c in self.config.concurrency_limits),
                 "identity")
-        resolver = IdentityResolver(self.config.identity, keys)
+        resolver = IdentityResolver(self.config.identity, keys, claims=plan_claims(self.config.rate_limits))
+        # [errors] format: every layer's refusals written by one renderer
+        renderer = renderer_for(self.config.errors.format)
         self._idempotency = IdempotencyMiddleware(
             UpstreamTimer(app),
             idempotency=self.config.idempotency,
@@ -88,6 +100,7 @@ class GatewayMiddleware:
             store=self.store,
             metrics=self.metrics,
             identity_resolver=resolver,
+            renderer=renderer,
         )
         inner: ASGIApp = self._idempotency
         claim_methods = frozenset(self.config.idempotency.methods)
@@ -102,6 +115,7 @@ class GatewayMiddleware:
                 identity_resolver=resolver,
                 claim_methods=claim_methods,
                 limit_preflights=self.config.request.limit_preflights,
+                renderer=renderer,
             )
         if self.config.rate_limits:
             inner = RateLimitMiddleware(
@@ -116,6 +130,10 @@ class GatewayMiddleware:
                 # and any other, with a concurrency limit's acquire (concurrency.py)
                 defer_every_take=self._concurrency is not None,
                 limit_preflights=self.config.request.limit_preflights,
+                rate_limit_headers=self.config.response.rate_limit_headers,
+                renderer=renderer,
+                # a request it takes for itself passes every layer inside untouched: to the app
+                direct_app=app if self._concurrency is None else None,
             )
         shedding = self.config.shedding
         self._shedding: LoadSheddingMiddleware | None = None
@@ -124,27 +142,34 @@ class GatewayMiddleware:
                 inner, config=self.config, store=self.store, metrics=self.metrics)
         self.app = app
         check = RequestCheck(self.config, metrics=self.metrics)
+        ops = OpsRoutes(store=self.store, metrics=self.metrics, config=self.config.ops,
+                        trusted_proxies=self.config.identity.trusted_proxies)
         #: what ``gateway serve``'s connection asks before a request reaches this stack (the
         #: local shedder's early refusal, ``connection_shed.py``); None when it has nothing to shed
         self.connection_shedder: ConnectionShedder | None = None
         local = self._shedding.local if self._shedding is not None else None
         if self._shedding is not None and local is not None and shedding.local.mode == "enforce":
-            self.connection_shedder = ConnectionShedder(self._shedding, local, check, self.metrics,
+            self.connection_shedder = ConnectionShedder(self._shedding, local, check, ops, self.metrics,
                                                         date_header=date_header)
-        self._chain: ASGIApp = StackEntry(
+        super().__init__(
             inner,
             metrics=self.metrics,
             check=check,
-            ops=OpsRoutes(store=self.store, metrics=self.metrics),
+            ops=ops,
             date_header=date_header,
         )
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan" and self._owns_store:
-            await run_lifespan(self._chain, scope, receive, send, self.store, before_close=self._drain,
-                               after_startup=freeze_startup_heap)
+            await run_lifespan(self._inner, scope, receive, send, self.store, before_close=self._drain,
+                               after_startup=self._started)
             return
-        await self._chain(scope, receive, send)
+        await self._inner(scope, receive, send)
+
+    def _started(self) -> None:
+        freeze_startup_heap()
+        # pending counts reach the registry at least once a second (a scrape in another worker)
+        self.metrics.tallies.fold_every(METRICS_FOLD_S)
 
     async def _drain(self) -> None:
         await self._idempotency.drain(SHUTDOWN_DRAIN_S)
@@ -152,6 +177,7 @@ class GatewayMiddleware:
             await self._concurrency.drain(SHUTDOWN_DRAIN_S)
         if self._shedding is not None:
             await self._shedding.drain(SHUTDOWN_DRAIN_S)
+        self.metrics.tallies.stop_folding()
 
 
 def freeze_startup_heap() -> None:

@@ -14,6 +14,8 @@ ARGV[2]    status code
 ARGV[3]    storable headers, encoded by the caller
 ARGV[4]    body
 ARGV[5]    ttl, ms: how long the completed record is replayed
+ARGV[6]    "1": tell the duplicates waiting for this record (idempotency.on_in_flight = "wait"):
+           PUBLISH on the channel named like the record's key; absent or "0": nothing published
 
 Returns    1 stored (or already stored by this owner: a resent completion is the same one)
            0 refused: the record is not this owner's (another's claim or record, withdrawn,
@@ -35,4 +37,7 @@ end
 redis.call('HSET', KEYS[1], 'st', 'd', 's', ARGV[2], 'h', ARGV[3], 'b', ARGV[4])
 redis.call('HDEL', KEYS[1], 'lx', 'rl')
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
+if ARGV[6] == '1' then
+  redis.call('PUBLISH', KEYS[1], 'd')
+end
 return 1

@@ -11,6 +11,8 @@ claims the key as if it were free.
 KEYS[1]    the record hash (fields: see idempotency_claim.lua)
 ARGV[1]    owner token of the attempt that claimed it
 ARGV[2]    ms to keep a withdrawal marker (the records' ttl)
+ARGV[3]    "1": on a release, tell the duplicates waiting for this record (PUBLISH on the
+           channel named like the record's key); absent or "0": nothing published
 
 Returns    1 released (the record is deleted); 0 refused: not this owner's live claim
            (completed, settled as lost, another's, or not there: then the marker is written)
@@ -21,6 +23,9 @@ TTL        the marker: ARGV[2]. Nothing else written: a released record is delet
 local rec = redis.call('HMGET', KEYS[1], 'st', 'o')
 if rec[1] == 'p' and rec[2] == ARGV[1] then
   redis.call('DEL', KEYS[1])
+  if ARGV[3] == '1' then
+    redis.call('PUBLISH', KEYS[1], 'r')
+  end
   return 1
 end
 if not rec[1] then

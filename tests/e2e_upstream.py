@@ -23,6 +23,13 @@ Endpoints (any method unless said):
 - ``/gzip``: a gzip-encoded body (``GZIP_BODY``) with ``Content-Encoding: gzip``.
 - ``/redirect``: 302 to ``/echo``.
 - ``/seen?rid=R``: how many requests carrying ``X-Request-Id: R`` reached this upstream.
+- ``POST /v1/customers``, ``/v1/limited``, ``/v1/one-at-a-time`` (Stripe-like, form body, for
+  the official ``stripe`` client): counts the attempt under its ``Idempotency-Key``, then per
+  its ``description``: ``hold`` waits (up to 20 s) for ``/release?id=KEY``, ``sleep:S`` sleeps
+  S seconds, ``reject`` answers Stripe's 400 ``invalid_request_error``; otherwise 200 with a
+  customer object. Every answer carries ``Request-Id: req_up_N``. ``GET /v1/attempts?key=K``
+  returns ``{"count": n}``; ``GET /v1/hold?id=H`` is held until ``/release?id=H`` (up to
+  20 s), for a request in flight (counted as an attempt under H when it arrives).
 - ``POST /soak/pay`` (the chaos soak's payment, ``tests/chaos_soak.py``): counts the arrival
   under its ``Idempotency-Key`` (else the body's ``payment``), waits ``SOAK_PAY_S`` plus a little
   jitter, records the execution with the exact body it answers, then answers 200 with a body
@@ -72,6 +79,8 @@ SOAK_JITTER_S = 0.1
 _soak_records: dict[str, dict[str, Any]] = {}
 _soak_in_flight: Counter[str] = Counter()
 _soak_executions = itertools.count(1)
+_stripe_attempts: Counter[str] = Counter()
+_stripe_requests = itertools.count(1)
 
 
 def chunk(i: int) -> bytes:
@@ -333,6 +342,46 @@ async def held_stats(scope: Scope, receive: Receive, send: Send) -> None:
     await _json(send, 200, _held[_query(scope).get("key", "")])
 
 
+async def stripe_customers(scope: Scope, receive: Receive, send: Send) -> None:
+    """A Stripe-like create: the attempt is counted first, whatever happens after."""
+    key = _header(scope, b"idempotency-key") or ""
+    _stripe_attempts[key] += 1
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            break
+    description = parse_qs(body.decode("latin-1")).get("description", [""])[0]
+    number = next(_stripe_requests)
+    headers = [(b"request-id", b"req_up_%d" % number)]
+    if description == "hold":
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(_release_event(key).wait(), RELEASE_WAIT_S)
+    elif description.startswith("sleep:"):
+        await asyncio.sleep(_seconds(description[len("sleep:"):]))
+    elif description == "reject":
+        error = {"error": {"type": "invalid_request_error", "code": "parameter_invalid_empty",
+                           "param": "email", "message": "You passed an empty string for 'email'."}}
+        await _respond(send, 400, json.dumps(error).encode(), headers=headers)
+        return
+    customer = {"id": f"cus_{number}", "object": "customer", "description": description, "livemode": False}
+    await _respond(send, 200, json.dumps(customer).encode(), headers=headers)
+
+
+async def stripe_attempts(scope: Scope, receive: Receive, send: Send) -> None:
+    await _json(send, 200, {"count": _stripe_attempts[_query(scope).get("key", "")]})
+
+
+async def hold(scope: Scope, receive: Receive, send: Send) -> None:
+    await _read_body(receive)
+    name = _query(scope).get("id", "")
+    _stripe_attempts[name] += 1  # /v1/attempts?key=ID says it is here
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(_release_event(name).wait(), RELEASE_WAIT_S)
+    await _json(send, 200, {"held": True})
+
+
 async def health(scope: Scope, receive: Receive, send: Send) -> None:
     await _respond(send, 200, b"ok", content_type=b"text/plain")
 
@@ -361,6 +410,11 @@ ROUTES: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]] = {
     "/soak/in-flight": soak_in_flight,
     "/held": held,
     "/held/stats": held_stats,
+    "/v1/customers": stripe_customers,
+    "/v1/limited": stripe_customers,
+    "/v1/one-at-a-time": stripe_customers,
+    "/v1/attempts": stripe_attempts,
+    "/v1/hold": hold,
 }
 
 

@@ -193,6 +193,8 @@ def _toml_value(value: object) -> str:
         return json.dumps(value)  # a JSON string is a TOML basic string
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):  # an inline table: [shedding] local = {enabled = true}
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"no TOML for {value!r}")
 
 
@@ -224,8 +226,10 @@ class GatewayServe(ServerProcess):
     name = "gateway"
 
     def __init__(self, workdir: Path, config: Mapping[str, Any] | str, *, port: int | None = None,
-                 workers: int | None = None, env: Mapping[str, str] | None = None) -> None:
+                 workers: int | None = None, env: Mapping[str, str] | None = None,
+                 args: tuple[str, ...] = ()) -> None:
         super().__init__(workdir, port)
+        self.args = args  # more command-line options
         self.config_path = workdir / f"gateway-{self.port}.toml"
         self.config_path.write_text(config if isinstance(config, str) else toml(config))
         self.workers = workers
@@ -236,7 +240,7 @@ class GatewayServe(ServerProcess):
                "--host", HOST, "--port", str(self.port)]
         if self.workers is not None:
             cmd += ["--workers", str(self.workers)]
-        return cmd
+        return [*cmd, *self.args]
 
     def environment(self) -> dict[str, str]:
         return child_env(**self.extra_env)

@@ -178,10 +178,10 @@ class TestGuard:
 
         for _ in range(2):
             with pytest.raises(StoreUnavailable):
-                await guard.run("ping", broken())
+                await guard.run("ping", broken)
         for _ in range(3):
             with pytest.raises(StoreCircuitOpen, match="circuit breaker open"):
-                await guard.run("ping", broken())
+                await guard.run("ping", broken)
         assert ran == 2
         assert value(metrics, "gateway_store_errors_total", operation="ping", kind="unavailable") == 2
         assert value(metrics, "gateway_store_errors_total", operation="ping", kind="circuit_open") == 3
@@ -205,12 +205,12 @@ class TestGuard:
 
         start = time.monotonic()
         with pytest.raises(StoreTimeout):
-            await guard.run("ratelimit_take", hangs())
+            await guard.run("ratelimit_take", hangs)
         assert time.monotonic() - start < 1
         with pytest.raises(StoreScriptError, match="bad script"):
-            await guard.run("ratelimit_take", script_error())
+            await guard.run("ratelimit_take", script_error)
         with pytest.raises(StoreTimeout):
-            await guard.run("ratelimit_take", hangs())
+            await guard.run("ratelimit_take", hangs)
         assert guard.breaker.state == "closed"  # timeout, answer, timeout: never two in a row
         assert value(metrics, "gateway_store_errors_total", operation="ratelimit_take", kind="timeout") == 2
         assert value(metrics, "gateway_store_errors_total", operation="ratelimit_take", kind="script") == 1
@@ -227,7 +227,7 @@ class TestGuard:
             raise ReadOnlyError("You can't write against a read only replica.")
 
         with pytest.raises(StoreUnavailable) as caught:
-            await guard.run("ratelimit_take", readonly())
+            await guard.run("ratelimit_take", readonly)
         assert not isinstance(caught.value, StoreScriptError)
         assert guard.breaker.state == "open"
 
@@ -239,7 +239,7 @@ class TestGuard:
         guard = CallGuard(timeout_s=5, metrics=None, breaker=b)
         b.failed(admitted(b))
         clock.now += 1
-        task = asyncio.ensure_future(guard.run("ping", asyncio.sleep(10)))
+        task = asyncio.ensure_future(guard.run("ping", asyncio.sleep, 10))
         await asyncio.sleep(0.01)
         assert b.state == "half_open"
         task.cancel()

@@ -126,6 +126,7 @@ def gateway_on(
         "store": {"url": cluster.url, "cluster": True, "timeout": "2s", "key_prefix": unique_prefix(),
                   **(store or {})},
         "rate_limit": list(rate_limit),
+        "ops": {"metrics_allow": ["0.0.0.0/0"]},  # the tests' client scrapes (not from loopback)
     }
     if idempotency is not None:
         config["idempotency"] = idempotency

@@ -746,7 +746,12 @@ class TestIdentity:
         [
             (["ip", "ip"], "identity.sources[1]"),
             (["header:X-Key", "header:x-key"], "identity.sources[1]"),
-            (["cookie:x"], "identity.sources[0]"),
+            (["cookie:"], "identity.sources[0]"),
+            (["cookie:a b"], "identity.sources[0]"),
+            (["Bearer"], "identity.sources[0]"),
+            (["jwt:"], "identity.sources[0]"),
+            (["jwt:sub"], "identity.sources[0]"),  # no [identity.jwt] to verify it with
+            (["cookie:s", "cookie:s"], "identity.sources[1]"),
             (["ip", "identity"], "identity.sources[1]"),
             (["header:"], "identity.sources[0]"),
             ([5], "identity.sources[0]"),

@@ -329,11 +329,14 @@ async def test_probe_paths_are_the_ones_the_gateway_answers(monkeypatch: pytest.
     }
     assert len(paths) == 3
     app = CountingApp()
-    gateway = GatewayMiddleware(app, config={"store": {"url": "memory://"}})
+    # the deploy config's [ops], asked from a pod address (kubelet, Prometheus: private networks)
+    ops = load_config(CONFIG, env={}).ops
+    gateway = GatewayMiddleware(app, config={"store": {"url": "memory://"},
+                                             "ops": {"metrics_allow": list(ops.metrics_allow)}})
     statuses: dict[str, int] = {}
 
     async def probe() -> None:
-        async with client_for(gateway) as client:
+        async with client_for(gateway, client_ip="10.42.0.7") as client:
             for path in sorted(paths):
                 statuses[path] = (await client.get(path)).status_code
 
@@ -409,6 +412,7 @@ async def test_dashboard_queries_only_what_the_gateway_exports(monkeypatch: pyte
         "rate_limit": [{"name": "per-client", "limit": 1, "period": "1m", "paths": ["/limited"]}],
         "concurrency_limit": [{"name": "in-flight", "limit": 5, "paths": ["/limited"]}],
         "shedding": {"local": {"enabled": True}, "fleet": {"enabled": True}},
+        "ops": {"metrics_allow": ["0.0.0.0/0"]},  # the test's client scrapes from afar
     }, env={})
     app = build_app(config)
     seen: dict[str, Any] = {}

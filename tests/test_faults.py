@@ -94,6 +94,7 @@ def gateway_on(
              "on_store_error": "deny"},
         ],
         "idempotency": idempotency or {},
+        "ops": {"metrics_allow": ["0.0.0.0/0"]},  # the tests' client scrapes (not from loopback)
     }
     return GatewayMiddleware(app, config), app
 

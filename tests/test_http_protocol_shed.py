@@ -76,9 +76,9 @@ class App:
 class Server:
     """One stack, and connections to it as uvicorn makes them (its config, its server state)."""
 
-    def __init__(self) -> None:
+    def __init__(self, error_format: str = "problem") -> None:
         self.app = App()
-        self.gateway = GatewayMiddleware(self.app, CONFIG)
+        self.gateway = GatewayMiddleware(self.app, {**CONFIG, "errors": {"format": error_format}})
         self.config = Config(app=self.gateway, lifespan="off", proxy_headers=False, access_log=False)
         self.config.load()
         self.state = ServerState()
@@ -110,8 +110,8 @@ class Server:
 def server() -> Iterator[Server]:
     made: list[Server] = []
 
-    def make() -> Server:
-        made.append(Server())
+    def make(error_format: str = "problem") -> Server:
+        made.append(Server(error_format))
         return made[-1]
 
     yield make  # type: ignore[misc]
@@ -146,11 +146,13 @@ UVICORN_DEFAULTS = [(b"server", b"uvicorn"), (b"date", b"Tue, 01 Dec 2026 00:00:
 
 
 @pytest.mark.parametrize("server_headers", [[], UVICORN_DEFAULTS], ids=["serve", "uvicorn-defaults"])
+@pytest.mark.parametrize("error_format", ["problem", "stripe"])
 async def test_the_connections_answer_is_the_stacks_byte_for_byte(
-        server: Any, server_headers: list[tuple[bytes, bytes]]) -> None:
+        server: Any, server_headers: list[tuple[bytes, bytes]], error_format: str) -> None:
     """The same shed request answered by the connection and (writes paused, so left to it) by
-    the stack: the same bytes, uvicorn's own default headers (as it adds them) included."""
-    s: Server = server()
+    the stack: the same bytes, in either [errors] format, uvicorn's own default headers (as it
+    adds them) included."""
+    s: Server = server(error_format)
     s.state.default_headers = server_headers
     s.local.in_flight = 1
     early, early_transport = s.connect()
@@ -162,8 +164,15 @@ async def test_the_connections_answer_is_the_stacks_byte_for_byte(
     late.resume_writing()  # the stack's answer waits for it
     await s.settle()
     assert b"".join(late_transport.written) == b"".join(early_transport.written)
-    body = b"".join(early_transport.written).partition(b"\r\n\r\n")[2]
-    assert json.loads(body)["type"] == "urn:gateway:problem:load-shed"
+    head, _, body = b"".join(early_transport.written).partition(b"\r\n\r\n")
+    head += b"\r\n"
+    if error_format == "stripe":
+        assert json.loads(body)["error"]["code"] == "load_shed"
+        assert b"\r\nrequest-id: rid-1\r\n" in head
+        assert b"\r\nstripe-should-retry: true\r\n" in head
+    else:
+        assert json.loads(body)["type"] == "urn:gateway:problem:load-shed"
+    assert b"\r\nx-request-id: rid-1\r\n" in head
 
 
 async def test_a_request_the_connection_admits_is_the_stacks_as_before(server: Any) -> None:

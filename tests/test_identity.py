@@ -534,3 +534,16 @@ class TestForwardedForProperty:
         for h in hops[:chosen]:
             if h != hops[chosen]:
                 assert got != ip_tag(h)
+
+
+def test_remembered_tags_are_the_tags_and_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resolver remembers the tags of recent key values (no hash per request), each the very tag
+    of its value, and never more than TAGS_KEPT of them, however many clients come."""
+    monkeypatch.setattr("gateway.identity.TAGS_KEPT", 4)
+    r = resolver(("identity", "ip"))
+    for round_ in range(2):
+        for i in range(10):
+            key = b"key-%d" % i
+            got = r.tags(make_scope((API_KEY, key), client=(f"10.0.0.{i}", 1)))
+            assert got == {"identity": tag(b"h:x-api-key:" + key), "ip": ip_tag(f"10.0.0.{i}")}, round_
+            assert len(r._tags) <= 4

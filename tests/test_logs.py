@@ -8,11 +8,12 @@ import logging
 from pathlib import Path
 
 from gateway.logs import JsonFormatter
-from gateway.requestid import _request_id
+from gateway.requestid import _request
 
 STORE_DIR = Path(__file__).resolve().parent.parent / "gateway" / "store"
 # what the store may import from the gateway: its own package, errors, config, metrics, private helpers
-_STORE_MAY_IMPORT = ("gateway.store", "gateway.errors", "gateway.config", "gateway.metrics", "gateway._")
+_STORE_MAY_IMPORT = ("gateway.store", "gateway.errors", "gateway.config", "gateway.metrics",
+                     "gateway.tallies", "gateway._")
 
 
 def _line(record: logging.LogRecord) -> dict[str, object]:
@@ -28,12 +29,12 @@ def _record(**extra: object) -> logging.LogRecord:
 
 
 def test_a_record_without_a_request_id_gets_the_current_one() -> None:
-    token = _request_id.set("rid-123")
+    token = _request.set((b"rid-123", None))
     try:
         assert _line(_record(event="ratelimit.refund_failed"))["request_id"] == "rid-123"
         assert _line(_record(request_id="given"))["request_id"] == "given"  # the record's own wins
     finally:
-        _request_id.reset(token)
+        _request.reset(token)
     assert "request_id" not in _line(_record())  # outside a request: none made up
 
 

@@ -87,7 +87,9 @@ class SleepApp:
 
 
 def gateway(app: Any, store: Mapping[str, Any], **sections: Any) -> GatewayMiddleware:
-    """GatewayMiddleware around ``app`` with ``[store]`` = ``store`` and the other sections given."""
+    """GatewayMiddleware around ``app`` with ``[store]`` = ``store`` and the other sections given;
+    metrics readable from any address (the exposure itself: tests/test_ops_exposure.py)."""
+    sections.setdefault("ops", {"metrics_allow": ["0.0.0.0/0", "::/0"]})
     return GatewayMiddleware(app, load_config({"store": dict(store), **sections}, env={}))
 
 
@@ -521,8 +523,12 @@ import asyncio, sys
 import httpx
 from gateway.config import load_config
 from gateway.stack import GatewayMiddleware
+from tests.asgi_helpers import answer_lifespan, lifespan_running
 
 async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        await answer_lifespan(receive, send, [])
+        return
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"ok"})
 
@@ -530,9 +536,9 @@ async def main(requests, limit):
     rate_limit = [{"name": "p", "limit": limit, "period": "60s"}] if limit else []
     gw = GatewayMiddleware(app, load_config({"rate_limit": rate_limit}, env={}))
     transport = httpx.ASGITransport(app=gw, client=("203.0.113.7", 1))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+    # as a worker runs: within the app's lifespan, whose shutdown folds what is still pending
+    async with lifespan_running(gw), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         codes = [(await c.get("/")).status_code for _ in range(requests)]
-    await gw.store.close()
     print(codes)
 
 asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))

@@ -194,3 +194,29 @@ async def test_replies_waiting_in_the_socket_when_a_stalled_loop_resumes_are_not
         assert s._lane._current is conn  # type: ignore[union-attr]
     finally:
         await s.close()
+
+
+async def test_remembered_take_commands_reach_their_own_buckets_and_stay_bounded(
+        store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client's take is framed once and then reused: each reused command still charges its own
+    client's bucket, and no more than TAKE_FRAMES_KEPT commands are kept, however many clients."""
+    monkeypatch.setattr("gateway.store.redis.TAKE_FRAMES_KEPT", 3)
+    for round_ in range(3):
+        decisions = [await store.ratelimit_take(PLAN, [f"c{i}"]) for i in range(8)]
+        assert [d.buckets[0].remaining for d in decisions] == [999 - round_] * 8
+        assert len(store._take_frames) <= 3
+
+
+async def test_calls_answered_noscript_are_sent_again_after_a_load_on_the_same_connection(
+        store: RedisStore) -> None:
+    """After SCRIPT FLUSH, concurrent takes all get their own decision: the reader loads the
+    script and sends each call once more itself, in order, with no failed call and no new
+    connection."""
+    await asyncio.gather(*(store.ratelimit_take(PLAN, [f"n{i}"]) for i in range(20) for _ in range(i % 3)))
+    conn = store._lane._current  # type: ignore[union-attr]
+    await store.client.script_flush()
+    decisions = await asyncio.gather(*(store.ratelimit_take(PLAN, [f"n{i}"]) for i in range(20)))
+    assert [d.buckets[0].remaining for d in decisions] == [999 - i % 3 for i in range(20)]
+    assert store._lane._current is conn  # type: ignore[union-attr]
+    assert conn is not None
+    assert conn.broken is None

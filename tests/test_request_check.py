@@ -212,3 +212,50 @@ async def test_a_server_that_gives_no_raw_path_is_served_from_the_path() -> None
         sent = await call_asgi(gw, scope)
         assert sent[0]["status"] == 200
         assert app.scopes[-1]["path"] == seen
+
+
+_RID = b"x-request-id"
+
+
+@pytest.mark.parametrize(
+    ("lines", "kept"),
+    [
+        ([], None),
+        ([b"given-1"], b"given-1"),
+        ([b"<script>"], None),
+        ([b"given-1", b"given-2"], b"given-1"),
+        ([b"<script>", b"given-2"], None),  # the first line decides, as RequestIdMiddleware has it
+    ],
+    ids=["none", "valid", "invalid", "two-valid-first", "two-invalid-first"],
+)
+async def test_the_stack_takes_the_request_id_in_the_checks_pass(
+        lines: list[bytes], kept: bytes | None) -> None:
+    """The id found in the request check's one pass: the client's first line when well formed,
+    else a new one; the app sees exactly that one line, and the response echoes it."""
+    app = CountingApp()
+    headers = [(b"host", b"gw"), *((_RID, v) for v in lines), (b"accept", b"*/*")]
+    scope = {"type": "http", "http_version": "1.1", "method": "GET", "raw_path": b"/echo", "path": "/echo",
+             "query_string": b"", "client": ("127.0.0.1", 1), "headers": headers}
+    sent = await call_asgi(_gateway(app), scope)
+    echoed = [v for n, v in sent[0]["headers"] if n == _RID]
+    seen = [v for n, v in app.scopes[-1]["headers"] if n == _RID]
+    assert len(echoed) == 1
+    assert seen == echoed
+    if kept is None:
+        assert re.fullmatch(rb"[0-9a-f]{32}", echoed[0])
+    else:
+        assert echoed == [kept]
+    assert (b"accept", b"*/*") in app.scopes[-1]["headers"]
+    assert headers == [(b"host", b"gw"), *((_RID, v) for v in lines), (b"accept", b"*/*")]  # not changed
+
+
+async def test_a_refusal_echoes_the_clients_id_sent_after_the_ambiguity() -> None:
+    """The check's pass stops at a second key line; the 400 still carries the id that came later."""
+    app = CountingApp()
+    headers = [(b"host", b"gw"), (b"x-api-key", b"a"), (b"x-api-key", b"b"), (_RID, b"later-id")]
+    scope = {"type": "http", "http_version": "1.1", "method": "GET", "raw_path": b"/echo", "path": "/echo",
+             "query_string": b"", "client": ("127.0.0.1", 1), "headers": headers}
+    sent = await call_asgi(_gateway(app), scope)
+    assert sent[0]["status"] == 400
+    assert [v for n, v in sent[0]["headers"] if n == _RID] == [b"later-id"]
+    assert app.calls == 0

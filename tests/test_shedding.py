@@ -282,7 +282,7 @@ async def test_the_local_shedders_ticks_log_under_no_requests_id() -> None:
                 seen.append(current_request_id())
 
     async def first_request() -> None:
-        bind_request_id("req-that-started-the-timer")
+        bind_request_id(b"req-that-started-the-timer")
         assert shedder.admits(1)
 
     handler, logger = Seen(), logging.getLogger("gateway.shedding")

@@ -122,3 +122,18 @@ async def test_every_single_middleware_takes_config(form: str, tmp_path: Path) -
     for mw in (concurrent, shedding):
         async with lifespan_running(mw), client_for(mw) as client:
             assert (await client.get("/hello")).status_code == 200
+
+
+async def test_idempotency_middleware_alone_gives_the_first_response_and_its_replay_the_request_id() -> None:
+    """Alone, a keyed request's first response and its replay both carry an X-Request-Id: the
+    request's own when it sent one, as through the stack."""
+    app = starlette_app()
+    app.add_middleware(IdempotencyMiddleware)
+    async with lifespan_running(app), client_for(app) as client:
+        first = await client.post("/hello", headers={"idempotency-key": "k1", "x-request-id": "r-1"})
+        again = await client.post("/hello", headers={"idempotency-key": "k1", "x-request-id": "r-2"})
+        made = await client.post("/hello", headers={"idempotency-key": "k1"})
+    assert again.headers["idempotent-replayed"] == "true"
+    assert first.headers.get_list("x-request-id") == ["r-1"]
+    assert again.headers.get_list("x-request-id") == ["r-2"]
+    assert len(made.headers.get_list("x-request-id")) == 1

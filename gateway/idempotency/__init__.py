@@ -7,6 +7,6 @@ own answers), ``middleware`` (the flow).
 
 from __future__ import annotations
 
-from gateway.idempotency.middleware import IdempotencyMiddleware, mark_not_sent
+from gateway.idempotency.middleware import IdempotencyMiddleware, mark_not_sent, mark_outcome_unknown
 
-__all__ = ["IdempotencyMiddleware", "mark_not_sent"]
+__all__ = ["IdempotencyMiddleware", "mark_not_sent", "mark_outcome_unknown"]

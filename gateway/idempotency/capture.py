@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from gateway._asgi import Headers, Message, Send
 from gateway.requestid import HEADER as REQUEST_ID_HEADER
-from gateway.requestid import current_request_id, new_request_id
 from gateway.store import StoredResponse
 
 __all__ = ["REPLAYED", "Capture", "ResponseCutOff", "decode_headers", "encode_headers", "send_replay",
@@ -78,13 +77,25 @@ def _declared_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
     return found
 
 
-async def send_replay(send: Send, response: StoredResponse) -> None:
-    """Answer with a stored response: same status, headers and body, marked as a replay."""
+async def send_replay(
+    send: Send, response: StoredResponse, extra: Iterable[tuple[bytes, bytes]] = (),
+    defaults: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    """Answer with a stored response: same status, headers and body, marked as a replay; with
+    ``extra`` in place of stored lines of the same names, and ``defaults`` where none is stored
+    (Stripe's error format: ``Stripe-Should-Retry: false``, and a ``Request-Id``)."""
     headers = decode_headers(response.headers)
     headers.append((b"content-length", b"%d" % len(response.body)))
     headers.append(REPLAYED)
-    if current_request_id() is None:
-        headers.append((REQUEST_ID_HEADER, new_request_id().encode()))
+    extra = list(extra)
+    if extra:  # said now, in place of what the first answer said
+        names = {name for name, _ in extra}
+        headers = [line for line in headers if line[0].lower() not in names]
+        headers += extra
+    for name, value in defaults:
+        if not any(n.lower() == name for n, _ in headers):
+            headers.append((name, value))
+    # X-Request-Id: the current one, set by the request-id layer outside
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     await send({"type": "http.response.body", "body": response.body})
 

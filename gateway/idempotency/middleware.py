@@ -35,19 +35,21 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from random import getrandbits
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from gateway._asgi import ASGIApp, Receive, Scope, Send
+from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
 from gateway._paths import PathPrefixes
 from gateway._settings import ConfigSetting, StoreSetting, resolve
-from gateway.config import IdempotencyConfig, IdentityConfig
+from gateway.config import IdempotencyConfig, IdentityConfig, SourceFunction
 from gateway.context import DeferredTake, context_of
 from gateway.errors import StoreError, StoreScriptError, StoreUnanswered
 from gateway.idempotency import problems
+from gateway.idempotency.canonical import canonical_json
 from gateway.idempotency.capture import Capture, send_replay
 from gateway.idempotency.lease import Lease, Renewals, Settled
 from gateway.idempotency.request import (
     BodyTooLarge,
     ClientGone,
     fingerprint,
+    is_json_media_type,
     parse_key,
     read_body,
     record_name,
@@ -55,15 +57,21 @@ from gateway.idempotency.request import (
 )
 from gateway.identity import ANONYMOUS_TAG, IdentityResolver
 from gateway.lifespan import run_lifespan
-from gateway.requestid import current_request_id
+from gateway.problem import Renderer, renderer_for
+from gateway.requestid import (
+    bind_request_id,
+    current_request_id,
+    take_request_id,
+    unbind_request_id,
+    with_request_id,
+)
 from gateway.store import Claim, LeaseTerms, Store
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter
-
     from gateway.metrics import Metrics
+    from gateway.tallies import CounterTally
 
-__all__ = ["ATTEMPT_SCOPE_KEY", "IdempotencyMiddleware", "mark_not_sent"]
+__all__ = ["ATTEMPT_SCOPE_KEY", "IdempotencyMiddleware", "mark_not_sent", "mark_outcome_unknown"]
 
 _log = logging.getLogger("gateway.idempotency")
 #: Where a keyed request's scope carries its attempt, for ``mark_not_sent``.
@@ -72,10 +80,18 @@ ATTEMPT_SCOPE_KEY = "gateway.idempotency"
 _FREE_FIRST_BACKOFF_S = 0.05
 _FREE_MAX_BACKOFF_S = 2.0
 _FREE_MAX_TRIES = 40
+#: With notices, the longest a waiting duplicate goes without looking at the record itself
+#: (a notice lost with a broken connection costs at most this).
+SAFETY_LOOK_S = 5.0
+#: Without notices (a Redis Cluster), it looks after 50 ms, doubling to this.
+MAX_POLL_S = 1.0
+_FIRST_POLL_S = 0.05
+_LEASE_MARGIN_S = 0.05  # a lease's end as the store sees it, plus its clock's rounding
 #: How long a settle goes on in the background once ``completion_timeout`` has passed (at most
 #: ``lease.MAX_ATTEMPTS`` store calls): the holder's outcome still lands after a long outage.
 LATE_SETTLE_S = 120.0
 _CONTENT_LENGTH = b"content-length"
+_CONTENT_TYPE = b"content-type"
 # extensions that send a response without body messages, which Capture could not keep
 _BODYLESS_EXTENSIONS = ("http.response.pathsend", "http.response.zerocopysend")
 
@@ -89,13 +105,25 @@ _OUTCOME_METRIC = {"new": "executed", "done": "replayed", "unknown": "replayed",
                    "mismatch": "mismatch"}
 
 
+def _sending_request_id(send: Send, rid: bytes) -> Send:
+    """``send`` with exactly one ``X-Request-Id`` (``rid``) on the response start."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = with_request_id(message.get("headers", ()), rid)
+        await send(message)
+
+    return sending
+
+
 class _Attempt:
     """What the app below tells the idempotency layer about a claimed request."""
 
-    __slots__ = ("not_sent",)
+    __slots__ = ("not_sent", "outcome_unknown")
 
     def __init__(self) -> None:
         self.not_sent = False
+        self.outcome_unknown = False
 
 
 def mark_not_sent(scope: Scope) -> None:
@@ -109,13 +137,24 @@ def mark_not_sent(scope: Scope) -> None:
         attempt.not_sent = True
 
 
+def mark_outcome_unknown(scope: Scope) -> None:
+    """Say that the response about to be sent is the gateway's own outcome-unknown answer (the
+    upstream timed out or broke after the request was sent): it is stored whatever its status,
+    never released by ``release_statuses``. It does nothing outside a keyed request."""
+    attempt = scope.get(ATTEMPT_SCOPE_KEY)
+    if isinstance(attempt, _Attempt):
+        attempt.outcome_unknown = True
+
+
 class IdempotencyMiddleware:
     """Pure ASGI Idempotency-Key deduplication, decided atomically in the store.
 
     Args:
         app: the ASGI app to protect.
         idempotency: the ``[idempotency]`` section (dict or ``IdempotencyConfig``).
-        identity: the ``[identity]`` section: keys are scoped to the client it names.
+        identity: the ``[identity]`` section: keys are scoped to the client it names; or a
+            callable given the ASGI scope (sync or async) returning the client's identity (None
+            for none): the one source.
         store: a store URL, a ``[store]`` dict or ``StoreConfig`` (the middleware then owns the
             store and opens/closes it with the lifespan), or a ``Store`` shared with others.
         metrics: where outcomes are counted (``GatewayMiddleware`` passes its own); none when None.
@@ -123,6 +162,8 @@ class IdempotencyMiddleware:
             passes the one its layers share, so the request context resolves it once per request.
         config: a whole config (TOML path, dict, ``Config``) to take ``[idempotency]``,
             ``[identity]`` and ``[store]`` from, instead of the keywords above.
+        renderer: how the layer's own answers (and stored outcome-unknown records) look
+            (``gateway/problem.py``); from ``[errors] format`` when None.
     """
 
     def __init__(
@@ -130,11 +171,12 @@ class IdempotencyMiddleware:
         app: ASGIApp,
         *,
         idempotency: Mapping[str, Any] | IdempotencyConfig | None = None,
-        identity: Mapping[str, Any] | IdentityConfig | None = None,
+        identity: Mapping[str, Any] | IdentityConfig | SourceFunction | None = None,
         store: StoreSetting = None,
         metrics: Metrics | None = None,
         identity_resolver: IdentityResolver | None = None,
         config: ConfigSetting = None,
+        renderer: Renderer | None = None,
     ) -> None:
         config_, self._store, self._owns_store = resolve(
             config=config, idempotency=idempotency, identity=identity, store=store
@@ -150,11 +192,15 @@ class IdempotencyMiddleware:
         self._deny_on_error = settings.on_store_error == "deny"
         self._terms = LeaseTerms.from_config(settings)
         self._completion_timeout_s = settings.completion_timeout_s
+        self._json_fingerprint = settings.fingerprint == "json"
+        self._release_statuses = settings.release_statuses
+        self._wait_s = settings.wait_timeout_s if settings.on_in_flight == "wait" else 0.0
+        self._render = renderer or renderer_for(config.errors.format)
         self._resolver = identity_resolver or IdentityResolver(config.identity, ("identity",))
         # settles that outlive their request (shielded, or cancelled mid-settle)
         self._settling: set[asyncio.Task[Any]] = set()
         self._renewals = Renewals()
-        self._outcomes: Mapping[str, Counter] = metrics.outcome if metrics is not None else {}
+        self._outcomes: Mapping[str, CounterTally] = metrics.outcome if metrics is not None else {}
 
     @property
     def store(self) -> Store:
@@ -202,10 +248,28 @@ class IdempotencyMiddleware:
                 return  # the rate limit answered
             if self._required and self._required.matches(scope["path"]):
                 self._count("invalid")
-                await problems.send_missing_key(send, self._header_display)
+                await problems.send_missing_key(self._render, send, self._header_display)
             else:
                 await self.app(scope, receive, send)
             return
+        if ctx is None and current_request_id() is None:
+            # alone, with no request-id layer outside: every answer to a keyed request carries
+            # its X-Request-Id, the first response and its replays alike (as in the stack)
+            rid, scope = take_request_id(scope)
+            token = bind_request_id(rid, scope)
+            try:
+                await self._checked(scope, receive, _sending_request_id(send, rid), raw_key, lines=lines,
+                                    length=length, deferred=deferred)
+            finally:
+                unbind_request_id(token)
+            return
+        await self._checked(scope, receive, send, raw_key, lines=lines, length=length, deferred=deferred)
+
+    async def _checked(
+        self, scope: Scope, receive: Receive, send: Send, raw_key: bytes, *, lines: int, length: bytes,
+        deferred: DeferredTake | None,
+    ) -> None:
+        """A request carrying the key header: its key and declared length checked (400, 413)."""
         key = parse_key(raw_key) if lines == 1 else None
         if key is None or (length.isdigit() and int(length) > self._limit):
             # the rate limit's answer comes first, as when it made its take before this layer
@@ -213,9 +277,9 @@ class IdempotencyMiddleware:
                 return
             self._count("invalid")
             if key is None:
-                await problems.send_bad_key(send, self._header_display)
+                await problems.send_bad_key(self._render, send, self._header_display)
             else:
-                await problems.send_body_too_large(send, self._limit)
+                await problems.send_body_too_large(self._render, send, self._limit)
             return
         await self._keyed(scope, receive, send, key, deferred)
 
@@ -225,14 +289,18 @@ class IdempotencyMiddleware:
         """Buffer, fingerprint and claim a request with a valid key (and make its deferred
         rate-limit take), then act on the claim."""
         ctx = context_of(scope)
-        tags = ctx.tags(self._resolver, scope) if ctx is not None else self._resolver.tags(scope)
+        if self._resolver.awaits:  # an async callable identity source
+            tags = await (ctx.tags_async(self._resolver, scope) if ctx is not None
+                          else self._resolver.tags_async(scope))
+        else:
+            tags = ctx.tags(self._resolver, scope) if ctx is not None else self._resolver.tags(scope)
         identity = tags["identity"]
         if identity == ANONYMOUS_TAG:
             # a shared "anonymous" scope would let one client read another's response
             if deferred is not None and not await deferred.alone(send):
                 return
             self._count("invalid")
-            await problems.send_identity_missing(send, self._header_display)
+            await problems.send_identity_missing(self._render, send, self._header_display)
             return
         try:
             body = await read_body(receive, self._limit)
@@ -240,13 +308,17 @@ class IdempotencyMiddleware:
             if deferred is not None and not await deferred.alone(send):
                 return
             self._count("invalid")
-            await problems.send_body_too_large(send, self._limit)
+            await problems.send_body_too_large(self._render, send, self._limit)
             return
         except ClientGone:
             return  # nothing was claimed and nothing ran
         record = record_name(identity, key)
         owner = b"%032x" % getrandbits(128)  # unique, never shown to a client: no syscall needed
-        claim = await self._claim(scope, receive, send, body, record=record, owner=owner, deferred=deferred)
+        digest = fingerprint(scope, self._fingerprinted(scope, body))
+        claim = await self._claim(scope, receive, send, body, digest, record=record, owner=owner,
+                                  deferred=deferred)
+        if claim is not None and claim.outcome == "in_flight" and self._wait_s > 0:
+            claim = await self._wait_for_first(send, record, digest, owner, claim)
         if claim is None:
             return  # answered: denied by the rate limit, or the store failed
         outcome = claim.outcome
@@ -257,24 +329,24 @@ class IdempotencyMiddleware:
         elif outcome == "done":
             assert claim.response is not None
             _event("idempotency.replayed", "replaying the stored response", status=claim.response.status)
-            await send_replay(send, claim.response)
+            render = self._render
+            await send_replay(send, claim.response, render.replay_headers, render.replay_defaults())
         elif outcome == "in_flight":
             _event("idempotency.in_flight", "the key's first request is still running")
-            await problems.send_in_flight(send)
+            await problems.send_in_flight(self._render, send)
         elif outcome == "mismatch":
             _event("idempotency.mismatch", "the key was used with another request")
-            await problems.send_mismatch(send)
+            await problems.send_mismatch(self._render, send)
         else:
             _event("idempotency.replayed", "outcome unknown: the key's claim was lost", status=502)
-            await problems.send_outcome_unknown(send, replayed=True)
+            await problems.send_outcome_unknown(self._render, send, replayed=True)
 
     async def _claim(
-        self, scope: Scope, receive: Receive, send: Send, body: bytes, *, record: str, owner: bytes,
-        deferred: DeferredTake | None,
+        self, scope: Scope, receive: Receive, send: Send, body: bytes, digest: bytes, *, record: str,
+        owner: bytes, deferred: DeferredTake | None,
     ) -> Claim | None:
         """Claim the record, with the deferred rate-limit take in the same store call where the
         store can combine them (else the take first, alone); None once the request is answered."""
-        digest = fingerprint(scope, body)
         combined = deferred is not None and self._store.combines(deferred.tags, record)
         if deferred is not None and not combined and not await deferred.alone(send):
             return None
@@ -300,6 +372,70 @@ class IdempotencyMiddleware:
             raise StoreScriptError(msg)
         return claim
 
+    async def _wait_for_first(
+        self, send: Send, record: str, digest: bytes, owner: bytes, claim: Claim,
+    ) -> Claim | None:
+        """``on_in_flight = "wait"``: a duplicate of a request in flight waits, at most
+        ``wait_timeout``, for the record to change, then acts on what it became; None once
+        answered (503: the store failed while it waited).
+
+        It wakes on the store's notice of a completion or release (``Store.idempotency_watch``:
+        one subscription per record per process, however many wait), when the holder's lease
+        could have ended (a dead holder sends no notice: the claim then settles it as a lost
+        claim, per ``on_lost_claim``), and every ``SAFETY_LOOK_S`` in case a notice was lost;
+        without notices (a Redis Cluster) it polls with backoff up to ``MAX_POLL_S``. Each wake
+        is one claim call by this request's own owner token (never the take: a waiting
+        duplicate spends no more rate-limit tokens): ``done`` is the replay, ``new`` means the
+        key was freed (released or, with ``on_lost_claim = "retry"``, lapsed) and this request
+        now holds it, and ``in_flight`` past the bound is the 409. A store failure is a 503,
+        never a run: the request is a duplicate of one that may be running."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + self._wait_s
+        async with self._store.idempotency_watch(record) as notices:
+            watch = notices
+            seen = watch.generation if watch is not None else 0
+            poll_s = _FIRST_POLL_S
+            while claim.outcome == "in_flight":
+                now = loop.time()
+                if now >= deadline:
+                    break
+                # the holder's lease may end unrenewed (it died): look then, a little after
+                nap = min(deadline - now, claim.lease_left_ms / 1000 + _LEASE_MARGIN_S)
+                if watch is not None and watch.broken:
+                    watch = None  # notices stopped: poll from now on
+                if watch is not None:
+                    await watch.changed(seen, min(nap, SAFETY_LOOK_S))
+                    seen = watch.generation
+                else:
+                    await asyncio.sleep(min(nap, poll_s))
+                    poll_s = min(poll_s * 2, MAX_POLL_S)
+                try:
+                    claim = await self._store.idempotency_claim(record, digest, owner, self._terms)
+                except StoreError as exc:
+                    if isinstance(exc, StoreUnanswered):  # may have been granted: free it
+                        self._in_background(self._free_unanswered_claim(record, owner))
+                    self._count("store_error")
+                    _event("idempotency.store_error", "idempotency store failed while waiting for "
+                           "the first answer; deny", level=logging.WARNING, action="deny", error=str(exc))
+                    await problems.send_store_unavailable(self._render, send)
+                    return None
+        _event("idempotency.waited", "waited for the key's first request", outcome=claim.outcome,
+               waited_ms=round((loop.time() - started) * 1000))
+        return claim
+
+    def _fingerprinted(self, scope: Scope, body: bytes) -> bytes:
+        """What the fingerprint hashes of the body: under ``fingerprint = "json"`` the canonical
+        form of a body its one Content-Type says is JSON (``canonical.py``), else the raw bytes
+        (a text body's whitespace may matter to its app, so only a JSON type is canonicalised)."""
+        if not self._json_fingerprint or not body:
+            return body
+        types = [value for name, value in scope["headers"] if name == _CONTENT_TYPE]
+        if len(types) != 1 or not is_json_media_type(types[0]):
+            return body
+        canonical = canonical_json(body)
+        return body if canonical is None else canonical
+
     async def _run(self, scope: Scope, receive: Receive, send: Send, lease: Lease) -> None:
         """Run the claimed request and settle its record exactly once."""
         attempt = _Attempt()
@@ -308,17 +444,26 @@ class IdempotencyMiddleware:
         if extensions and any(e in extensions for e in _BODYLESS_EXTENSIONS):
             scope["extensions"] = {k: v for k, v in extensions.items() if k not in _BODYLESS_EXTENSIONS}
         limit = self._limit
+        released = self._release_statuses
 
         async def settle(capture: Capture) -> bool:
             """Settle before the response's last message; False: it must not go out."""
-            if attempt.not_sent:
-                settling: _Settling = lease.release
-            else:
+            stored = None
+            if not attempt.not_sent:
                 stored = capture.stored()
                 if stored is None:
-                    stored = problems.not_stored_record(capture.status, capture.headers, limit)
-                settling = functools.partial(lease.complete, stored)
-            outcome = await self._settle(lease, settling)
+                    stored = problems.not_stored_record(self._render, capture.status, capture.headers, limit)
+            if attempt.not_sent or (capture.status in released and not attempt.outcome_unknown):
+                # nothing stored: the key is free before the client has its answer, so a retry
+                # made once it has it runs (lua/idempotency_release.lua, owner-checked)
+                outcome = await self._settle(lease, lease.release)
+                if outcome == "refused" and stored is not None:
+                    # not our live claim: lapsed into outcome unknown (our own record, so our
+                    # real answer replaces its 502, as a late completion would), or another's
+                    outcome = await self._settle(lease, functools.partial(lease.complete, stored))
+            else:
+                assert stored is not None
+                outcome = await self._settle(lease, functools.partial(lease.complete, stored))
             if outcome != "stored":
                 # the client must not hold an answer its retries would contradict: cut it off, and
                 # a retry meets what the record says (409 while the settle goes on, then its outcome)
@@ -345,7 +490,7 @@ class IdempotencyMiddleware:
                 lease.stop()
         if capture.unanswered:  # cut off where a head alone would have been a whole response
             with contextlib.suppress(OSError):
-                await problems.send_outcome_unknown(send, replayed=False)
+                await problems.send_outcome_unknown(self._render, send, replayed=False)
 
     async def _interrupted(self, attempt: _Attempt, capture: Capture, send: Send, lease: Lease) -> None:
         """Settle a request that ended without a whole response: outcome unknown, for good
@@ -355,7 +500,7 @@ class IdempotencyMiddleware:
         if attempt.not_sent:
             settling: _Settling = lease.release
         else:
-            settling = functools.partial(lease.complete, problems.outcome_unknown_record())
+            settling = functools.partial(lease.complete, problems.outcome_unknown_record(self._render))
             _event("idempotency.outcome_unknown", "the request ended without a whole response",
                    level=logging.WARNING)
         # a cancellation goes on up (the caller asked for it); the settle runs on in its task
@@ -364,9 +509,9 @@ class IdempotencyMiddleware:
             return  # too late for an answer of its own: the response is left broken off
         try:
             if attempt.not_sent:
-                await problems.send_not_sent(send)
+                await problems.send_not_sent(self._render, send)
             else:
-                await problems.send_outcome_unknown(send, replayed=False)
+                await problems.send_outcome_unknown(self._render, send, replayed=False)
         except OSError:
             pass  # the client is gone; the outcome is stored for its retry
 
@@ -429,7 +574,7 @@ class IdempotencyMiddleware:
         _event("idempotency.store_error", f"idempotency store failed; {action} per on_store_error",
                level=logging.WARNING, action=action, error=str(exc))
         if self._deny_on_error:
-            await problems.send_store_unavailable(send)
+            await problems.send_store_unavailable(self._render, send)
         else:
             await self.app(scope, receive, send)  # unguarded, as configured
 

@@ -1,5 +1,6 @@
-"""The idempotency layer's own answers, all RFC 9457 problems (draft-ietf-httpapi-idempotency-
-key-header §2.7 gives the statuses: 400 missing or bad key, 409 in flight, 422 reused).
+"""The idempotency layer's own answers, described as RFC 9457 problems (draft-ietf-httpapi-
+idempotency-key-header §2.7 gives the statuses: 400 missing or bad key, 409 in flight, 422
+reused) and written by the layer's renderer (``[errors] format``, ``gateway/problem.py``).
 
 Refusals (400, 409, 413, 422, 503) are sent and never stored. Two problems describe an outcome
 and are stored as the record's response, so every retry gets the same answer:
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from gateway._asgi import Headers, Send
 from gateway.idempotency.capture import REPLAYED, encode_headers
-from gateway.problem import PROBLEM_HEADERS, STORE_UNAVAILABLE, problem_body, problem_type, send_problem
+from gateway.problem import STORE_UNAVAILABLE, Renderer, problem_type
 from gateway.store import StoredResponse
 
 __all__ = [
@@ -53,96 +54,98 @@ _UNKNOWN_DETAIL = (
 _BODY_HEADERS = (b"content-", b"etag", b"last-modified", b"digest", b"repr-digest")
 
 
-async def send_bad_key(send: Send, header: str) -> None:
-    await send_problem(
+async def send_bad_key(render: Renderer, send: Send, header: str) -> None:
+    await render.send(
         send, status=400, type_=KEY_INVALID, title="Invalid Idempotency-Key",
         detail=f"{header} must be one value of 1-255 visible ASCII characters (0x21-0x7E), "
                'bare or as a quoted string ("...").',
     )
 
 
-async def send_missing_key(send: Send, header: str) -> None:
-    await send_problem(
+async def send_missing_key(render: Renderer, send: Send, header: str) -> None:
+    await render.send(
         send, status=400, type_=KEY_MISSING, title="Idempotency-Key is missing",
         detail=f"This endpoint requires an {header} header: retries must be safe here.",
     )
 
 
-async def send_body_too_large(send: Send, limit: int) -> None:
-    await send_problem(
+async def send_body_too_large(render: Renderer, send: Send, limit: int) -> None:
+    await render.send(
         send, status=413, type_=BODY_TOO_LARGE, title="Request body too large for an idempotent request",
         detail=f"A request with an Idempotency-Key may carry at most {limit} bytes of body.",
     )
 
 
-async def send_in_flight(send: Send) -> None:
-    await send_problem(
+async def send_in_flight(render: Renderer, send: Send) -> None:
+    await render.send(
         send, status=409, type_=KEY_IN_USE, title="A request is outstanding for this Idempotency-Key",
         detail="The first request with this key is still running; retry shortly to get its response.",
         headers=[_RETRY_AFTER_1],
     )
 
 
-async def send_mismatch(send: Send) -> None:
-    await send_problem(
+async def send_mismatch(render: Renderer, send: Send) -> None:
+    await render.send(
         send, status=422, type_=KEY_REUSED, title="Idempotency-Key is already used",
         detail="This key was used with a different request (method, path, query or body); "
                "use a new key for a new request.",
     )
 
 
-async def send_store_unavailable(send: Send) -> None:
-    await send_problem(
+async def send_store_unavailable(render: Renderer, send: Send) -> None:
+    await render.send(
         send, status=503, type_=STORE_UNAVAILABLE, title="Idempotency store unavailable",
         detail="The request was not run: its Idempotency-Key could not be checked. Retry later.",
         headers=[_RETRY_AFTER_1],
     )
 
 
-async def send_outcome_unknown(send: Send, *, replayed: bool) -> None:
+async def send_outcome_unknown(render: Renderer, send: Send, *, replayed: bool) -> None:
     """502 outcome unknown: to the request that broke off, or (``replayed``) to a retry of a
     lost claim."""
-    await send_problem(
+    await render.send(
         send, status=502, type_=OUTCOME_UNKNOWN, title=_UNKNOWN_TITLE, detail=_UNKNOWN_DETAIL,
         headers=[REPLAYED] if replayed else [],
     )
 
 
-async def send_not_sent(send: Send) -> None:
+async def send_not_sent(render: Renderer, send: Send) -> None:
     """502 for a request that ended without an answer after the app said it never left."""
-    await send_problem(
+    await render.send(
         send, status=502, type_=NOT_SENT, title="Upstream not reached",
         detail="The request did not reach the upstream and was not carried out; "
                "retrying with the same Idempotency-Key runs it.",
     )
 
 
-async def send_identity_missing(send: Send, header: str) -> None:
+async def send_identity_missing(render: Renderer, send: Send, header: str) -> None:
     """400 for a keyed request from a client the identity sources cannot name."""
-    await send_problem(
+    await render.send(
         send, status=400, type_=IDENTITY_MISSING, title="No client identity for the Idempotency-Key",
         detail=f"An {header} is scoped to the client, and none of the configured identity sources "
                "named one for this request, so its response could not be kept apart from others'.",
     )
 
 
-def outcome_unknown_record() -> StoredResponse:
+def outcome_unknown_record(render: Renderer) -> StoredResponse:
     """The stored outcome of a request that may or may not have run."""
-    body = problem_body(status=502, type_=OUTCOME_UNKNOWN, title=_UNKNOWN_TITLE, detail=_UNKNOWN_DETAIL)
-    return StoredResponse(502, encode_headers(PROBLEM_HEADERS), body)
+    status, headers, body = render.record(status=502, type_=OUTCOME_UNKNOWN, title=_UNKNOWN_TITLE,
+                                          detail=_UNKNOWN_DETAIL)
+    return StoredResponse(status, encode_headers(headers), body)
 
 
-def not_stored_record(status: int, headers: Headers, limit: int) -> StoredResponse:
+def not_stored_record(render: Renderer, status: int, headers: Headers, limit: int) -> StoredResponse:
     """The stored outcome of a request whose response was too large to keep; ``headers`` are
-    its storable headers (``Capture.headers``)."""
-    body = problem_body(
+    its storable headers (``Capture.headers``). It keeps the original status, whatever the
+    format: the request was carried out."""
+    _, own, body = render.record(
         status=status, type_=RESPONSE_NOT_STORED, title="Response too large to replay",
         detail=f"The request was carried out and answered {status}, but its response was over "
                f"{limit} bytes and was not stored. It will not run again under this key.",
         extensions={"original-status": status},
     )
     kept = [(n, v) for n, v in headers if not n.lower().startswith(_BODY_HEADERS)]
-    blob = encode_headers([*PROBLEM_HEADERS, *kept])
+    blob = encode_headers([*own, *kept])
     if len(blob) + len(body) > limit:
-        blob = encode_headers(PROBLEM_HEADERS)
+        blob = encode_headers(own)
     return StoredResponse(status, blob, body)

@@ -15,12 +15,17 @@ import re
 
 from gateway._asgi import Message, Receive, Scope
 
-__all__ = ["BodyTooLarge", "ClientGone", "fingerprint", "parse_key", "read_body", "record_name", "replaying"]
+__all__ = ["BodyTooLarge", "ClientGone", "fingerprint", "is_json_media_type", "parse_key", "read_body",
+           "record_name", "replaying"]
 
 _BARE_KEY = re.compile(rb"[\x21-\x7e]{1,255}")
 # RFC 9651 sf-string: printable ASCII, with only \" and \\ as escapes
 _SF_STRING = re.compile(rb'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
 _SF_ESCAPE = re.compile(rb'\\(["\\])')
+# application/json, and any structured +json type (RFC 6839 §3.1), parameters ignored
+_TYPE_TOKEN = rb"[!#$%&'*+.^_`|~0-9a-z-]+"
+_JSON_MEDIA = re.compile(rb"\s*(?:application/json|%b/%b\+json)\s*(?:;.*)?" % (_TYPE_TOKEN, _TYPE_TOKEN),
+                         re.IGNORECASE | re.DOTALL)
 
 
 class BodyTooLarge(Exception):
@@ -78,8 +83,17 @@ def replaying(body: bytes, receive: Receive) -> Receive:
     return receive_replayed
 
 
+def is_json_media_type(content_type: bytes) -> bool:
+    """Whether a Content-Type names JSON (``application/json``, ``application/merchant+json``)."""
+    return _JSON_MEDIA.fullmatch(content_type) is not None
+
+
 def fingerprint(scope: Scope, body: bytes) -> bytes:
-    """SHA-256 (hex) of method, path, query and body, each framed by its length."""
+    """SHA-256 (hex) of method, path, query and body, each framed by its length.
+
+    ``body`` is the raw body, or its canonical JSON form (``canonical.canonical_json``) under
+    ``fingerprint = "json"``. A canonical form is itself JSON in canonical form, so it equals
+    another request's raw bytes only when those say the very same thing."""
     method = scope["method"].encode()
     path: bytes = scope.get("raw_path") or scope["path"].encode()
     query: bytes = scope.get("query_string", b"")

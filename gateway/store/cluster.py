@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
@@ -58,7 +58,7 @@ from gateway.store.layout import (
     slots_from_reply,
     take_acquire_from_reply,
 )
-from gateway.store.redis import MAX_CONNECTIONS
+from gateway.store.redis import MAX_CONNECTIONS, TAKE_FRAMES_KEPT
 from gateway.store.resp import ScriptCall, bulk, bulks, command
 from gateway.store.scripted import ScriptStoreBase, script_call
 
@@ -70,6 +70,7 @@ __all__ = ["CLUSTER_RETRIES", "RESEND_SAFE", "ClusterStore"]
 _log = logging.getLogger("gateway.store")
 _PING = command("PING")
 _NO_OFFSET = bulk(b"0")
+_T = TypeVar("_T")
 
 #: The scripts resent after a lost reply (the connection broke after the command was written,
 #: so it may have run): those whose second run by the same caller changes nothing and answers
@@ -115,6 +116,7 @@ class ClusterStore(ScriptStoreBase):
         del max_connections  # one connection per primary
         self._client = client
         self._router = ClusterRouter(client, timeout_s=timeout_s)
+        self._take_frames: dict[tuple[object, ...], _FramedTake] = {}
         self._refund = script_call("ratelimit_refund")
         self._scripts = (self._take, self._refund, self._claim, self._complete, self._release,
                          self._renew, self._take_claim, self._acquire, self._give_back, self._slot_renew,
@@ -152,59 +154,73 @@ class ClusterStore(ScriptStoreBase):
         return self._router
 
     async def open(self) -> None:
-        await self._guard.run("open", self._open())
+        await self._guard.run("open", self._open)
 
     async def close(self) -> None:
         await self._router.close()
 
     async def ping(self) -> None:
-        await self._guard.run("ping", self._ping())
+        await self._guard.run("ping", self._ping)
 
     async def ratelimit_take(
         self, plan: TakePlan, tags: Sequence[str], *, clock_offset_ms: int = 0
     ) -> RateDecision:
-        keys = self._keys.buckets(tags, plan.names)
-        offset = bulk(b"%d" % clock_offset_ms) if clock_offset_ms else _NO_OFFSET
-        groups = _by_slot(keys)
-        if len(groups) == 1:
-            packed = self._take.evalsha(keys, offset + plan.argv_resp + plan.mask_resp,
-                                        1 + len(plan.argv) + plan.mask_args)
-            return decision_from_reply(await self._send(self._take, key_slot(keys[0]), packed))
-        replies: list[Any] = [None] * len(groups)
+        if clock_offset_ms:
+            take = self._take_framed(plan, tags, bulk(b"%d" % clock_offset_ms))
+        else:
+            # a client's take is the same commands every time: framed once while remembered
+            frames = self._take_frames
+            key = (plan, *tags)
+            cached = frames.get(key)
+            if cached is None:
+                if len(frames) >= TAKE_FRAMES_KEPT:
+                    frames.clear()  # bounded: a flood of new clients only costs the framing
+                cached = frames[key] = self._take_framed(plan, tags, _NO_OFFSET)
+            take = cached
+        if len(take.sends) == 1:
+            slot, packed = take.sends[0]
+            return await self._send(self._take, slot, packed, decision_from_reply)
+        replies: list[Any] = [None] * len(take.sends)
         failure: StoreError | None = None
         try:
-            await self._guard.run("ratelimit_take", self._take_groups(plan, keys, groups, offset, replies))
+            await self._guard.run("ratelimit_take", self._take_groups, take.sends, replies, bounded=True)
         except StoreError as exc:
             failure = exc
         decisions = [decision_from_reply(r) if r is not None else None for r in replies]
         allowed = failure is None and all(d is not None and d.allowed for d in decisions)
         would = allowed and all(d is not None and d.would_allow for d in decisions)
-        refunds = _refunds(plan, groups, decisions, allowed=allowed, would=would)
+        if would:  # every group charged all its buckets: nothing to give back, nothing to undo
+            return _placed(take.groups, decisions, len(plan.specs), allowed=True, would=True)
+        refunds = _refunds(plan, take.groups, decisions, allowed=allowed, would=would)
         if any(refunds):
-            await self._refund_taken(plan, keys, refunds)
+            await self._refund_taken(plan, take.keys, refunds)
         if failure is not None:
             raise failure
-        return _merged(plan, groups, decisions, refunds, allowed=allowed, would=would)
+        return _merged(plan, take.groups, decisions, refunds, allowed=allowed, would=would)
 
-    async def _take_groups(
-        self, plan: TakePlan, keys: list[bytes], groups: list[list[int]], offset: bytes,
-        replies: list[Any],
-    ) -> None:
+    def _take_framed(self, plan: TakePlan, tags: Sequence[str], offset: bytes) -> _FramedTake:
+        """One request's take as commands: per slot group, its slot and its framed EVALSHA."""
+        keys = self._keys.buckets(tags, plan.names)
+        groups = _by_slot(keys)
+        sends = []
+        for group in groups:
+            mask = _mask(plan, group)
+            args = offset + bulks(_argv(plan, group)) + (bulk(mask) if mask else b"")
+            packed = self._take.evalsha([keys[i] for i in group], args,
+                                        1 + 4 * len(group) + (1 if mask else 0))
+            sends.append((key_slot(keys[group[0]]), packed))
+        return _FramedTake(keys, groups, sends)
+
+    async def _take_groups(self, sends: Sequence[tuple[int, bytes]], replies: list[Any]) -> None:
         """One ``ratelimit_take`` per slot group, all sent at once; each reply lands in
         ``replies`` as it comes (a group without one: not decided). The first failure is
         raised once every group is settled."""
         router, take = self._router, self._take
-        sends: list[tuple[int, bytes, Awaitable[Any] | None]] = []
-        for group in groups:
-            slot = key_slot(keys[group[0]])
-            mask = _mask(plan, group)
-            args = offset + bulks(_argv(plan, group)) + (bulk(mask) if mask else b"")
-            packed = take.evalsha([keys[i] for i in group], args, 1 + 4 * len(group) + (1 if mask else 0))
-            sends.append((slot, packed, router.submit(slot, packed)))
+        firsts = [router.submit(slot, packed) for slot, packed in sends]
         failure: BaseException | None = None
-        for i, (slot, packed, first) in enumerate(sends):
+        for i, ((slot, packed), first) in enumerate(zip(sends, firsts, strict=True)):
             try:
-                replies[i] = await router.send(slot, packed, load=take.load, first=first)
+                replies[i] = await router.send(slot, packed, take.load, first=first)
             except Exception as exc:  # this group is undecided; the others still count
                 failure = failure or exc
         if failure is not None:
@@ -353,9 +369,12 @@ class ClusterStore(ScriptStoreBase):
         ``RESEND_SAFE``; failures raised as ``StoreError``."""
         return self._send(script, key_slot(keys[0]), script.evalsha(keys, bulks(args), len(args)))
 
-    def _send(self, script: ScriptCall, slot: int, packed: bytes) -> Awaitable[Any]:
-        call = self._router.send(slot, packed, load=script.load, resend_safe=script.name in RESEND_SAFE)
-        return self._guard.run(script.name, call)
+    def _send(
+        self, script: ScriptCall, slot: int, packed: bytes, parse: Callable[[Any], _T] | None = None,
+    ) -> Coroutine[Any, Any, _T]:
+        # bounded: the router keeps each call within store.timeout itself (redirects included)
+        return self._guard.run(script.name, self._router.send, slot, packed, script.load,
+                               script.name in RESEND_SAFE, bounded=True, parse=parse)
 
     async def _open(self) -> None:
         """The topology, then every script loaded on every primary."""
@@ -382,6 +401,29 @@ class ClusterStore(ScriptStoreBase):
             if attempt:
                 raise failed
             await self._router.refresh()
+
+
+class _FramedTake(NamedTuple):
+    """A take framed for the cluster: its keys, its slot groups (indices into the plan), and per
+    group the slot and the EVALSHA to send there."""
+
+    keys: list[bytes]
+    groups: list[list[int]]
+    sends: list[tuple[int, bytes]]
+
+
+def _placed(
+    groups: Sequence[Sequence[int]], decisions: Sequence[RateDecision | None], count: int, *,
+    allowed: bool, would: bool,
+) -> RateDecision:
+    """One decision in plan order from the groups' own, none of them changed by a refund."""
+    placed: dict[int, BucketState] = {}
+    now_ms = 0
+    for group, decision in zip(groups, decisions, strict=True):
+        assert decision is not None
+        now_ms = max(now_ms, decision.now_ms)
+        placed.update(zip(group, decision.buckets, strict=True))
+    return RateDecision(allowed, now_ms, tuple(placed[i] for i in range(count)), allowed and not would)
 
 
 def _by_slot(keys: Sequence[bytes]) -> list[list[int]]:

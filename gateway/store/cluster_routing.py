@@ -126,23 +126,43 @@ class ClusterRouter:
         reply = self.pipeline(node).call(packed)
         return reply if isinstance(reply, asyncio.Future) else asyncio.ensure_future(reply)
 
-    async def send(self, slot: int, packed: bytes, *, load: bytes | None = None,
-                   resend_safe: bool = False, first: Awaitable[Any] | None = None) -> Any:
+    async def send(self, slot: int, packed: bytes, load: bytes | None = None,
+                   resend_safe: bool = False, *, first: Awaitable[Any] | None = None) -> Any:
         """``packed`` (one framed command) on the primary serving ``slot``; its reply, or the
-        exception for an error reply or a connection error.
+        exception for an error reply or a connection error, all within ``store.timeout``.
 
         ``load``: the ``SCRIPT LOAD`` to send before a resend after NOSCRIPT. ``resend_safe``:
         the command may be resent after its reply was lost (it may have run). ``first``: the
-        reply of a first attempt already sent (``submit``)."""
+        reply of a first attempt already sent (``submit``).
+
+        The first attempt is bounded by its pipeline's write timer; only when it fails (a
+        redirect, NOSCRIPT, a failover) do the attempts that follow run under a deadline of
+        their own, what is left of ``store.timeout`` since this call began."""
+        began = asyncio.get_running_loop().time()
+        try:
+            if first is not None:
+                return await first
+            return await self.pipeline(self._primary(slot)).call(packed)
+        except Exception as exc:  # followed below when it can be; raised again there otherwise
+            failure: BaseException = exc
+        async with asyncio.timeout_at(began + self._timeout_s):
+            return await self._followed(slot, packed, load, resend_safe, failure)
+
+    async def _followed(
+        self, slot: int, packed: bytes, load: bytes | None, resend_safe: bool, failure: BaseException
+    ) -> Any:
+        """After a first attempt failed with ``failure``: redirects followed, the script loaded,
+        the slot map read again, each within the bounds below; or the failure raised."""
+        pending: BaseException | None = failure
         redirects = retries = 0
         asked: ClusterNode | None = None  # the node an ASK named, for the next attempt only
         loading = False
         while True:
             node: ClusterNode | None = asked
             try:
-                if first is not None:
-                    sent, first = first, None
-                    return await sent
+                if pending is not None:
+                    raised, pending = pending, None
+                    raise raised
                 if node is None:
                     node = self._primary(slot)
                     if not loading:

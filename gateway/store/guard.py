@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import (
     ClusterDownError,
@@ -38,13 +38,12 @@ from gateway.store.breaker import CircuitBreaker
 from gateway.store.pipeline import ReplyLost
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter, Histogram
+    from prometheus_client import Counter
 
     from gateway.metrics import Metrics
+    from gateway.tallies import HistogramTally
 
 __all__ = ["CallGuard", "new_breaker", "store_error"]
-
-_T = TypeVar("_T")
 
 # error replies that mean "this store cannot decide now", not "the script is wrong": a replica
 # that was a master (READONLY), a cluster mid-failover, a store out of memory under noeviction
@@ -91,11 +90,16 @@ class CallGuard:
     def __init__(self, *, timeout_s: float, breaker: CircuitBreaker, metrics: Metrics | None) -> None:
         self._timeout_s = timeout_s
         self.breaker = breaker
-        self._latency: Mapping[str, Histogram] | None = metrics.store_latency if metrics else None
+        self._latency: Mapping[str, HistogramTally] | None = metrics.store_latency if metrics else None
         self._errors: Mapping[tuple[str, str], Counter] | None = metrics.store_error if metrics else None
 
-    async def run(self, operation: str, call: Coroutine[Any, Any, _T], *, bounded: bool = False) -> _T:
-        """Await ``call`` (one store operation) within the timeout, or raise ``StoreError``.
+    async def run(
+        self, operation: str, call: Callable[..., Awaitable[Any]], *args: Any, bounded: bool = False,
+        parse: Callable[[Any], Any] | None = None,
+    ) -> Any:
+        """``call(*args)`` (one store operation), awaited within the timeout: its result, through
+        ``parse`` when given; or ``StoreError``. ``call`` is made only once the breaker admits
+        it (an open breaker sends nothing).
 
         ``operation`` names it in the metrics; one they do not list (``"open"``) is not counted.
         ``bounded``: the call keeps to the timeout itself (the pipeline does, more cheaply),
@@ -103,7 +107,6 @@ class CallGuard:
         breaker = self.breaker
         ticket = breaker.admit()
         if ticket is None:
-            call.close()  # never started: no "never awaited" warning
             self._count_error(operation, "circuit_open")
             wait = breaker.retry_in_s()
             msg = f"the store is failing; calls fail fast (circuit breaker open, next try in {wait:.2g}s)"
@@ -111,10 +114,10 @@ class CallGuard:
         start = time.perf_counter()
         try:
             if bounded:
-                result = await call
+                result = await call(*args)
             else:
                 async with asyncio.timeout(self._timeout_s):
-                    result = await call
+                    result = await call(*args)
         except BaseException as exc:
             error = store_error(exc, self._timeout_s)
             if error is None:
@@ -133,7 +136,7 @@ class CallGuard:
             if latency is not None:
                 latency.observe(time.perf_counter() - start)
         breaker.succeeded(ticket)
-        return result
+        return result if parse is None else parse(result)
 
     def _count_error(self, operation: str, kind: str) -> None:
         counter = self._errors.get((operation, kind)) if self._errors is not None else None

@@ -55,8 +55,11 @@ class KeyLayout:
 def decision_from_reply(raw: Sequence[int]) -> RateDecision:
     """``ratelimit_take``'s reply: the decision (1 allowed, 2 allowed but a shadow bucket lacked
     its cost, 0 denied), now, then remaining/full_ms/wait_ms per bucket."""
-    buckets = [BucketState(raw[i], raw[i + 1], raw[i + 2]) for i in range(2, len(raw), 3)]
-    return RateDecision(raw[0] != 0, raw[1], tuple(buckets), shadow_denied=raw[0] == 2)
+    if len(raw) == 5:  # one bucket, the common case
+        buckets: tuple[BucketState, ...] = (BucketState(raw[2], raw[3], raw[4]),)
+    else:
+        buckets = tuple(BucketState(raw[i], raw[i + 1], raw[i + 2]) for i in range(2, len(raw), 3))
+    return RateDecision(raw[0] != 0, raw[1], buckets, raw[0] == 2)
 
 
 def slots_from_reply(raw: Sequence[int]) -> SlotDecision:

@@ -5,7 +5,10 @@ Why: an awaited round trip of its own costs a Python server more CPU per request
 decision it carries (a write, a read, and the wake-ups between them). Concurrent requests
 share those here, while each still gets its own reply or its own error: Redis answers the
 commands of one connection in the order they were sent, so the n-th reply is the n-th
-caller's, and an error reply (NOSCRIPT, a script error) fails that caller alone.
+caller's, and an error reply (a script error) fails that caller alone. A call sent with its
+script's ``SCRIPT LOAD`` that is answered NOSCRIPT (a restarted Redis, ``SCRIPT FLUSH``, a
+failover) is sent once more, after that load, on the same connection, from the reader itself:
+the caller just gets the second reply, still within its write's bound.
 
 Each call is bounded by ``store.timeout`` here, with one timer per write rather than a timeout
 context per call. A broken connection fails every caller still waiting on it (nothing is
@@ -29,7 +32,7 @@ import hiredis
 from redis._parsers.base import BaseParser
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError
+from redis.exceptions import NoScriptError, ReadOnlyError
 
 __all__ = ["Pipeline", "ReplyLost"]
 
@@ -49,8 +52,8 @@ class _Connection:
     Each turn's write arms one timer: the callers of that write still waiting ``timeout_s``
     later get ``TimeoutError`` (one timer per write, not per call, keeps the bound cheap)."""
 
-    __slots__ = ("_batch", "_conn", "_loop", "_out", "_poll", "_reader_task", "_timeout_s", "_waiting",
-                 "_writer", "answered", "broken")
+    __slots__ = ("_batch", "_conn", "_loads", "_loop", "_out", "_poll", "_reader_task", "_timeout_s",
+                 "_waiting", "_writer", "answered", "broken")
 
     def __init__(self, conn: AbstractConnection, timeout_s: float) -> None:
         self._conn = conn
@@ -59,7 +62,10 @@ class _Connection:
         # redis-py made the connection (URL, AUTH, SELECT, TLS, Sentinel); its streams carry it
         self._writer: asyncio.StreamWriter = conn._writer  # type: ignore[assignment]
         reader: asyncio.StreamReader = conn._reader  # type: ignore[assignment]
-        self._waiting: deque[asyncio.Future[Any]] = deque()
+        # per command written, oldest first: its caller (None: a reply nobody waits for) and,
+        # for a script call, the SCRIPT LOAD and the command to send again after NOSCRIPT
+        self._waiting: deque[asyncio.Future[Any] | None] = deque()
+        self._loads: deque[tuple[bytes, bytes] | None] = deque()
         self._out: list[bytes] = []  # this turn's commands, not written yet
         self._batch: list[asyncio.Future[Any]] = []  # and their callers
         self.answered = 0  # replies read so far
@@ -83,17 +89,24 @@ class _Connection:
         self.fail(RedisConnectionError("the store closed the connection while it was idle"))
         return True
 
-    def send(self, packed: bytes) -> asyncio.Future[Any]:
-        """Queue one framed command for this turn's write; the future gets its reply."""
+    def send(self, packed: bytes, load: bytes | None = None) -> asyncio.Future[Any]:
+        """Queue one framed command for this turn's write; the future gets its reply. With
+        ``load`` (its script's ``SCRIPT LOAD``), a NOSCRIPT reply sends both once more."""
         if self.broken is not None:
             raise RedisConnectionError(str(self.broken))
         future = self._loop.create_future()
+        self._queue(packed, future, (load, packed) if load is not None else None)
+        return future
+
+    def _queue(self, packed: bytes, future: asyncio.Future[Any] | None,
+               load: tuple[bytes, bytes] | None) -> None:
         if not self._out:
             self._loop.call_soon(self._flush)
         self._out.append(packed)
-        self._batch.append(future)
+        if future is not None:
+            self._batch.append(future)
         self._waiting.append(future)
-        return future
+        self._loads.append(load)
 
     def _flush(self) -> None:
         out, self._out = self._out, []
@@ -131,7 +144,7 @@ class _Connection:
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         parser = hiredis.Reader()
-        waiting = self._waiting
+        waiting, loads = self._waiting, self._loads
         try:
             while data := await reader.read(_READ_SIZE):
                 parser.feed(data)
@@ -139,8 +152,19 @@ class _Connection:
                 while reply is not False:
                     self.answered += 1
                     future = waiting.popleft()  # a reply nobody waits for: out of step, IndexError
+                    load = loads.popleft()
+                    if future is None:  # a SCRIPT LOAD sent after NOSCRIPT: the resend tells
+                        reply = parser.gets()
+                        continue
                     if isinstance(reply, hiredis.ReplyError):
                         error: Exception = BaseParser.parse_error(str(reply))  # type: ignore[no-untyped-call]
+                        if load is not None and isinstance(error, NoScriptError) and not future.done():
+                            # the script is gone from this server: load it, then the call once
+                            # more (without a load of its own: a second NOSCRIPT is its answer)
+                            self._queue(load[0], None, None)
+                            self._queue(load[1], future, None)
+                            reply = parser.gets()
+                            continue
                         if not future.done():
                             future.set_exception(error)
                         if isinstance(error, ReadOnlyError):
@@ -172,10 +196,11 @@ class _Connection:
         if not self._reader_task.done() and asyncio.current_task() is not self._reader_task:
             self._reader_task.cancel()
         waiting, self._waiting = self._waiting, deque()
+        self._loads = deque()
         message = f"the store connection was lost: {exc or type(exc).__name__}"
         written = len(waiting) - unsent
         for i, future in enumerate(waiting):
-            if not future.done():
+            if future is not None and not future.done():
                 future.set_exception(ReplyLost(message) if i < written else RedisConnectionError(message))
 
     def close(self) -> None:
@@ -217,13 +242,14 @@ class Pipeline:
         self._current: _Connection | None = None
         self._opening: asyncio.Task[_Connection] | None = None
 
-    def call(self, packed: bytes) -> Awaitable[Any]:
+    def call(self, packed: bytes, load: bytes | None = None) -> Awaitable[Any]:
         """Send one framed command (with this turn's others); awaiting it gives its reply, or
-        raises: redis-py's exception for an error reply, ``TimeoutError``, a connection error."""
+        raises: redis-py's exception for an error reply, ``TimeoutError``, a connection error.
+        ``load``: the script's ``SCRIPT LOAD``, sent with the command again after NOSCRIPT."""
         conn = self._current
         if conn is None or conn.broken is not None or conn.closed_while_idle():
-            return self._call_opening(packed)
-        return conn.send(packed)
+            return self._call_opening(packed, load)
+        return conn.send(packed, load)
 
     async def call_adjacent(self, *packed: bytes) -> list[Any]:
         """Send commands side by side on one connection in one write, nothing of another caller
@@ -235,10 +261,10 @@ class Pipeline:
                 conn = await self._connection()
         return await asyncio.gather(*(conn.send(p) for p in packed), return_exceptions=True)
 
-    async def _call_opening(self, packed: bytes) -> Any:
+    async def _call_opening(self, packed: bytes, load: bytes | None) -> Any:
         async with asyncio.timeout(self._timeout_s):
             conn = await self._connection()
-            return await conn.send(packed)
+            return await conn.send(packed, load)
 
     async def _connection(self) -> _Connection:
         """The live connection; callers arriving while one is being opened share that attempt."""

@@ -20,8 +20,9 @@ loaded on that connection and the call sent once more. Key names: ``layout.py``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection, parse_url
@@ -35,6 +36,7 @@ from gateway.store.base import (
     Claim,
     LeaseTerms,
     RateDecision,
+    RecordWatch,
     SlotDecision,
     SlotPlan,
     StoredResponse,
@@ -48,6 +50,7 @@ from gateway.store.layout import (
     slots_from_reply,
     take_acquire_from_reply,
 )
+from gateway.store.notify import RecordNotices
 from gateway.store.pipeline import Pipeline
 from gateway.store.resp import ScriptCall, bulk, command
 from gateway.store.scripted import ScriptStoreBase
@@ -55,12 +58,15 @@ from gateway.store.scripted import ScriptStoreBase
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
 
-__all__ = ["MAX_CONNECTIONS", "RedisStore", "connection_options"]
+__all__ = ["MAX_CONNECTIONS", "TAKE_FRAMES_KEPT", "RedisStore", "connection_options"]
 
+_T = TypeVar("_T")
 #: Connections a store uses at once by default (``store.max_connections``); past it a call
 #: waits (within its timeout) for one.
 MAX_CONNECTIONS = 64
 _NO_OFFSET = bulk(b"0")
+#: Framed ``ratelimit_take`` commands kept for reuse (one per client and plan seen lately).
+TAKE_FRAMES_KEPT = 16_384
 _PING = command("PING")
 
 
@@ -87,8 +93,18 @@ class _Lane:
         self._live: set[AbstractConnection] = set()
         self._slots = asyncio.Semaphore(size)
 
-    async def call(self, packed: bytes) -> Any:
-        """Send one framed command and return its reply (an error reply is raised)."""
+    async def call(self, packed: bytes, load: bytes | None = None) -> Any:
+        """Send one framed command and return its reply (an error reply is raised). ``load``:
+        its script's ``SCRIPT LOAD``, sent before the command once more after NOSCRIPT."""
+        if load is None:
+            return await self._call(packed)
+        try:
+            return await self._call(packed)
+        except NoScriptError:
+            await self._call(load)
+            return await self._call(packed)
+
+    async def _call(self, packed: bytes) -> Any:
         await self._slots.acquire()
         try:
             if not self._idle:
@@ -190,6 +206,8 @@ class RedisStore(ScriptStoreBase):
             if pipelined else _Lane(pool.make_connection, max_connections)
         )
         self._bounded = pipelined  # the pipeline bounds every call itself, cheaper than the guard
+        self._notices = RecordNotices(client, timeout_s)
+        self._take_frames: dict[tuple[object, ...], bytes] = {}
         self._scripts = (self._take, self._claim, self._complete, self._release, self._renew,
                          self._take_claim, self._acquire, self._give_back, self._slot_renew,
                          self._take_acquire)
@@ -250,9 +268,10 @@ class RedisStore(ScriptStoreBase):
 
     async def open(self) -> None:
         for script in self._scripts:
-            await self._guard.run("open", self._send(script.load), bounded=self._bounded)
+            await self._guard.run("open", self._lane.call, script.load, bounded=self._bounded)
 
     async def close(self) -> None:
+        await self._notices.close()
         await self._lane.close()
         await self._client.aclose()
         pool = self._client.connection_pool
@@ -260,105 +279,114 @@ class RedisStore(ScriptStoreBase):
             await pool.sentinel_manager.aclose()  # the clients that ask the sentinels
 
     async def ping(self) -> None:
-        await self._guard.run("ping", self._send(_PING), bounded=self._bounded)
+        await self._guard.run("ping", self._lane.call, _PING, bounded=self._bounded)
 
-    async def ratelimit_take(
+    def ratelimit_take(
         self, plan: TakePlan, tags: Sequence[str], *, clock_offset_ms: int = 0
-    ) -> RateDecision:
-        keys = self._keys.buckets(tags, plan.names)
-        offset = bulk(b"%d" % clock_offset_ms) if clock_offset_ms else _NO_OFFSET
-        packed = self._take.evalsha(keys, offset + plan.argv_resp + plan.mask_resp,
-                                    1 + len(plan.argv) + plan.mask_args)
-        return decision_from_reply(await self._run(self._take, packed))
+    ) -> Coroutine[Any, Any, RateDecision]:
+        if clock_offset_ms:
+            packed = self._take_command(plan, tags, bulk(b"%d" % clock_offset_ms))
+            return self._run(self._take, packed, decision_from_reply)
+        # a client's take is the same command every time: framed once while it is remembered
+        frames = self._take_frames
+        key = (plan, *tags)
+        framed = frames.get(key)
+        if framed is None:
+            if len(frames) >= TAKE_FRAMES_KEPT:
+                frames.clear()  # bounded: a flood of new clients only costs the framing
+            framed = frames[key] = self._take_command(plan, tags, _NO_OFFSET)
+        return self._run(self._take, framed, decision_from_reply)
 
-    async def concurrency_acquire(
+    def _take_command(self, plan: TakePlan, tags: Sequence[str], offset: bytes) -> bytes:
+        keys = self._keys.buckets(tags, plan.names)
+        return self._take.evalsha(keys, offset + plan.argv_resp + plan.mask_resp,
+                                  1 + len(plan.argv) + plan.mask_args)
+
+    def concurrency_acquire(
         self, plan: SlotPlan, tags: Sequence[str], owner: bytes, *, clock_offset_ms: int = 0
-    ) -> SlotDecision:
+    ) -> Coroutine[Any, Any, SlotDecision]:
         keys = self._keys.slot_sets(tags, plan.names)
         offset = bulk(b"%d" % clock_offset_ms) if clock_offset_ms else _NO_OFFSET
         packed = self._acquire.evalsha(keys, bulk(owner) + offset + plan.argv_resp, 2 + plan.nargs)
-        return slots_from_reply(await self._run(self._acquire, packed))
+        return self._run(self._acquire, packed, slots_from_reply)
 
     def combines_slots(self, tags: Sequence[str], slot_tags: Sequence[str]) -> bool:
         return True  # one server holds every key
 
-    async def ratelimit_take_acquire(
+    def ratelimit_take_acquire(
         self, plan: TakePlan, tags: Sequence[str], slots: SlotPlan, slot_tags: Sequence[str], owner: bytes,
-    ) -> tuple[RateDecision, SlotDecision | None]:
+    ) -> Coroutine[Any, Any, tuple[RateDecision, SlotDecision | None]]:
         keys = self._keys.buckets(tags, plan.names)
         keys += self._keys.slot_sets(slot_tags, slots.names)
         args = b"".join((bulk(b"%d" % len(plan.names)), _NO_OFFSET, plan.argv_resp, bulk(plan.mask),
                          bulk(owner), slots.combined_resp))
         # n, offset, the buckets' arguments, their mask, owner, the limits' arguments, their mask
         packed = self._take_acquire.evalsha(keys, args, 5 + len(plan.argv) + len(slots.argv))
-        return take_acquire_from_reply(await self._run(self._take_acquire, packed))
+        return self._run(self._take_acquire, packed, take_acquire_from_reply)
 
-    async def concurrency_release(self, plan: SlotPlan, tags: Sequence[str], owner: bytes) -> int:
+    def concurrency_release(
+        self, plan: SlotPlan, tags: Sequence[str], owner: bytes
+    ) -> Coroutine[Any, Any, int]:
         keys = self._keys.slot_sets(tags, plan.names)
-        return int(await self._run(self._give_back, self._give_back.evalsha(keys, bulk(owner), 1)))
+        return self._run(self._give_back, self._give_back.evalsha(keys, bulk(owner), 1), int)
 
-    async def concurrency_renew(
+    def concurrency_renew(
         self, plan: SlotPlan, tags: Sequence[str], owner: bytes, *, clock_offset_ms: int = 0
-    ) -> int:
+    ) -> Coroutine[Any, Any, int]:
         keys = self._keys.slot_sets(tags, plan.names)
         offset = bulk(b"%d" % clock_offset_ms) if clock_offset_ms else _NO_OFFSET
         packed = self._slot_renew.evalsha(keys, bulk(owner) + offset + plan.renew_resp, 2 + len(keys))
-        return int(await self._run(self._slot_renew, packed))
+        return self._run(self._slot_renew, packed, int)
 
-    async def idempotency_claim(
+    def idempotency_claim(
         self, record: str, fingerprint: bytes, owner: bytes, terms: LeaseTerms
-    ) -> Claim:
+    ) -> Coroutine[Any, Any, Claim]:
         key = self._keys.record(record)
         packed = self._claim.evalsha([key], bulk(fingerprint) + bulk(owner) + terms.claim_argv, 5)
-        return claim_from_reply(await self._run(self._claim, packed))
+        return self._run(self._claim, packed, claim_from_reply)
 
     def combines(self, tags: Sequence[str], record: str) -> bool:
         return True  # one server holds every key
 
-    async def ratelimit_take_claim(
+    def ratelimit_take_claim(
         self, plan: TakePlan, tags: Sequence[str], record: str, fingerprint: bytes, owner: bytes, *,
         terms: LeaseTerms,
-    ) -> tuple[RateDecision, Claim | None]:
+    ) -> Coroutine[Any, Any, tuple[RateDecision, Claim | None]]:
         keys = self._keys.buckets(tags, plan.names)
         keys.append(self._keys.record(record))
         args = b"".join((bulk(b"%d" % len(plan.names)), _NO_OFFSET, plan.argv_resp, bulk(fingerprint),
                          bulk(owner), terms.claim_argv, plan.mask_resp))
         packed = self._take_claim.evalsha(keys, args, 7 + len(plan.argv) + plan.mask_args)
-        return admission_from_reply(await self._run(self._take_claim, packed))
+        return self._run(self._take_claim, packed, admission_from_reply)
 
-    async def idempotency_complete(
+    def idempotency_complete(
         self, record: str, owner: bytes, response: StoredResponse, terms: LeaseTerms
-    ) -> bool:
+    ) -> Coroutine[Any, Any, bool]:
         key = self._keys.record(record)
         args = b"".join((bulk(owner), bulk(b"%d" % response.status), bulk(response.headers),
-                         bulk(response.body), terms.ttl_argv))
-        return bool(await self._run(self._complete, self._complete.evalsha([key], args, 5)))
+                         bulk(response.body), terms.ttl_argv, terms.notify_argv))
+        return self._run(self._complete, self._complete.evalsha([key], args, 6), bool)
 
-    async def idempotency_release(self, record: str, owner: bytes, terms: LeaseTerms) -> bool:
+    def idempotency_release(self, record: str, owner: bytes, terms: LeaseTerms) -> Coroutine[Any, Any, bool]:
         key = self._keys.record(record)
-        packed = self._release.evalsha([key], bulk(owner) + terms.ttl_argv, 2)
-        return bool(await self._run(self._release, packed))
+        packed = self._release.evalsha([key], bulk(owner) + terms.ttl_argv + terms.notify_argv, 3)
+        return self._run(self._release, packed, bool)
 
-    async def idempotency_renew(self, record: str, owner: bytes, terms: LeaseTerms) -> bool:
+    def idempotency_watch(self, record: str) -> AbstractAsyncContextManager[RecordWatch | None]:
+        # the channel is named like the record's key (lua/idempotency_complete.lua)
+        return self._notices.watch(self._keys.record(record))
+
+    def idempotency_renew(self, record: str, owner: bytes, terms: LeaseTerms) -> Coroutine[Any, Any, bool]:
         key = self._keys.record(record)
         packed = self._renew.evalsha([key], bulk(owner) + terms.renew_argv, 3)
-        return bool(await self._run(self._renew, packed))
+        return self._run(self._renew, packed, bool)
 
-    def _run(self, script: ScriptCall, packed: bytes) -> Any:
-        return self._guard.run(script.name, self._evalsha(script, packed), bounded=self._bounded)
-
-    async def _send(self, packed: bytes) -> Any:
-        return await self._lane.call(packed)
-
-    async def _evalsha(self, script: ScriptCall, packed: bytes) -> Any:
-        """One EVALSHA; after NOSCRIPT the script is loaded and the call sent once more, both
-        within one more ``store.timeout``."""
-        try:
-            return await self._lane.call(packed)
-        except NoScriptError:
-            async with asyncio.timeout(self._timeout_s):
-                await self._lane.call(script.load)
-                return await self._lane.call(packed)
+    def _run(self, script: ScriptCall, packed: bytes, parse: Callable[[Any], _T]) -> Coroutine[Any, Any, _T]:
+        """One EVALSHA through the guard, its reply through ``parse``; after NOSCRIPT the
+        script is loaded and the call sent once more (by the pipeline or the lane), within the
+        same bound. Not a coroutine of its own: a store method returns the guard's."""
+        return self._guard.run(script.name, self._lane.call, packed, script.load, bounded=self._bounded,
+                               parse=parse)
 
 
 def _host_port(address: str) -> tuple[str, int]:

@@ -6,6 +6,8 @@ Key names (``layout.py``), the ``CallGuard`` every call passes (``guard.py``), a
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from gateway.store.breaker import BreakerState, CircuitBreaker
@@ -16,8 +18,14 @@ from gateway.store.scripts import read_script
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
+    from gateway.store.base import RecordWatch
 
 __all__ = ["ScriptStoreBase", "script_call"]
+
+
+@contextlib.asynccontextmanager
+async def _no_watch() -> AsyncIterator[RecordWatch | None]:
+    yield None
 
 
 def script_call(name: str) -> ScriptCall:
@@ -61,6 +69,11 @@ class ScriptStoreBase:
     def record_key(self, record: str) -> str:
         """The store key of one idempotency record."""
         return self._keys.record(record).decode()
+
+    def idempotency_watch(self, record: str) -> contextlib.AbstractAsyncContextManager[RecordWatch | None]:
+        """No notices by default (a Redis Cluster: a PUBLISH would go to every node): waiters
+        poll. ``RedisStore`` overrides it with pub/sub."""
+        return _no_watch()
 
     def breaker_state(self) -> BreakerState:
         return self._guard.breaker.state
