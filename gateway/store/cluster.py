@@ -215,12 +215,19 @@ class ClusterStore(ScriptStoreBase):
         """One ``ratelimit_take`` per slot group, all sent at once; each reply lands in
         ``replies`` as it comes (a group without one: not decided). The first failure is
         raised once every group is settled."""
-        router, take = self._router, self._take
+        router, load = self._router, self._take.load
+        began = asyncio.get_running_loop().time()
         firsts = [router.submit(slot, packed) for slot, packed in sends]
         failure: BaseException | None = None
         for i, ((slot, packed), first) in enumerate(zip(sends, firsts, strict=True)):
             try:
-                replies[i] = await router.send(slot, packed, take.load, first=first)
+                if first is None:  # no primary known for the slot when sent: the router finds one
+                    replies[i] = await router.send(slot, packed, load)
+                    continue
+                try:
+                    replies[i] = await first  # the usual case: the reply, no coroutine of its own
+                except Exception as exc:
+                    replies[i] = await router.follow(slot, packed, load, False, exc, began=began)
             except Exception as exc:  # this group is undecided; the others still count
                 failure = failure or exc
         if failure is not None:

@@ -143,16 +143,22 @@ class ClusterRouter:
             if first is not None:
                 return await first
             return await self.pipeline(self._primary(slot)).call(packed)
-        except Exception as exc:  # followed below when it can be; raised again there otherwise
-            failure: BaseException = exc
+        except Exception as exc:  # followed when it can be; raised again there otherwise
+            return await self.follow(slot, packed, load, resend_safe, exc, began=began)
+
+    async def follow(
+        self, slot: int, packed: bytes, load: bytes | None, resend_safe: bool, failure: BaseException, *,
+        began: float,
+    ) -> Any:
+        """After a first attempt (sent at loop time ``began``) failed with ``failure``:
+        redirects followed, the script loaded, the slot map read again, all within what is left
+        of ``store.timeout``; the reply, or the failure (or a later one) raised."""
         async with asyncio.timeout_at(began + self._timeout_s):
             return await self._followed(slot, packed, load, resend_safe, failure)
 
     async def _followed(
         self, slot: int, packed: bytes, load: bytes | None, resend_safe: bool, failure: BaseException
     ) -> Any:
-        """After a first attempt failed with ``failure``: redirects followed, the script loaded,
-        the slot map read again, each within the bounds below; or the failure raised."""
         pending: BaseException | None = failure
         redirects = retries = 0
         asked: ClusterNode | None = None  # the node an ASK named, for the next attempt only
