@@ -19,7 +19,9 @@ RFC 9457 problem (``type``, ``title``, ``status``, ``detail``, extension members
   5xx retried, nothing else). The mapping is ``STRIPE_ERRORS``.
 
 Layers get the renderer at construction (``renderer_for(config.errors.format)``): the format is
-chosen here, never branched on per layer.
+chosen here, never branched on per layer. An answer sent many times alike (a shed request's 503)
+is built once by the renderer (``Renderer.canned``: a ``CannedProblem``), with only the request
+id added per request.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, Protocol
 
 from gateway._asgi import Headers, Send
@@ -40,6 +43,7 @@ __all__ = [
     "STORE_UNAVAILABLE",
     "STRIPE_ERRORS",
     "STRIPE_RENDERER",
+    "CannedProblem",
     "ProblemRenderer",
     "Renderer",
     "StripeError",
@@ -101,6 +105,13 @@ class Renderer(Protocol):
         """The status, headers and body to store for this problem (replayed later, as it is)."""
         ...
 
+    def canned(
+        self, *, status: int, type_: str, title: str, detail: str,
+        headers: Iterable[tuple[bytes, bytes]] = (), extensions: Mapping[str, Any] | None = None,
+    ) -> CannedProblem:
+        """This problem built once, to be sent many times as ``send`` would send it."""
+        ...
+
 
 def problem_body(
     *, status: int, type_: str, title: str, detail: str, extensions: Mapping[str, Any] | None = None
@@ -125,6 +136,38 @@ def _request_id() -> tuple[bytes, list[tuple[bytes, bytes]]]:
 async def _send_whole(send: Send, status: int, headers: list[tuple[bytes, bytes]], payload: bytes) -> None:
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
+
+
+class CannedProblem:
+    """One problem, rendered once and sent many times (a shed request's 503): the bytes
+    ``Renderer.send`` would send, without encoding the document per request.
+
+    ``headers`` are the response's headers in the renderer's order up to those naming the
+    request, ``id_names`` the headers the renderer sets to the request's id (Stripe's
+    ``Request-Id``). For an HTTP/1.1 connection that writes the answer itself
+    (``gateway/connection_shed.py``): ``status_line`` (with its CRLF), ``fields`` (the lines of
+    ``headers``), and ``id_lines(rid)``."""
+
+    __slots__ = ("body", "fields", "headers", "id_names", "status", "status_line")
+
+    def __init__(self, status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes,
+                 id_names: tuple[bytes, ...] = ()) -> None:
+        self.status = status
+        self.body = body
+        self.headers = tuple(headers)
+        self.id_names = id_names
+        self.status_line = b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())
+        self.fields = b"".join(name + b": " + value + b"\r\n" for name, value in self.headers)
+
+    def id_lines(self, rid: bytes) -> bytes:
+        """The header lines the renderer adds that carry the request's id."""
+        return b"".join(name + b": " + rid + b"\r\n" for name in self.id_names)
+
+    async def send(self, send: Send) -> None:
+        """Send it, as the renderer's ``send`` would (a lone middleware still names its reply)."""
+        rid, own = _request_id()
+        out = [*self.headers, *((name, rid) for name in self.id_names), *own]
+        await _send_whole(send, self.status, out, self.body)
 
 
 class ProblemRenderer:
@@ -152,6 +195,15 @@ class ProblemRenderer:
     ) -> tuple[int, Headers, bytes]:
         body = problem_body(status=status, type_=type_, title=title, detail=detail, extensions=extensions)
         return status, list(PROBLEM_HEADERS), body
+
+    def canned(
+        self, *, status: int, type_: str, title: str, detail: str,
+        headers: Iterable[tuple[bytes, bytes]] = (), extensions: Mapping[str, Any] | None = None,
+    ) -> CannedProblem:
+        payload = problem_body(status=status, type_=type_, title=title, detail=detail,
+                               extensions=extensions)
+        return CannedProblem(status, [*PROBLEM_HEADERS, (b"content-length", b"%d" % len(payload)), *headers],
+                             payload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +293,15 @@ class StripeRenderer:
         # Request-Id is the current request's, added by ``send`` only: a stored one would name
         # the first request on every replay
         return status, [*_STRIPE_HEADERS, (_SHOULD_RETRY, b"true" if shape.retry else b"false")], payload
+
+    def canned(
+        self, *, status: int, type_: str, title: str, detail: str,
+        headers: Iterable[tuple[bytes, bytes]] = (), extensions: Mapping[str, Any] | None = None,
+    ) -> CannedProblem:
+        status, shape, payload = self._document(status, type_, title, detail, extensions)
+        fixed = [*_STRIPE_HEADERS, (b"content-length", b"%d" % len(payload)), *headers,
+                 (_SHOULD_RETRY, b"true" if shape.retry else b"false")]
+        return CannedProblem(status, fixed, payload, (_STRIPE_REQUEST_ID,))
 
 
 PROBLEM_RENDERER = ProblemRenderer()

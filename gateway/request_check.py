@@ -173,6 +173,19 @@ class RequestCheck:
             scope["path"] = unquote(target.decode("latin-1"))
         return None
 
+    def passing_path(self, http_version: str, headers: Headers, raw_path: bytes) -> str | None:
+        """The path (decoded, in normal form) the check would let the request go on with, or
+        None when it would refuse the request: for the connection's early shed
+        (``connection_shed.py``), which leaves every request the check refuses to the check, so
+        its answer stays the same."""
+        if self._refusal({"http_version": http_version, "headers": headers},
+                         HeaderValues(self._read, {})) is not None:
+            return None
+        target = normal_target(raw_path)
+        if target is None or (target is not raw_path and self._reject_non_normal):
+            return None
+        return unquote(target.decode("latin-1"))
+
     async def refuse(self, send: Send, problem: Problem) -> None:
         """Answer a refused request (counted, logged, the connection closed)."""
         reason, status, name, detail = problem

@@ -17,7 +17,11 @@ matches; one that matches none is in ``shedding.default_class``, ``"default"``: 
   ``reserve`` shares of the classes above it, so the most critical class always finds room.
 
 A shed request gets ``503`` problem+json (``urn:gateway:problem:load-shed``, its class in
-``priority``, ``Retry-After: 1``) before any other decision: it spends no rate-limit tokens.
+``priority``, ``Retry-After: 1``) before any other decision: it spends no rate-limit tokens. The
+answer is built once per class and shedder (``shed_answer``), not per request. Under ``gateway
+serve`` the connection itself asks the local shedder first, before a scope or a task exists
+(``connection_shed.py``); a request it lets through carries its draw in the scope
+(``DRAWN_SCOPE_KEY``), so this layer does not draw for it again.
 Each shedder has a kill switch (``enabled``) and a ``mode``: ``"shadow"`` sheds nothing and
 counts what it would have shed (``decision="shadow_shed"``).
 """
@@ -46,7 +50,7 @@ from gateway.config import (
 from gateway.errors import ConfigError, StoreError
 from gateway.identity import GLOBAL_TAG, TrustedProxies
 from gateway.lifespan import run_lifespan
-from gateway.problem import STORE_UNAVAILABLE, problem_type, renderer_for
+from gateway.problem import STORE_UNAVAILABLE, CannedProblem, Renderer, problem_type, renderer_for
 from gateway.requestid import current_request_id
 from gateway.slots import SlotHolding, SlotKeeper
 from gateway.store import SlotPlan, Store
@@ -56,8 +60,8 @@ if TYPE_CHECKING:
 
     from gateway.metrics import Metrics
 
-__all__ = ["CALM", "LET_BACK_STEP", "LOAD_SHED", "SHED_LOG_INTERVAL_S", "TICK_S", "LoadSheddingMiddleware",
-           "LocalShedder", "PriorityClasses"]
+__all__ = ["CALM", "DRAWN_SCOPE_KEY", "LET_BACK_STEP", "LOAD_SHED", "SHED_LOG_INTERVAL_S", "TICK_S",
+           "LoadSheddingMiddleware", "LocalShedder", "PriorityClasses", "shed_answer"]
 
 _log = logging.getLogger("gateway.shedding")
 #: The problem type of a shed request.
@@ -71,7 +75,23 @@ LET_BACK_STEP = 0.1
 CALM = 0.5
 #: The shortest time between two log lines of one shedder, decision and class.
 SHED_LOG_INTERVAL_S = 1.0
+#: The scope key of a request the connection already drew for (its value: that ``LocalShedder``).
+DRAWN_SCOPE_KEY = "gateway.local_shed_drawn"
 _RETRY_AFTER = b"1"
+
+
+def shed_answer(render: Renderer, priority: str, shedder: str) -> CannedProblem:
+    """The 503 of a request of class ``priority`` shed by ``shedder`` (``local``, ``fleet``), in
+    ``render``'s format."""
+    return render.canned(
+        status=503,
+        type_=LOAD_SHED,
+        title="Service overloaded",
+        detail=f"The gateway is shedding {priority} requests ({shedder} capacity) so that more "
+               "critical ones are served; retry later.",
+        headers=[(b"retry-after", _RETRY_AFTER)],
+        extensions={"priority": priority},
+    )
 
 
 class PriorityClasses:
@@ -99,23 +119,27 @@ class PriorityClasses:
 
     def of(self, scope: Scope) -> int:
         """The index of the request's class, 0 the most critical."""
-        form = match_form(scope["path"])
-        method = scope["method"]
+        return self.of_request(scope["method"], scope["path"], scope["headers"], scope.get("client"))
+
+    def of_request(self, method: str, path: str, headers: Sequence[tuple[bytes, bytes]],
+                   client: Sequence[Any] | None) -> int:
+        """``of`` from the parts of a request that has no scope yet (the connection's early shed)."""
+        form = match_form(path)
         for i, (paths, methods, header) in enumerate(self._match):
             if not paths or (methods and method not in methods) or not paths.matches_form(form):
                 continue
-            if header is not None and not self._has(scope, header):
+            if header is not None and not self._has(headers, client, header):
                 continue
             return i
         return self._default
 
-    def _has(self, scope: Scope, header: tuple[bytes, bytes]) -> bool:
+    def _has(self, headers: Sequence[tuple[bytes, bytes]], client: Sequence[Any] | None,
+             header: tuple[bytes, bytes]) -> bool:
         """The header match, believed only from a trusted proxy: a client cannot raise its own class."""
-        client = scope.get("client")
         if not client or client[0] not in self._trusted:
             return False
         name, value = header
-        return any(n == name and v.strip() == value for n, v in scope["headers"])
+        return any(n == name and v.strip() == value for n, v in headers)
 
 
 class LocalShedder:
@@ -127,14 +151,16 @@ class LocalShedder:
         self._classes = classes
         self._spared = 1 if classes > 1 else 0  # the most critical class is never shed, unless alone
         self.admitting = [1.0] * classes  # per class, the share let through
+        self._partial = False  # some class is admitted at less than its whole share
         self._gauges = tuple(admitting)
         self.in_flight = 0
         self.lag_s = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._due = 0.0
 
-    def admits(self, k: int) -> bool:
-        """Whether a request of class ``k`` may go on now."""
+    def admits(self, k: int, *, drawn: bool = False) -> bool:
+        """Whether a request of class ``k`` may go on now; ``drawn``: its share was drawn for
+        already (by the connection), and is not drawn again."""
         if self._timer is None:
             self._start()
         if k < self._spared:
@@ -142,7 +168,12 @@ class LocalShedder:
         if self.in_flight >= self._max_in_flight:
             return False  # a flood between two ticks
         share = self.admitting[k]
-        return share >= 1.0 or (share > 0.0 and random() < share)  # noqa: S311 - a share of traffic, no secret
+        return share >= 1.0 or (share > 0.0 and (drawn or random() < share))  # noqa: S311 - a share of traffic, no secret
+
+    def may_shed(self) -> bool:
+        """Whether any request could be shed now: past ``max_in_flight``, or a class not wholly
+        admitted. False is the common case, and lets the connection skip every other step."""
+        return self._partial or self.in_flight >= self._max_in_flight
 
     def _start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -179,6 +210,7 @@ class LocalShedder:
 
     def _set(self, k: int, share: float) -> None:
         self.admitting[k] = share
+        self._partial = any(a < 1.0 for a in self.admitting)
         if self._gauges:
             self._gauges[k].set(share)
 
@@ -201,7 +233,9 @@ class _ShedLog:
         self._pending: dict[tuple[str, str, str], int] = {}
         self._last: dict[tuple[str, str, str], float] = {}
 
-    def note(self, shedder: str, decision: str, priority: str) -> None:
+    def note(self, shedder: str, decision: str, priority: str, request_id: bytes | None = None) -> None:
+        """Count one; log when the last line for the key is ``SHED_LOG_INTERVAL_S`` old, naming
+        the request that made it (``request_id``, else the current request's)."""
         key = (shedder, decision, priority)
         count = self._pending.get(key, 0) + 1
         now = monotonic()
@@ -213,7 +247,8 @@ class _ShedLog:
         _log.info("%d request(s) %s by the %s load shedder (class %s)", count,
                   "would have been shed" if decision == "shadow_shed" else "shed", shedder, priority,
                   extra={"event": f"shedding.{decision}", "shedder": shedder, "priority": priority,
-                         "count": count, "request_id": current_request_id()})
+                         "count": count,
+                         "request_id": request_id.decode() if request_id else current_request_id()})
 
 
 class _Fleet:
@@ -288,6 +323,9 @@ class LoadSheddingMiddleware:
         self._local_shadow = local.mode == "shadow"
         self.fleet = _Fleet(fleet, self.classes.classes, self._store) if fleet.enabled else None
         self._shed_log = _ShedLog()
+        #: per shedder, the canned 503 of each class
+        self.answers = {shedder: tuple(shed_answer(self._render, n, shedder) for n in names)
+                        for shedder in ("local", "fleet")}
 
     @property
     def store(self) -> Store:
@@ -305,7 +343,8 @@ class LoadSheddingMiddleware:
         if local is None:
             await self._through_fleet(k, scope, receive, send)
             return
-        if not local.admits(k) and not self._refused("local", k, shadow=self._local_shadow):
+        if (not local.admits(k, drawn=scope.get(DRAWN_SCOPE_KEY) is local)
+                and not self._refused("local", k, shadow=self._local_shadow)):
             await self._send_shed(send, k, "local")
             return
         local.in_flight += 1
@@ -363,18 +402,16 @@ class LoadSheddingMiddleware:
         self._shed_log.note(shedder, decision, self.classes.names[k])
         return shadow
 
+    def count_shed(self, k: int, request_id: bytes) -> None:
+        """Count and log one request of class ``k`` the local shedder shed before it reached this
+        layer (the connection's early shed), as ``_refused`` would."""
+        counters = self._shed.get(("local", "shed"))
+        if counters:
+            counters[k].inc()
+        self._shed_log.note("local", "shed", self.classes.names[k], request_id)
+
     async def _send_shed(self, send: Send, k: int, shedder: str) -> None:
-        name = self.classes.names[k]
-        await self._render.send(
-            send,
-            status=503,
-            type_=LOAD_SHED,
-            title="Service overloaded",
-            detail=f"The gateway is shedding {name} requests ({shedder} capacity) so that more "
-                   "critical ones are served; retry later.",
-            headers=[(b"retry-after", _RETRY_AFTER)],
-            extensions={"priority": name},
-        )
+        await self.answers[shedder][k].send(send)
 
     async def drain(self, within_s: float = 10.0) -> None:
         """At shutdown: stop sampling, and wait for the fleet slots being given back."""

@@ -25,6 +25,7 @@ from gateway._asgi import ASGIApp, Receive, Scope, Send
 from gateway._settings import with_identity
 from gateway.concurrency import ConcurrencyLimitMiddleware
 from gateway.config import Config, SourceFunction, load_config
+from gateway.connection_shed import ConnectionShedder
 from gateway.entry import StackEntry
 from gateway.idempotency import IdempotencyMiddleware
 from gateway.identity import IdentityResolver
@@ -140,12 +141,21 @@ class GatewayMiddleware(StackEntry):
             inner = self._shedding = LoadSheddingMiddleware(
                 inner, config=self.config, store=self.store, metrics=self.metrics)
         self.app = app
+        check = RequestCheck(self.config, metrics=self.metrics)
+        ops = OpsRoutes(store=self.store, metrics=self.metrics, config=self.config.ops,
+                        trusted_proxies=self.config.identity.trusted_proxies)
+        #: what ``gateway serve``'s connection asks before a request reaches this stack (the
+        #: local shedder's early refusal, ``connection_shed.py``); None when it has nothing to shed
+        self.connection_shedder: ConnectionShedder | None = None
+        local = self._shedding.local if self._shedding is not None else None
+        if self._shedding is not None and local is not None and shedding.local.mode == "enforce":
+            self.connection_shedder = ConnectionShedder(self._shedding, local, check, ops, self.metrics,
+                                                        date_header=date_header)
         super().__init__(
             inner,
             metrics=self.metrics,
-            check=RequestCheck(self.config, metrics=self.metrics),
-            ops=OpsRoutes(store=self.store, metrics=self.metrics, config=self.config.ops,
-                          trusted_proxies=self.config.identity.trusted_proxies),
+            check=check,
+            ops=ops,
             date_header=date_header,
         )
 

@@ -2,7 +2,8 @@
 
 One group of bars per percentile, one bar per route (for the overhead scenario the direct route
 and the gateway route; for the others the gateway's routes alone; for overload the critical
-trickle unloaded and under the flood, and the flood), each labelled with its value, the title
+trickle unloaded and under the flood, as Locust's users and as the probe timed it, and the
+flood), each labelled with its value, the title
 naming the scenario, users and duration. For overload a second panel draws the gateway's
 resident memory over the run, the flood's start marked. matplotlib (the ``load`` extra) draws it on
 its file-only Agg backend, imported here lazily so nothing else of the runner pays for it.
@@ -69,8 +70,10 @@ def _percentile_bars(ax: Any, summary: Mapping[str, Any]) -> None:
             f"{p} {'-' if v is None else f'{v:+.2f}'} ms"
             for p, v in overhead["added_latency_ms"].items())
     elif overload:
-        crit, flood = overload["critical"], overload["sheddable"]
-        extra = (f"\ncritical p99 under the flood x{crit['p99_ratio']} the unloaded one; "
+        crit, flood, probe = overload["critical"], overload["sheddable"], overload.get("probe")
+        ratios = (f"probe x{probe['p99_ratio']}, Locust x{crit['p99_ratio']}" if probe
+                  else f"x{crit['p99_ratio']}")
+        extra = (f"\ncritical p99 under the flood / unloaded: {ratios}; "
                  f"flood: {flood['answered_2xx']} served, {flood['shed_503']} shed (503), "
                  f"{flood['errors']} errors")
     ax.set_title(f"{summary.get('scenario')}: latency percentiles"

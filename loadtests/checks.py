@@ -5,8 +5,10 @@ trust the upstream's own record of what it executed, not the gateway's word: a k
 shows twice was executed twice, whatever the gateway answered. The rate-limit bound is exact for
 a token bucket: a key first used at ``t0`` (client clock, before the store saw it) and last
 answered at ``t1`` can have had at most ``burst + rate * (t1 - t0)`` requests allowed. The
-overload checks compare the critical trickle under the flood with the same run's unloaded phase,
-and read the gateway's resident memory as the runner sampled it.
+overload checks compare the critical trickle under the flood with the same run's unloaded phase
+(the latency bound is judged on the probe's trickle, timed in a process of its own, when it ran;
+Locust's critical users are checked for their answers), and read the gateway's resident memory
+as the runner sampled it.
 
 Pure Python over plain dicts, so the unit tests can feed crafted records.
 """
@@ -164,49 +166,61 @@ def check_payments(journal: Mapping[str, Any], record: Mapping[str, Any]) -> lis
 
 # ------------------------------------------------------------------------------ load shedding
 def check_overload(overload: Mapping[str, Any], journal: Mapping[str, Any], record: Mapping[str, Any],
-                   memory: Mapping[str, Any]) -> list[Invariant]:
+                   memory: Mapping[str, Any], probe_keys: Mapping[str, int] | None = None) -> list[Invariant]:
     """The critical trickle served in full and in time, the flood shed cleanly, memory bounded.
 
-    ``overload`` is ``report.overload_summary``'s, ``memory`` ``report.memory_summary``'s."""
-    crit, flood = overload["critical"], overload["sheddable"]
-    unloaded, flooded = crit["unloaded"], crit["flood"]
-    refused = crit["not_201"] + crit["errors"]
+    ``overload`` is ``report.overload_summary``'s, ``memory`` ``report.memory_summary``'s,
+    ``probe_keys`` the probe's key -> status (0: no answer) when it ran: its charges are checked
+    with Locust's, and its p99 ratio is the one bounded."""
+    crit, flood, probe = overload["critical"], overload["sheddable"], overload.get("probe")
+    timed = probe if probe is not None else crit  # whose latency the bound is judged on
+    unloaded, flooded = timed["unloaded"], timed["flood"]
+    probe_keys = probe_keys or {}
+    refused = crit["not_201"] + crit["errors"] + (probe["not_201"] + probe["errors"] if probe else 0)
+    answered = crit["answered_201"] + (probe["answered_201"] if probe else 0)
     executions: Mapping[str, int] = record.get("executions", {})
     keys: Mapping[str, Mapping[str, int]] = journal.get("keys", {})
-    fresh = {k for k, kinds in keys.items() if kinds.get("fresh")}
+    fresh = {k for k, kinds in keys.items() if kinds.get("fresh")} | {
+        k for k, status in probe_keys.items() if status == 201}
     not_once = sorted(f"{k} ran {executions.get(k, 0)}x" for k in fresh if executions.get(k, 0) != 1)
-    unknown = sorted(set(executions) - set(keys))
-    # a request cut off by the end of the run may have run without its answer being seen
+    unknown = sorted(set(executions) - set(keys) - set(probe_keys))
+    # a request cut off by the end of the run (or by its timeout) may have run unanswered
     cut_off_ran = sum(1 for k, kinds in keys.items() if not any(kinds.values()) and executions.get(k))
+    cut_off_ran += sum(1 for k, status in probe_keys.items() if status != 201 and executions.get(k))
     charges = record.get("charges")
-    upstream_ok = not not_once and not unknown and charges == crit["answered_201"] + cut_off_ran
-    ratio = crit["p99_ratio"]
-    shed, answered = flood["shed_503"], flood["answered_2xx"]
+    upstream_ok = not not_once and not unknown and charges == answered + cut_off_ran
+    ratio = timed["p99_ratio"]
+    shed, served = flood["shed_503"], flood["answered_2xx"]
     shapes = _violations(journal, ("flood_503_not_shed", "flood_unexpected"))
     growth, first, last = (memory.get("growth_mib"), memory.get("phase_first_third_max_mib"),
                            memory.get("phase_last_third_max_mib"))
     bounded = (growth is not None and first is not None and last is not None
                and growth <= RSS_GROWTH_MAX_MIB and last <= first + RSS_FLAT_MARGIN_MIB)
+    probe_detail = (f"; probe {probe['answered_201']} of {probe['sent']} (its own process)" if probe else "")
     return [
         Invariant("critical: every request answered 201 (no 503, no error)",
-                  crit["answered_201"] > 0 and refused == 0
+                  answered > 0 and refused == 0
                   and not _violations(journal, ("critical_not_201", "critical_error")),
-                  f"{crit['answered_201']} of {crit['answered_201']}: unloaded {unloaded['count']}, flood "
-                  f"{flooded['count']} ({crit['cut_off']} cut off by the end of the run)" if not refused
-                  else f"{refused} of {crit['answered_201'] + refused} not 201 ({crit['not_201']} refused, "
-                  f"{crit['errors']} errors); e.g. "
-                  f"{_listed(_examples(journal, ('critical_not_201', 'critical_error')))}"),
+                  f"{crit['answered_201']} of {crit['answered_201']}: unloaded {crit['unloaded']['count']}, "
+                  f"flood {crit['flood']['count']} ({crit['cut_off']} cut off by the end of the run)"
+                  + probe_detail if not refused
+                  else f"{refused} of {answered + refused} not 201 ({crit['not_201']} refused, "
+                  f"{crit['errors']} errors"
+                  + (f"; probe: {probe['not_201']} refused, {probe['errors']} errors" if probe else "")
+                  + f"); e.g. {_listed(_examples(journal, ('critical_not_201', 'critical_error')))}"),
         Invariant("critical: each 201 executed exactly once by the upstream (its record)", upstream_ok,
-                  f"upstream charges {charges}, 201s {crit['answered_201']}, cut off and run {cut_off_ran}"
+                  f"upstream charges {charges}, 201s {answered}, cut off and run {cut_off_ran}"
                   + (f"; not once: {_listed(not_once)}" if not_once else "")
                   + (f"; unknown keys: {_listed(unknown)}" if unknown else "")),
-        Invariant(f"critical: p99 under the flood <= {P99_RATIO_MAX:g}x the unloaded p99",
+        Invariant(f"critical: p99 under the flood <= {P99_RATIO_MAX:g}x the unloaded p99"
+                  + (" (probe)" if probe else ""),
                   ratio is not None and ratio <= P99_RATIO_MAX and flooded["count"] > 0,
                   f"unloaded p99 {unloaded['p99_ms']} ms ({unloaded['count']} requests), flood p99 "
-                  f"{flooded['p99_ms']} ms ({flooded['count']}): x{ratio}"),
+                  f"{flooded['p99_ms']} ms ({flooded['count']}): x{ratio}"
+                  + (f"; as Locust's critical users saw it: x{crit['p99_ratio']}" if probe else "")),
         Invariant("sheddable: the flood was shed and partly served (the gateway was overloaded)",
-                  shed > 0 and answered > 0,
-                  f"{shed} shed, {answered} served of {flood['sent']} (shed share {flood['shed_share']})"),
+                  shed > 0 and served > 0,
+                  f"{shed} shed, {served} served of {flood['sent']} (shed share {flood['shed_share']})"),
         Invariant("sheddable: every non-2xx was a 503 load-shed problem with Retry-After",
                   not shapes and flood["other"] == 0,
                   f"{shed} 503 load-shed" if not shapes and not flood["other"] else

@@ -27,6 +27,8 @@ __all__ = [
     "ENV_PLAN",
     "FLOOD_WORK",
     "GATEWAY_HELLO",
+    "PROBE_FLOOD",
+    "PROBE_UNLOADED",
     "RATE_BURST",
     "RATE_PER_S",
     "SCENARIOS",
@@ -75,6 +77,9 @@ CHARGE_UNKEYED = "gateway POST /charges (no key)"
 CRITICAL_UNLOADED = "gateway POST /charges (critical, unloaded)"
 CRITICAL_FLOOD = "gateway POST /charges (critical, flood)"
 FLOOD_WORK = "gateway GET /work (flood)"
+# overload: the same trickle sent and timed by a client in a process of its own (loadtests/probe.py)
+PROBE_UNLOADED = "probe POST /charges (critical, unloaded)"
+PROBE_FLOOD = "probe POST /charges (critical, flood)"
 _PAYMENT_ROUTES = (CHARGE_NEW, CHARGE_RETRY, CHARGE_BURST, CHARGE_REUSE)
 
 

@@ -1,6 +1,7 @@
 """The report's numbers: per-route statistics from Locust's ``*_stats.csv`` and the journal's
-fine histogram, the overhead comparison, the overload scenario's phases, the gateway's own
-counters and resident memory, ``summary.json``, and the short table the runner prints.
+fine histogram, the overhead comparison, the overload scenario's phases (from Locust's critical
+users and from the probe, ``loadtests/probe.py``), the gateway's own counters and resident
+memory, ``summary.json``, and the short table the runner prints.
 
 Locust rounds response times below 100 ms to whole milliseconds, so its percentiles of a ~1 ms
 route are steps of 1 ms; the summary keeps them (``p50_ms`` ...) and adds the journal's
@@ -12,12 +13,13 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtests.journal import percentile
-from loadtests.plan import CRITICAL_FLOOD, CRITICAL_UNLOADED, FLOOD_WORK
+from loadtests.journal import TICK_MS, percentile
+from loadtests.plan import CRITICAL_FLOOD, CRITICAL_UNLOADED, FLOOD_WORK, PROBE_FLOOD, PROBE_UNLOADED
 
 __all__ = [
     "PERCENTILES",
@@ -26,6 +28,7 @@ __all__ = [
     "gateway_counters",
     "memory_summary",
     "overload_summary",
+    "probe_routes",
     "read_stats_csv",
     "route_stats",
     "write_summary",
@@ -159,13 +162,28 @@ def _ratio(over: float | None, under: float | None) -> float | None:
 
 def overload_summary(routes: Mapping[str, Mapping[str, Any]], journal: Mapping[str, Any],
                      record: Mapping[str, Any], *, baseline_s: int,
-                     memory: Mapping[str, Any]) -> dict[str, Any]:
+                     memory: Mapping[str, Any], probe_keys: Mapping[str, int] | None = None,
+                     ) -> dict[str, Any]:
     """The overload scenario's numbers: the critical trickle alone and under the flood (fine
-    percentiles, the flood/unloaded ratios), what the flood got, the upstream's own counts."""
+    percentiles, the flood/unloaded ratios), as Locust's critical users saw it (``critical``)
+    and as the probe did (``probe``, when it ran: ``probe_keys`` is its key -> status), what the
+    flood got, the upstream's own counts."""
     counts: Mapping[str, int] = journal.get("counts", {})
     unloaded, flood = _phase(routes.get(CRITICAL_UNLOADED)), _phase(routes.get(CRITICAL_FLOOD))
     sheddable = _phase(routes.get(FLOOD_WORK))
     sent = sum(counts.get(k, 0) for k in ("flood_2xx", "flood_shed", "flood_other", "flood_error"))
+    probe = None
+    if probe_keys is not None:
+        p_unloaded, p_flood = _phase(routes.get(PROBE_UNLOADED)), _phase(routes.get(PROBE_FLOOD))
+        statuses = Counter(probe_keys.values())
+        probe = {
+            "unloaded": p_unloaded, "flood": p_flood,
+            "p50_ratio": _ratio(p_flood["p50_ms"], p_unloaded["p50_ms"]),
+            "p99_ratio": _ratio(p_flood["p99_ms"], p_unloaded["p99_ms"]),
+            "sent": len(probe_keys), "answered_201": statuses.get(201, 0),
+            "errors": statuses.get(0, 0),
+            "not_201": sum(n for status, n in statuses.items() if status not in (0, 201)),
+        }
     return {
         "baseline_s": baseline_s,
         "flood_started_s": memory.get("phase_from_s"),
@@ -187,7 +205,34 @@ def overload_summary(routes: Mapping[str, Mapping[str, Any]], journal: Mapping[s
             "shed_share": round(counts.get("flood_shed", 0) / sent, 3) if sent else None,
             "upstream_work": record.get("work"),
         },
+        "probe": probe,
     }
+
+
+def probe_routes(probe: Mapping[str, Any], flood_started: float | None) -> dict[str, dict[str, Any]]:
+    """The probe's samples as two routes shaped like ``route_stats``'s (a non-201 is a
+    failure), split at the flood's start: before it the unloaded phase, from it the flood."""
+    phases: dict[str, list[tuple[float, float, int]]] = {PROBE_UNLOADED: [], PROBE_FLOOD: []}
+    for sent_at, ms, status, *_ in probe.get("samples", []):
+        flooded = flood_started is not None and sent_at >= flood_started
+        phases[PROBE_FLOOD if flooded else PROBE_UNLOADED].append((sent_at, ms, status))
+    routes: dict[str, dict[str, Any]] = {}
+    for name, samples in phases.items():
+        if not samples:
+            continue
+        ticks = Counter(round(ms / TICK_MS) for _, ms, _ in samples)
+        fine = {f"p{p}": percentile(ticks, p) for p in PERCENTILES}
+        span = max(t for t, _, _ in samples) - min(t for t, _, _ in samples)
+        routes[name] = {
+            "method": "POST", "count": len(samples),
+            "failures": sum(1 for _, _, status in samples if status != 201),
+            "rps": round(len(samples) / span, 1) if span > 0 else None,
+            "avg_ms": round(sum(ms for _, ms, _ in samples) / len(samples), 3),
+            **{f"p{p}_ms": fine[f"p{p}"] for p in PERCENTILES},
+            "max_ms": round(max(ms for _, ms, _ in samples), 3),
+            "fine_ms": fine,
+        }
+    return routes
 
 
 def write_summary(path: Path, summary: Mapping[str, Any]) -> None:
@@ -226,8 +271,14 @@ def format_table(summary: Mapping[str, Any]) -> str:
         lines.append("  added by the gateway: " + ", ".join(f"{p} {_cell(v)} ms" for p, v in added.items()))
     overload = summary.get("overload")
     if overload:
-        crit, flood = overload["critical"], overload["sheddable"]
-        lines.append(f"  critical p99: unloaded {_cell(crit['unloaded']['p99_ms'])} ms, under the flood "
+        crit, flood, probe = overload["critical"], overload["sheddable"], overload.get("probe")
+        if probe:
+            lines.append(f"  critical p99 (probe, its own process): unloaded "
+                         f"{_cell(probe['unloaded']['p99_ms'])} ms, under the flood "
+                         f"{_cell(probe['flood']['p99_ms'])} ms (x{_cell(probe['p99_ratio'])}); "
+                         f"{probe['answered_201']} of {probe['sent']} answered 201")
+        lines.append(f"  critical p99{' (Locust)' if probe else ''}: unloaded "
+                     f"{_cell(crit['unloaded']['p99_ms'])} ms, under the flood "
                      f"{_cell(crit['flood']['p99_ms'])} ms (x{_cell(crit['p99_ratio'])}); "
                      f"{crit['answered_201']} of {crit['sent']} answered 201")
         lines.append(f"  flood: {flood['sent']} sent, {flood['answered_2xx']} 2xx, {flood['shed_503']} shed "

@@ -5,7 +5,9 @@ The order is fixed: start and wait for each process (bounded: Redis 10 s, upstre
 30 s each), run Locust for the duration (it gets ``--run-time`` and ``--stop-timeout``; past
 duration + ``LOCUST_MARGIN_S`` the runner stops it) while reading the gateway's resident memory
 every ``RSS_SAMPLE_S``, fetch the upstream's record and the gateway's metrics, then stop
-everything it started, in reverse order, by PID (15 s grace each).
+everything it started, in reverse order, by PID (15 s grace each). The overload scenario also
+starts the probe (``loadtests/probe.py``: the critical trickle timed in a process of its own)
+just before Locust, for the same duration, and waits for it (bounded) once Locust is done.
 Whatever fails, the ``finally`` stops the children; a Redis given with ``--redis-url`` is only
 used, under a key prefix of the run's own, with records that expire in minutes.
 """
@@ -30,9 +32,13 @@ from typing import Any
 from loadtests import checks, report
 from loadtests.journal import Journal
 from loadtests.plan import (
+    CRITICAL_PACING_S,
+    CRITICAL_USERS,
     DIRECT_HELLO,
     ENV_PLAN,
     GATEWAY_HELLO,
+    PROBE_FLOOD,
+    PROBE_UNLOADED,
     SCENARIOS,
     Plan,
     Scenario,
@@ -51,6 +57,7 @@ EXIT_OK, EXIT_INVARIANT, EXIT_FAILED = 0, 1, 3
 REDIS_START_S, SERVER_START_S, STOP_GRACE_S = 10.0, 30.0, 15.0
 LOCUST_STOP_TIMEOUT_S = 5  # users get this long to finish their task at the end
 LOCUST_MARGIN_S = 40.0  # Locust's own start and report writing, beyond the duration
+PROBE_MARGIN_S = 30.0  # the probe's last requests (each bounded by its timeout) and its record
 RSS_SAMPLE_S = 0.5  # how often the gateway's resident memory is read while Locust runs
 
 
@@ -114,6 +121,8 @@ class _Run:
         self.settings: dict[str, Any] = {}
         self.gateway: Child | None = None
         self.rss: list[tuple[float, int]] = []  # (time.time(), bytes) of the gateway process
+        self.probe: Child | None = None
+        self.probe_path = options.out / "probe.json"
 
     def start_redis(self) -> str:
         if self.options.redis_url:
@@ -176,6 +185,9 @@ class _Run:
         servers = {c.name: c.cpu_seconds() for c in self.children}
         reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.monotonic()
+        if self.scenario.overload:
+            self._start_probe(plan)
+            servers["probe"] = 0.0
         child = Child("locust", command, self.logs, env=_env(**{ENV_PLAN: plan.to_env()}), cwd=ROOT)
         self.children.append(child)
         status = self._wait_sampling(child, o.duration_s + LOCUST_STOP_TIMEOUT_S + LOCUST_MARGIN_S)
@@ -188,6 +200,30 @@ class _Run:
             msg = f"locust exited with {status}: {child.stderr_tail()}"
             raise StartError(msg)
         return status
+
+    def _start_probe(self, plan: Plan) -> None:
+        """The critical trickle from a process of its own, as many clients and as paced as
+        Locust's critical users, for the run's duration."""
+        o = self.options
+        command = [sys.executable, "-m", "loadtests.probe", "--url", plan.gateway_url,
+                   "--seconds", str(o.duration_s), "--clients", str(CRITICAL_USERS),
+                   "--pacing", f"{CRITICAL_PACING_S:g}", "--seed", str(o.seed),
+                   "--out", str(self.probe_path)]
+        self.probe = Child("probe", command, self.logs, env=_env(), cwd=ROOT)
+        self.children.append(self.probe)
+        _say(f"probe: {CRITICAL_USERS} clients, one charge each every {CRITICAL_PACING_S:g} s "
+             f"(pid {self.probe.pid})")
+
+    def probe_record(self) -> dict[str, Any] | None:
+        """Wait (bounded) for the probe to finish and read what it recorded; None without one."""
+        if self.probe is None:
+            return None
+        status = self.probe.wait(PROBE_MARGIN_S)
+        if status != 0 or not self.probe_path.exists():
+            msg = f"the probe exited with {status}: {self.probe.stderr_tail()}"
+            raise StartError(msg)
+        record: dict[str, Any] = json.loads(self.probe_path.read_text())
+        return record
 
     def _wait_sampling(self, child: Child, timeout_s: float) -> int | None:
         """Wait for Locust as ``Child.wait`` does, reading the gateway's RSS every ``RSS_SAMPLE_S``
@@ -242,6 +278,7 @@ def run(options: Options) -> int:
                     api_keys=api_key_count(scenario, options.users),
                     baseline_s=baseline_seconds(scenario, options.duration_s))
         locust_status = state.run_locust(plan)
+        probe = state.probe_record()
         record = http_json(f"{upstream_url}/_record")
         metrics_status, metrics_text = http_get(f"{gateway_url}/_gateway/metrics", timeout_s=10.0)
     except StartError as exc:
@@ -253,7 +290,7 @@ def run(options: Options) -> int:
                                else Journal().to_dict())
     (options.out / "record.json").write_text(json.dumps(record))
     summary = _summary(state, plan, journal, record,
-                       metrics_text.decode() if metrics_status == 200 else "")
+                       metrics_text.decode() if metrics_status == 200 else "", probe=probe)
     summary["settings"]["locust_exit_status"] = locust_status
     summary["started_at"] = started.isoformat(timespec="seconds").replace("+00:00", "Z")
     summary["wall_s"] = round(time.monotonic() - t0, 1)
@@ -271,11 +308,17 @@ def run(options: Options) -> int:
 
 
 def _summary(state: _Run, plan: Plan, journal: dict[str, Any], record: dict[str, Any],
-             metrics_text: str) -> dict[str, Any]:
+             metrics_text: str, *, probe: dict[str, Any] | None = None) -> dict[str, Any]:
     o, scenario = state.options, state.scenario
     rows = report.read_stats_csv(o.out / "locust_stats.csv")
     routes = report.route_stats(rows, journal.get("latency"))
-    invariants = checks.check_requests(routes, scenario.routes)
+    flood_started = journal.get("marks", {}).get("flood_started")
+    expected = scenario.routes
+    if probe is not None:
+        probed = report.probe_routes(probe, flood_started)
+        routes.update(probed)
+        expected = (*expected, *probed)
+    invariants = checks.check_requests(routes, expected)
     summary: dict[str, Any] = {
         "scenario": scenario.name, "description": scenario.description, "ok": False,
         "out": str(o.out),
@@ -308,12 +351,13 @@ def _summary(state: _Run, plan: Plan, journal: dict[str, Any], record: dict[str,
                                "keys_executed": len(record.get("executions", {})),
                                "upstream_charges": record.get("charges"),
                                "upstream_unkeyed": record.get("unkeyed")}
-    flood_started = journal.get("marks", {}).get("flood_started")
     summary["memory"] = report.memory_summary(state.rss, flood_started if scenario.overload else None)
     if scenario.overload:
+        probe_keys = probe["keys"] if probe is not None else None
         summary["overload"] = report.overload_summary(routes, journal, record, baseline_s=plan.baseline_s,
-                                                      memory=summary["memory"])
-        invariants += checks.check_overload(summary["overload"], journal, record, summary["memory"])
+                                                      memory=summary["memory"], probe_keys=probe_keys)
+        invariants += checks.check_overload(summary["overload"], journal, record, summary["memory"],
+                                            probe_keys)
     summary["errors"] = {
         "failures": summary["totals"]["failures"],
         "failures_csv": _csv_rows(o.out / "locust_failures.csv"),
@@ -337,6 +381,8 @@ def _notes(routes: dict[str, Any], journal: dict[str, Any], locust_log: str) -> 
         notes.append("Locust warned that its process used over 90% of a CPU: its own scheduling "
                      "adds to every response time it measures, on both routes alike")
     for name, route in routes.items():
+        if name in (PROBE_UNLOADED, PROBE_FLOOD):
+            continue  # the probe's own record, not Locust's
         counted = sum(journal.get("latency", {}).get(name, {}).values())
         if counted != route["count"]:
             notes.append(f"{name}: Locust's CSV counts {route['count']} requests, the journal "

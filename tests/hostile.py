@@ -207,3 +207,44 @@ def _fields(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
         name, _, value = line.partition(b":")
         fields.append((name.strip().lower(), value.strip()))
     return fields
+
+
+class AnswerReader:
+    """Responses off one socket in order, for pipelined requests: each is read whole (its head
+    and Content-Length body) and whatever followed it stays for the next."""
+
+    def __init__(self, sock: socket.socket, timeout_s: float = READ_S) -> None:
+        self._sock = sock
+        self._buf = b""
+        sock.settimeout(timeout_s)
+
+    def next(self, *, head_only: bool = False) -> Answer:
+        """The next response (``head_only``: the answer to a HEAD, which has no body);
+        ``Answer(None, closed=True)`` when the connection closed first."""
+        got = _read_head(self._sock, self._buf)
+        if isinstance(got, Answer):
+            self._buf = b""
+            return got
+        head, rest = got
+        status_line, *lines = head.split(b"\r\n")
+        answer = Answer(int(status_line.split(b" ")[1]), _fields(lines))
+        length = 0 if head_only else int(answer.header(b"content-length") or 0)
+        while len(rest) < length:
+            part = self._sock.recv(65536)
+            if not part:
+                break
+            rest += part
+        answer.body, self._buf = rest[:length], rest[length:]
+        return answer
+
+    def closed(self, wait_s: float = 2.0) -> bool:
+        """Whether the server closes the connection within ``wait_s`` with nothing more to say."""
+        if self._buf:
+            return False
+        self._sock.settimeout(wait_s)
+        try:
+            return self._sock.recv(1) == b""
+        except TimeoutError:
+            return False
+        except OSError:
+            return True

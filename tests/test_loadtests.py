@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -37,6 +38,8 @@ from loadtests.plan import (
     CRITICAL_UNLOADED,
     CRITICAL_USERS,
     FLOOD_WORK,
+    PROBE_FLOOD,
+    PROBE_UNLOADED,
     SCENARIOS,
     baseline_seconds,
     gateway_config,
@@ -49,10 +52,11 @@ from loadtests.report import (
     gateway_counters,
     memory_summary,
     overload_summary,
+    probe_routes,
     route_stats,
 )
 from tests.redis_process import redis_server_binary
-from tests.serve_process import REPO_ROOT, child_env
+from tests.serve_process import REPO_ROOT, ServerProcess, child_env
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RUN_MARGIN_S = 150.0  # the runner's own bounds: startup waits, Locust's margin, stops
@@ -356,15 +360,35 @@ class _Checks(dict[str, Any]):
 
 
 def _overload_checks(journal: dict[str, Any], record: dict[str, Any],
-                     rss_mib: list[float] | None = None) -> _Checks:
+                     rss_mib: list[float] | None = None, probe: dict[str, Any] | None = None) -> _Checks:
     latency = journal["latency"]
     routes = {name: {"count": sum(h.values()), "failures": 0, "rps": 1.0,
                      "fine_ms": {f"p{p}": percentile(h, p) for p in (50, 95, 99)}}
               for name, h in latency.items()}
+    if probe is not None:
+        routes.update(probe_routes(probe, journal["marks"]["flood_started"]))
     rss = rss_mib or [50.0] * 10 + [60.0] * 20
     memory = memory_summary([(100.0 + i, int(m * MIB)) for i, m in enumerate(rss)], since=110.0)
-    overload = overload_summary(routes, journal, record, baseline_s=10, memory=memory)
-    return _Checks({i.name: i for i in check_overload(overload, journal, record, memory)})
+    keys = probe["keys"] if probe is not None else None
+    overload = overload_summary(routes, journal, record, baseline_s=10, memory=memory, probe_keys=keys)
+    return _Checks({i.name: i for i in check_overload(overload, journal, record, memory, keys)})
+
+
+def _probe(record: dict[str, Any], *, unloaded_ms: float = 4.0, flood_ms: float = 6.0,
+           statuses: dict[int, int] | None = None) -> dict[str, Any]:
+    """A probe's record of 50 charges before the flood (t < 110) and 50 after, each run once by
+    the upstream (``record`` is updated), except those given another status in ``statuses``."""
+    samples, keys = [], {}
+    odd = statuses or {}
+    for i in range(100):
+        key, status = f"probe-{i}", odd.get(i, 201)
+        sent_at = 100.0 + i * 0.1 if i < 50 else 110.0 + (i - 50) * 0.1
+        samples.append([sent_at, unloaded_ms if i < 50 else flood_ms, status, key])
+        keys[key] = status
+        if status == 201:
+            record["executions"][key] = 1
+            record["charges"] += 1
+    return {"samples": samples, "keys": keys, "clients": 5, "pacing_s": 0.1}
 
 
 def test_overload_checks_pass_for_a_served_trickle_a_clean_shed_and_flat_memory() -> None:
@@ -409,6 +433,56 @@ def test_overload_checks_fail_on_flood_timeouts_or_a_503_that_is_not_a_shed() ->
     assert not shapes.ok
     assert "2 other answers" in shapes.detail
     assert "upstream down" in shapes.detail
+
+
+def test_probe_routes_split_the_samples_at_the_floods_start() -> None:
+    """The probe's samples before the flood mark are the unloaded route, the rest the flood;
+    percentiles at 10 us, a non-201 counted as a failure."""
+    probe = {"samples": [[99.0, 1.0, 201, "a"], [99.5, 3.0, 201, "b"], [110.0, 9.0, 201, "c"],
+                         [111.0, 20.0, 0, "d"]], "keys": {}}
+    routes = probe_routes(probe, 110.0)
+    assert routes[PROBE_UNLOADED]["count"] == 2
+    assert routes[PROBE_UNLOADED]["fine_ms"] == {"p50": 1.0, "p95": 3.0, "p99": 3.0}
+    assert routes[PROBE_UNLOADED]["failures"] == 0
+    assert routes[PROBE_FLOOD]["count"] == 2
+    assert routes[PROBE_FLOOD]["failures"] == 1
+    assert routes[PROBE_FLOOD]["max_ms"] == 20.0
+    assert list(probe_routes(probe, None)) == [PROBE_UNLOADED]
+
+
+def test_overload_checks_judge_the_latency_on_the_probe_when_it_ran() -> None:
+    """With the probe, its p99 ratio is the one bounded: Locust's slow one is reported beside it,
+    a slow probe fails; the probe's charges count in the upstream check."""
+    journal, record = _overload_journal(unloaded_ms=5.0, flood_ms=50.0)  # Locust saw x10
+    probe = _probe(record)
+    results = _overload_checks(journal, record, probe=probe)
+    assert all(i.ok for i in results.values()), list(results.values())
+    assert "x1.5" in results["critical: p99"].detail
+    assert "as Locust's critical users saw it: x10.0" in results["critical: p99"].detail
+    assert "upstream charges 300, 201s 300" in results["critical: each 201"].detail
+    journal, record = _overload_journal()
+    slow = _overload_checks(journal, record, probe=_probe(record, flood_ms=4.0 * P99_RATIO_MAX + 0.1))
+    assert not slow["critical: p99"].ok
+
+
+def test_overload_checks_fail_on_a_probe_charge_refused_lost_or_run_twice() -> None:
+    """A probe charge answered 503 or not at all fails the answers; one the upstream ran twice,
+    or an execution of a key nobody sent, fails the record check."""
+    journal, record = _overload_journal()
+    results = _overload_checks(journal, record, probe=_probe(record, statuses={3: 503, 60: 0}))
+    refused = results["critical: every request"]
+    assert not refused.ok
+    assert "probe: 1 refused, 1 errors" in refused.detail
+    journal, record = _overload_journal()
+    probe = _probe(record)
+    record["executions"]["probe-7"] = 2
+    assert not _overload_checks(journal, record, probe=probe)["critical: each 201"].ok
+    journal, record = _overload_journal()
+    probe = _probe(record)
+    record["executions"]["probe-stranger"] = 1
+    record["charges"] += 1
+    assert "unknown keys: probe-stranger" in _overload_checks(journal, record, probe=probe)[
+        "critical: each 201"].detail
 
 
 def test_overload_checks_fail_on_memory_that_keeps_growing() -> None:
@@ -514,6 +588,59 @@ def test_ratelimit_run_holds_every_key_to_its_rate(tmp_path: Path) -> None:
     assert all(k["denied"] > 0 and k["allowed"] <= k["bound"] for k in per_key.values())
 
 
+class _LoadtestsUpstream(ServerProcess):
+    """``loadtests/upstream.py`` under uvicorn, as the runner starts it."""
+
+    name = "loadtests-upstream"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "uvicorn", "loadtests.upstream:create_app", "--factory",
+                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+
+    def ready_url(self) -> str:
+        return f"{self.url}/hello"
+
+
+def test_the_probe_paces_its_charges_and_records_each(tmp_path: Path) -> None:
+    """The probe against a real upstream: each client one charge per pacing period, every one a
+    201 with its latency, and its keys exactly the ones the upstream ran, once each."""
+    upstream = _LoadtestsUpstream(tmp_path).start()
+    try:
+        out = tmp_path / "probe.json"
+        result = subprocess.run(
+            [sys.executable, "-m", "loadtests.probe", "--url", upstream.url, "--seconds", "1.5",
+             "--clients", "2", "--pacing", "0.1", "--out", str(out)],
+            capture_output=True, text=True, cwd=REPO_ROOT, env=child_env(), check=False, timeout=60)
+        assert result.returncode == 0, result.stderr
+        with upstream.client() as client:
+            ran = client.get("/_record").json()["executions"]
+    finally:
+        upstream.stop()
+    probe = json.loads(out.read_text())
+    samples = probe["samples"]
+    assert 20 <= len(samples) <= 32
+    assert {status for _, _, status, _ in samples} == {201}
+    assert all(0 < ms < 1000 for _, ms, _, _ in samples)
+    assert ran == dict.fromkeys(probe["keys"], 1)
+    assert {key for *_, key in samples} == set(probe["keys"])
+    for client in ("lt-probe-0-", "lt-probe-1-"):
+        sent = sorted(t for t, _, _, key in samples if key.startswith(client))
+        gaps = [b - a for a, b in itertools.pairwise(sent)]
+        assert gaps
+        assert min(gaps) >= 0.09, gaps  # paced, never faster
+
+
+def test_the_probe_sends_only_to_the_loopback(tmp_path: Path) -> None:
+    """Any target but http://127.0.0.1:PORT is refused before a request is made."""
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtests.probe", "--url", "http://example.com:80", "--seconds", "1",
+         "--out", str(tmp_path / "probe.json")],
+        capture_output=True, text=True, cwd=REPO_ROOT, env=child_env(), check=False, timeout=60)
+    assert result.returncode == 2
+    assert "127.0.0.1" in result.stderr
+    assert not (tmp_path / "probe.json").exists()
+
+
 @pytest.mark.slow
 def test_overload_run_serves_every_critical_charge_and_sheds_the_flood(tmp_path: Path) -> None:
     """overload: both phases run, every critical charge is a 201 the upstream ran once, the flood
@@ -521,10 +648,13 @@ def test_overload_run_serves_every_critical_charge_and_sheds_the_flood(tmp_path:
     summary = _run(tmp_path, "overload", "8s", users=40, may_fail=("critical: p99",))
     overload = summary["overload"]
     assert overload["baseline_s"] == 2
-    critical = overload["critical"]
+    critical, probe = overload["critical"], overload["probe"]
     assert critical["unloaded"]["count"] > 0
     assert critical["flood"]["count"] > 0
-    assert critical["answered_201"] == critical["upstream_charges"] > 0
+    assert probe["unloaded"]["count"] > 0
+    assert probe["flood"]["count"] > 0
+    assert probe["answered_201"] == probe["sent"] > 0
+    assert critical["answered_201"] + probe["answered_201"] == critical["upstream_charges"]
     flood = overload["sheddable"]
     assert flood["shed_503"] > 0
     assert flood["errors"] == 0
