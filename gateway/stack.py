@@ -101,6 +101,8 @@ class GatewayMiddleware(StackEntry):
             metrics=self.metrics,
             identity_resolver=resolver,
             renderer=renderer,
+            # a claimed request: its take made with the claim, the timer would only stamp it
+            direct_app=app,
         )
         inner: ASGIApp = self._idempotency
         claim_methods = frozenset(self.config.idempotency.methods)

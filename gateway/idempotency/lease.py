@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Literal
+from collections.abc import Coroutine
+from typing import Any, Literal
 
 from gateway.errors import StoreError
 from gateway.renewals import Renewals
@@ -89,13 +90,13 @@ class Lease:
             self._renewing.cancel()
             self._renewing = None
 
-    async def complete(self, response: StoredResponse, within_s: float) -> Settled:
+    def complete(self, response: StoredResponse, within_s: float) -> Coroutine[Any, Any, Settled]:
         """Store ``response`` as the outcome, trying for at most ``within_s``."""
-        return await self._settle("complete", response, within_s)
+        return self._settle("complete", response, within_s)
 
-    async def release(self, within_s: float) -> Settled:
+    def release(self, within_s: float) -> Coroutine[Any, Any, Settled]:
         """Free the key (the request never reached the upstream), trying for at most ``within_s``."""
-        return await self._settle("release", None, within_s)
+        return self._settle("release", None, within_s)
 
     async def _settle(self, action: str, response: StoredResponse | None, within_s: float) -> Settled:
         """One settle, resent with backoff while the store does not answer (a resend by the same

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from random import getrandbits
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -164,6 +165,9 @@ class IdempotencyMiddleware:
             ``[identity]`` and ``[store]`` from, instead of the keywords above.
         renderer: how the layer's own answers (and stored outcome-unknown records) look
             (``gateway/problem.py``); from ``[errors] format`` when None.
+        direct_app: ``GatewayMiddleware`` passes the app itself (``app`` being its timer): a
+            claimed request, whose rate-limit take this layer has made, is handed straight to
+            it, noted in the request's context as handed to the app, a frame shorter.
     """
 
     def __init__(
@@ -177,12 +181,14 @@ class IdempotencyMiddleware:
         identity_resolver: IdentityResolver | None = None,
         config: ConfigSetting = None,
         renderer: Renderer | None = None,
+        direct_app: ASGIApp | None = None,
     ) -> None:
         config_, self._store, self._owns_store = resolve(
             config=config, idempotency=idempotency, identity=identity, store=store
         )
         config = config_
         self.app = app
+        self._direct_app = direct_app
         settings = config.idempotency
         self._header_display = settings.header
         self._header = settings.header.lower().encode("latin-1")
@@ -473,8 +479,13 @@ class IdempotencyMiddleware:
             return outcome == "stored"
 
         capture = Capture(send, limit, settle, http_version=scope.get("http_version", "1.1"))
+        ctx = context_of(scope)
+        app = self.app
+        if self._direct_app is not None and ctx is not None:
+            app = self._direct_app
+            ctx.app_start = time.perf_counter()
         try:
-            await self.app(scope, receive, capture.send)
+            await app(scope, receive, capture.send)
         except BaseException as exc:
             # a cut-off response made the app's send raise: the server closes it unfinished
             if not (capture.cut_off and isinstance(exc, Exception)):
