@@ -12,8 +12,9 @@ import redis
 import redis.asyncio
 import redis.exceptions
 
+from gateway.config import IdempotencyConfig
 from gateway.errors import StoreScriptError, StoreTimeout, StoreUnanswered, StoreUnavailable
-from gateway.store import BucketSpec, TakePlan
+from gateway.store import BucketSpec, LeaseTerms, TakePlan
 from gateway.store.guard import new_breaker
 from gateway.store.pipeline import ReplyLost
 from gateway.store.redis import RedisStore
@@ -220,3 +221,24 @@ async def test_calls_answered_noscript_are_sent_again_after_a_load_on_the_same_c
     assert store._lane._current is conn  # type: ignore[union-attr]
     assert conn is not None
     assert conn.broken is None
+
+
+async def test_remembered_admission_parts_frame_each_request_whole_and_stay_bounded(
+        store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client's take+claim reuses its framed buckets and arguments around a new record,
+    fingerprint and owner each time: every call charges its own client and claims its own
+    record, and no more than TAKE_FRAMES_KEPT of them are kept."""
+    monkeypatch.setattr("gateway.store.redis.TAKE_FRAMES_KEPT", 3)
+    terms = LeaseTerms.from_config(IdempotencyConfig())
+    for round_ in range(2):
+        for i in range(6):
+            decision, claim = await store.ratelimit_take_claim(
+                PLAN, [f"a{i}"], f"rec-{round_}-{i}", b"fp-%d" % i, b"owner-%d" % i, terms=terms)
+            assert decision.buckets[0].remaining == 999 - round_
+            assert claim is not None
+            assert claim.outcome == "new"
+            assert len(store._take_claim_frames) <= 3
+        again = await store.ratelimit_take_claim(PLAN, ["other"], f"rec-{round_}-5", b"fp-5", b"owner-x",
+                                                 terms=terms)
+        assert again[1] is not None
+        assert again[1].outcome == "in_flight"  # the record named by this call, claimed above

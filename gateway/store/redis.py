@@ -52,7 +52,7 @@ from gateway.store.layout import (
 )
 from gateway.store.notify import RecordNotices
 from gateway.store.pipeline import Pipeline
-from gateway.store.resp import ScriptCall, bulk, command
+from gateway.store.resp import ScriptCall, bulk, bulks, command
 from gateway.store.scripted import ScriptStoreBase
 
 if TYPE_CHECKING:
@@ -208,6 +208,7 @@ class RedisStore(ScriptStoreBase):
         self._bounded = pipelined  # the pipeline bounds every call itself, cheaper than the guard
         self._notices = RecordNotices(client, timeout_s)
         self._take_frames: dict[tuple[object, ...], bytes] = {}
+        self._take_claim_frames: dict[tuple[object, ...], tuple[bytes, bytes, bytes]] = {}
         self._scripts = (self._take, self._claim, self._complete, self._release, self._renew,
                          self._take_claim, self._acquire, self._give_back, self._slot_renew,
                          self._take_acquire)
@@ -352,12 +353,30 @@ class RedisStore(ScriptStoreBase):
         self, plan: TakePlan, tags: Sequence[str], record: str, fingerprint: bytes, owner: bytes, *,
         terms: LeaseTerms,
     ) -> Coroutine[Any, Any, tuple[RateDecision, Claim | None]]:
-        keys = self._keys.buckets(tags, plan.names)
-        keys.append(self._keys.record(record))
-        args = b"".join((bulk(b"%d" % len(plan.names)), _NO_OFFSET, plan.argv_resp, bulk(fingerprint),
-                         bulk(owner), terms.claim_argv, plan.mask_resp))
-        packed = self._take_claim.evalsha(keys, args, 7 + len(plan.argv) + plan.mask_args)
+        # what a client's admissions share (the buckets' keys, the plan's arguments) is framed
+        # once while it is remembered; the record, fingerprint and owner are framed each time
+        frames = self._take_claim_frames
+        key = (plan, terms.claim_argv, *tags)
+        framed = frames.get(key)
+        if framed is None:
+            if len(frames) >= TAKE_FRAMES_KEPT:
+                frames.clear()  # bounded: a flood of new clients only costs the framing
+            framed = frames[key] = self._take_claim_parts(plan, tags, terms)
+        head, middle, tail = framed
+        packed = b"".join((head, bulk(self._keys.record(record)), middle, bulk(fingerprint), bulk(owner),
+                           tail))
         return self._run(self._take_claim, packed, admission_from_reply)
+
+    def _take_claim_parts(
+        self, plan: TakePlan, tags: Sequence[str], terms: LeaseTerms
+    ) -> tuple[bytes, bytes, bytes]:
+        """``ratelimit_take_claim``'s command in the parts a client's admissions share: up to
+        the record's key (the EVALSHA head and the buckets' keys), between it and the
+        fingerprint (n, offset, the buckets' arguments), and after the owner."""
+        keys = self._keys.buckets(tags, plan.names)
+        head = self._take_claim.head(len(keys) + 1, 7 + len(plan.argv) + plan.mask_args) + bulks(keys)
+        middle = bulk(b"%d" % len(plan.names)) + _NO_OFFSET + plan.argv_resp
+        return head, middle, terms.claim_argv + plan.mask_resp
 
     def idempotency_complete(
         self, record: str, owner: bytes, response: StoredResponse, terms: LeaseTerms

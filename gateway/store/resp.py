@@ -46,10 +46,15 @@ class ScriptCall:
 
     def evalsha(self, keys: Sequence[bytes], args: bytes, nargs: int) -> bytes:
         """``EVALSHA`` with ``keys`` and ``args`` (already framed, ``nargs`` of them)."""
-        shape = (len(keys), nargs)
+        return self.head(len(keys), nargs) + b"".join(b"$%d\r\n%b\r\n" % (len(k), k) for k in keys) + args
+
+    def head(self, nkeys: int, nargs: int) -> bytes:
+        """What comes before the keys of an ``EVALSHA`` with ``nkeys`` keys and ``nargs``
+        arguments: the array's length, the command, the SHA1 and the key count."""
+        shape = (nkeys, nargs)
         head = self._heads.get(shape)
         if head is None:
             # bounded: one per (key count, argument count) a caller ever uses
             head = self._heads[shape] = b"*%d\r\n%b" % (
-                3 + len(keys) + nargs, bulks((b"EVALSHA", self.sha, len(keys))))
-        return head + b"".join(b"$%d\r\n%b\r\n" % (len(k), k) for k in keys) + args
+                3 + nkeys + nargs, bulks((b"EVALSHA", self.sha, nkeys)))
+        return head
