@@ -195,9 +195,10 @@ class Metrics:
         """The gauge of the requests holding a slot of one concurrency limit here."""
         return self._concurrency_in_flight.labels(limit=limit)
 
-    def shed(self, shedder: str, priority: str, decision: str) -> Counter:
-        """The counter of one shedder's decisions of one kind for one priority class."""
-        return self._shed.labels(shedder=shedder, priority=priority, decision=decision)
+    def shed(self, shedder: str, priority: str, decision: str) -> CounterTally:
+        """The counter of one shedder's decisions of one kind for one priority class (a tally:
+        under a flood most requests are shed, and each one counts)."""
+        return self._bound(self._shed, shedder=shedder, priority=priority, decision=decision)
 
     def shed_admitting(self, priority: str) -> Gauge:
         """The gauge of the share of one class the local shedder admits (set to 1 here)."""

@@ -56,9 +56,10 @@ from gateway.slots import SlotHolding, SlotKeeper
 from gateway.store import SlotPlan, Store
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter, Gauge
+    from prometheus_client import Gauge
 
     from gateway.metrics import Metrics
+    from gateway.tallies import CounterTally
 
 __all__ = ["CALM", "DRAWN_SCOPE_KEY", "LET_BACK_STEP", "LOAD_SHED", "SHED_LOG_INTERVAL_S", "TICK_S",
            "LoadSheddingMiddleware", "LocalShedder", "PriorityClasses", "shed_answer"]
@@ -312,7 +313,7 @@ class LoadSheddingMiddleware:
         self.classes = PriorityClasses(config.priorities, config.shedding.default_class, config.identity)
         names = self.classes.names
         local, fleet = config.shedding.local, config.shedding.fleet
-        self._shed: dict[tuple[str, str], tuple[Counter, ...]] = {}
+        self._shed: dict[tuple[str, str], tuple[CounterTally, ...]] = {}
         admitting: tuple[Gauge, ...] = ()
         if metrics is not None:
             for shedder in ("local", "fleet"):

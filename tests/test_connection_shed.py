@@ -386,8 +386,10 @@ def test_each_worker_sheds_with_its_own_shedder(workdir: Path, upstream: Upstrea
             with sock:
                 sock.sendall(_request("GET", "/echo"))
                 _assert_shed(answers.next())
-        after = gw.metrics().value("gateway_shed_total", **shed)
-        assert after - before == 6
+        # another worker's counts reach the multiprocess files within a second (tallies.py)
+        wait_for(lambda: gw.metrics().value("gateway_shed_total", **shed) - before >= 6 or None,
+                 "both workers' sheds counted", deadline_s=5)
+        assert gw.metrics().value("gateway_shed_total", **shed) - before == 6
     finally:
         with httpx.Client(base_url=upstream.url, trust_env=False, timeout=10) as client:
             for sock, hold in holds:
