@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from typing import Any
 
+from gateway._kept import Kept
 from gateway.bearer import JwtVerifier, bearer_token, load_keys
 from gateway.config import IdentityConfig, IdentitySource, SourceFunction
 from gateway.context import HeaderValues
@@ -129,7 +130,7 @@ class IdentityResolver:
         self._headers = frozenset(wanted)
         #: whether a source is an async callable: then ``tags_async`` must be used
         self.awaits = any(s.awaits for s in self._sources)
-        self._tags: dict[bytes, str] = {}  # key material -> tag, bounded by TAGS_KEPT
+        self._tags: Kept[bytes, str] = Kept(TAGS_KEPT)  # key material -> tag
 
     def tags(
         self, scope: Mapping[str, Any], keys: Iterable[str] | None = None, *,
@@ -200,9 +201,7 @@ class IdentityResolver:
         """``tag(material)``, remembered for the values seen lately."""
         known = self._tags.get(material)
         if known is None:
-            if len(self._tags) >= TAGS_KEPT:
-                self._tags.clear()
-            known = self._tags[material] = tag(material)
+            known = self._tags.keep(material, tag(material))
         return known
 
     def _identity_material(

@@ -35,6 +35,7 @@ from collections.abc import Iterable
 from urllib.parse import quote, unquote
 
 from gateway._asgi import Headers, Scope, Send
+from gateway._kept import Kept
 from gateway._paths import normal_target
 from gateway.config import Config, IdentitySource
 from gateway.context import HeaderValues, RequestContext
@@ -109,8 +110,8 @@ class RequestCheck:
         self._reject_non_normal = config.request.path_normalization == "reject"
         # the normal paths and valid hosts seen lately: most requests repeat them, and a set
         # lookup costs a tenth of the regular-expression check (bounded by REMEMBERED each)
-        self._normal_paths: set[bytes] = set()
-        self._hosts: set[bytes] = set()
+        self._normal_paths: Kept[bytes, bool] = Kept(REMEMBERED)
+        self._hosts: Kept[bytes, bool] = Kept(REMEMBERED)
         self._render = renderer_for(config.errors.format)
         self._refused = metrics.refused
 
@@ -159,9 +160,7 @@ class RequestCheck:
             return None
         target = normal_target(raw_path)
         if target is raw_path and len(raw_path) <= _REMEMBERED_LEN:
-            if len(normal) >= REMEMBERED:
-                normal.clear()  # bounded: many distinct paths only cost their check
-            normal.add(raw_path)
+            normal.keep(raw_path, True)
         if target is None:
             return ("path", 400, "ambiguous-path", "the path holds a '\\' (raw or encoded), an encoded "
                     "NUL or a malformed escape: servers disagree on what it names")
@@ -243,7 +242,5 @@ class RequestCheck:
             if not _HOST_VALUE.fullmatch(host):
                 return "host", 400, "the Host header is not host[:port]"
             if len(host) <= _REMEMBERED_LEN:
-                if len(self._hosts) >= REMEMBERED:
-                    self._hosts.clear()
-                self._hosts.add(host)
+                self._hosts.keep(host, True)
         return None

@@ -536,11 +536,11 @@ class TestForwardedForProperty:
                 assert got != ip_tag(h)
 
 
-def test_remembered_tags_are_the_tags_and_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_remembered_tags_are_the_tags_and_stay_bounded() -> None:
     """A resolver remembers the tags of recent key values (no hash per request), each the very tag
     of its value, and never more than TAGS_KEPT of them, however many clients come."""
-    monkeypatch.setattr("gateway.identity.TAGS_KEPT", 4)
     r = resolver(("identity", "ip"))
+    r._tags.limit = 4
     for round_ in range(2):
         for i in range(10):
             key = b"key-%d" % i

@@ -197,11 +197,10 @@ async def test_replies_waiting_in_the_socket_when_a_stalled_loop_resumes_are_not
         await s.close()
 
 
-async def test_remembered_take_commands_reach_their_own_buckets_and_stay_bounded(
-        store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_remembered_take_commands_reach_their_own_buckets_and_stay_bounded(store: RedisStore) -> None:
     """A client's take is framed once and then reused: each reused command still charges its own
     client's bucket, and no more than TAKE_FRAMES_KEPT commands are kept, however many clients."""
-    monkeypatch.setattr("gateway.store.redis.TAKE_FRAMES_KEPT", 3)
+    store._take_frames.limit = 3
     for round_ in range(3):
         decisions = [await store.ratelimit_take(PLAN, [f"c{i}"]) for i in range(8)]
         assert [d.buckets[0].remaining for d in decisions] == [999 - round_] * 8
@@ -224,11 +223,11 @@ async def test_calls_answered_noscript_are_sent_again_after_a_load_on_the_same_c
 
 
 async def test_remembered_admission_parts_frame_each_request_whole_and_stay_bounded(
-        store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        store: RedisStore) -> None:
     """A client's take+claim reuses its framed buckets and arguments around a new record,
     fingerprint and owner each time: every call charges its own client and claims its own
     record, and no more than TAKE_FRAMES_KEPT of them are kept."""
-    monkeypatch.setattr("gateway.store.redis.TAKE_FRAMES_KEPT", 3)
+    store._take_claim_frames.limit = 3
     terms = LeaseTerms.from_config(IdempotencyConfig())
     for round_ in range(2):
         for i in range(6):

@@ -261,14 +261,13 @@ async def test_a_refusal_echoes_the_clients_id_sent_after_the_ambiguity() -> Non
     assert app.calls == 0
 
 
-async def test_remembered_paths_and_hosts_stay_bounded_and_decide_as_the_check(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_remembered_paths_and_hosts_stay_bounded_and_decide_as_the_check() -> None:
     """Normal paths and valid hosts are remembered (no re-check), at most REMEMBERED of each; a
     path that needs work and a bad Host are still rewritten and refused among them."""
-    monkeypatch.setattr("gateway.request_check.REMEMBERED", 3)
     app = CountingApp()
     gw = _gateway(app)
     check = gw._check
+    check._normal_paths.limit = check._hosts.limit = 3
     for round_ in range(2):
         for i in range(5):
             host = b"h%d.example:80" % i

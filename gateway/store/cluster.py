@@ -38,6 +38,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import ClusterError
 
+from gateway._kept import Kept
 from gateway.errors import StoreError
 from gateway.store.base import (
     BucketState,
@@ -116,7 +117,7 @@ class ClusterStore(ScriptStoreBase):
         del max_connections  # one connection per primary
         self._client = client
         self._router = ClusterRouter(client, timeout_s=timeout_s)
-        self._take_frames: dict[tuple[object, ...], _FramedTake] = {}
+        self._take_frames: Kept[tuple[object, ...], _FramedTake] = Kept(TAKE_FRAMES_KEPT)
         self._refund = script_call("ratelimit_refund")
         self._scripts = (self._take, self._refund, self._claim, self._complete, self._release,
                          self._renew, self._take_claim, self._acquire, self._give_back, self._slot_renew,
@@ -169,13 +170,10 @@ class ClusterStore(ScriptStoreBase):
             take = self._take_framed(plan, tags, bulk(b"%d" % clock_offset_ms))
         else:
             # a client's take is the same commands every time: framed once while remembered
-            frames = self._take_frames
             key = (plan, *tags)
-            cached = frames.get(key)
+            cached = self._take_frames.get(key)
             if cached is None:
-                if len(frames) >= TAKE_FRAMES_KEPT:
-                    frames.clear()  # bounded: a flood of new clients only costs the framing
-                cached = frames[key] = self._take_framed(plan, tags, _NO_OFFSET)
+                cached = self._take_frames.keep(key, self._take_framed(plan, tags, _NO_OFFSET))
             take = cached
         if len(take.sends) == 1:
             slot, packed = take.sends[0]

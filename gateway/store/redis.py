@@ -32,6 +32,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
+from gateway._kept import Kept
 from gateway.store.base import (
     Claim,
     LeaseTerms,
@@ -207,8 +208,8 @@ class RedisStore(ScriptStoreBase):
         )
         self._bounded = pipelined  # the pipeline bounds every call itself, cheaper than the guard
         self._notices = RecordNotices(client, timeout_s)
-        self._take_frames: dict[tuple[object, ...], bytes] = {}
-        self._take_claim_frames: dict[tuple[object, ...], tuple[bytes, bytes, bytes]] = {}
+        self._take_frames: Kept[tuple[object, ...], bytes] = Kept(TAKE_FRAMES_KEPT)
+        self._take_claim_frames: Kept[tuple[object, ...], tuple[bytes, bytes, bytes]] = Kept(TAKE_FRAMES_KEPT)
         self._scripts = (self._take, self._claim, self._complete, self._release, self._renew,
                          self._take_claim, self._acquire, self._give_back, self._slot_renew,
                          self._take_acquire)
@@ -289,13 +290,10 @@ class RedisStore(ScriptStoreBase):
             packed = self._take_command(plan, tags, bulk(b"%d" % clock_offset_ms))
             return self._run(self._take, packed, decision_from_reply)
         # a client's take is the same command every time: framed once while it is remembered
-        frames = self._take_frames
         key = (plan, *tags)
-        framed = frames.get(key)
+        framed = self._take_frames.get(key)
         if framed is None:
-            if len(frames) >= TAKE_FRAMES_KEPT:
-                frames.clear()  # bounded: a flood of new clients only costs the framing
-            framed = frames[key] = self._take_command(plan, tags, _NO_OFFSET)
+            framed = self._take_frames.keep(key, self._take_command(plan, tags, _NO_OFFSET))
         return self._run(self._take, framed, decision_from_reply)
 
     def _take_command(self, plan: TakePlan, tags: Sequence[str], offset: bytes) -> bytes:
@@ -355,13 +353,10 @@ class RedisStore(ScriptStoreBase):
     ) -> Coroutine[Any, Any, tuple[RateDecision, Claim | None]]:
         # what a client's admissions share (the buckets' keys, the plan's arguments) is framed
         # once while it is remembered; the record, fingerprint and owner are framed each time
-        frames = self._take_claim_frames
         key = (plan, terms.claim_argv, *tags)
-        framed = frames.get(key)
+        framed = self._take_claim_frames.get(key)
         if framed is None:
-            if len(frames) >= TAKE_FRAMES_KEPT:
-                frames.clear()  # bounded: a flood of new clients only costs the framing
-            framed = frames[key] = self._take_claim_parts(plan, tags, terms)
+            framed = self._take_claim_frames.keep(key, self._take_claim_parts(plan, tags, terms))
         head, middle, tail = framed
         packed = b"".join((head, bulk(self._keys.record(record)), middle, bulk(fingerprint), bulk(owner),
                            tail))
