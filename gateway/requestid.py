@@ -14,7 +14,8 @@ from random import getrandbits
 from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["RequestIdMiddleware", "bind_request_id", "current_request_id", "current_request_line",
-           "new_request_id", "take_request_id", "unbind_request_id", "valid_request_id", "with_request_id"]
+           "new_request_id", "sending_request_id", "take_request_id", "unbind_request_id", "valid_request_id",
+           "with_request_id"]
 
 HEADER = b"x-request-id"
 _HEADER_LEN = len(HEADER)
@@ -92,6 +93,17 @@ def with_request_id(headers: Iterable[tuple[bytes, bytes]], rid: bytes) -> list[
     return out
 
 
+def sending_request_id(send: Send, rid: bytes) -> Send:
+    """``send`` with exactly one ``X-Request-Id`` (``rid``) on the response start."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = with_request_id(message.get("headers", ()), rid)
+        await send(message)
+
+    return sending
+
+
 class RequestIdMiddleware:
     """Pure ASGI: every HTTP response carries ``X-Request-Id``, the same one sent downstream."""
 
@@ -103,14 +115,8 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         rid, scope = take_request_id(scope)
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = with_request_id(message.get("headers", ()), rid)
-            await send(message)
-
         token = bind_request_id(rid, scope)
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, sending_request_id(send, rid))
         finally:
             unbind_request_id(token)

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from random import getrandbits
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
+from gateway._asgi import ASGIApp, Receive, Scope, Send
 from gateway._paths import PathPrefixes
 from gateway._settings import ConfigSetting, StoreSetting, resolve
 from gateway.config import IdempotencyConfig, IdentityConfig, SourceFunction
@@ -62,9 +62,9 @@ from gateway.problem import Renderer, renderer_for
 from gateway.requestid import (
     bind_request_id,
     current_request_id,
+    sending_request_id,
     take_request_id,
     unbind_request_id,
-    with_request_id,
 )
 from gateway.store import Claim, LeaseTerms, Store
 
@@ -104,17 +104,6 @@ _Settling = Callable[[float], Awaitable[Settled]]
 # gateway_idempotency_outcomes_total: what each claim outcome counts as
 _OUTCOME_METRIC = {"new": "executed", "done": "replayed", "unknown": "replayed", "in_flight": "in_flight",
                    "mismatch": "mismatch"}
-
-
-def _sending_request_id(send: Send, rid: bytes) -> Send:
-    """``send`` with exactly one ``X-Request-Id`` (``rid``) on the response start."""
-
-    async def sending(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            message["headers"] = with_request_id(message.get("headers", ()), rid)
-        await send(message)
-
-    return sending
 
 
 class _Attempt:
@@ -264,7 +253,7 @@ class IdempotencyMiddleware:
             rid, scope = take_request_id(scope)
             token = bind_request_id(rid, scope)
             try:
-                await self._checked(scope, receive, _sending_request_id(send, rid), raw_key, lines=lines,
+                await self._checked(scope, receive, sending_request_id(send, rid), raw_key, lines=lines,
                                     length=length, deferred=deferred)
             finally:
                 unbind_request_id(token)

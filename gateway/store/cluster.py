@@ -188,7 +188,7 @@ class ClusterStore(ScriptStoreBase):
         allowed = failure is None and all(d is not None and d.allowed for d in decisions)
         would = allowed and all(d is not None and d.would_allow for d in decisions)
         if would:  # every group charged all its buckets: nothing to give back, nothing to undo
-            return _placed(take.groups, decisions, len(plan.specs), allowed=True, would=True)
+            return _placed(take.groups, decisions, len(plan.specs))
         refunds = _refunds(plan, take.groups, decisions, allowed=allowed, would=would)
         if any(refunds):
             await self._refund_taken(plan, take.keys, refunds)
@@ -418,17 +418,17 @@ class _FramedTake(NamedTuple):
 
 
 def _placed(
-    groups: Sequence[Sequence[int]], decisions: Sequence[RateDecision | None], count: int, *,
-    allowed: bool, would: bool,
+    groups: Sequence[Sequence[int]], decisions: Sequence[RateDecision | None], count: int
 ) -> RateDecision:
-    """One decision in plan order from the groups' own, none of them changed by a refund."""
+    """The decision of a request every group allowed with all its buckets charged (shadow ones
+    too): the groups' bucket states in plan order, none changed by a refund."""
     placed: dict[int, BucketState] = {}
     now_ms = 0
     for group, decision in zip(groups, decisions, strict=True):
         assert decision is not None
         now_ms = max(now_ms, decision.now_ms)
         placed.update(zip(group, decision.buckets, strict=True))
-    return RateDecision(allowed, now_ms, tuple(placed[i] for i in range(count)), allowed and not would)
+    return RateDecision(True, now_ms, tuple(placed[i] for i in range(count)))
 
 
 def _by_slot(keys: Sequence[bytes]) -> list[list[int]]:

@@ -118,7 +118,8 @@ class ClusterRouter:
 
     def submit(self, slot: int, packed: bytes) -> Awaitable[Any] | None:
         """Send ``packed`` to the slot's primary now (with this turn's other commands); its
-        reply, to hand to ``send`` as ``first``. None when the map has no primary for it."""
+        reply, awaited by the caller, who hands a failure to ``follow``. None when the map has
+        no primary for it (``send`` then finds one)."""
         try:
             node = self._primary(slot)
         except SlotNotCoveredError:
@@ -126,22 +127,20 @@ class ClusterRouter:
         reply = self.pipeline(node).call(packed)
         return reply if isinstance(reply, asyncio.Future) else asyncio.ensure_future(reply)
 
-    async def send(self, slot: int, packed: bytes, load: bytes | None = None,
-                   resend_safe: bool = False, *, first: Awaitable[Any] | None = None) -> Any:
+    async def send(
+        self, slot: int, packed: bytes, load: bytes | None = None, resend_safe: bool = False
+    ) -> Any:
         """``packed`` (one framed command) on the primary serving ``slot``; its reply, or the
         exception for an error reply or a connection error, all within ``store.timeout``.
 
         ``load``: the ``SCRIPT LOAD`` to send before a resend after NOSCRIPT. ``resend_safe``:
-        the command may be resent after its reply was lost (it may have run). ``first``: the
-        reply of a first attempt already sent (``submit``).
+        the command may be resent after its reply was lost (it may have run).
 
         The first attempt is bounded by its pipeline's write timer; only when it fails (a
         redirect, NOSCRIPT, a failover) do the attempts that follow run under a deadline of
         their own, what is left of ``store.timeout`` since this call began."""
         began = asyncio.get_running_loop().time()
         try:
-            if first is not None:
-                return await first
             return await self.pipeline(self._primary(slot)).call(packed)
         except Exception as exc:  # followed when it can be; raised again there otherwise
             return await self.follow(slot, packed, load, resend_safe, exc, began=began)

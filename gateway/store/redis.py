@@ -97,11 +97,11 @@ class _Lane:
     async def call(self, packed: bytes, load: bytes | None = None) -> Any:
         """Send one framed command and return its reply (an error reply is raised). ``load``:
         its script's ``SCRIPT LOAD``, sent before the command once more after NOSCRIPT."""
-        if load is None:
-            return await self._call(packed)
         try:
             return await self._call(packed)
         except NoScriptError:
+            if load is None:
+                raise
             await self._call(load)
             return await self._call(packed)
 
