@@ -40,15 +40,16 @@ class LocalDenials:
         max_entries: how many denied (plan, client) pairs are remembered at once.
     """
 
-    __slots__ = ("_entries", "_max")
+    __slots__ = ("_max", "entries")
 
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self._max = max_entries
         # key -> (until, sent_at, decision); insertion order is age order
-        self._entries: dict[Hashable, tuple[float, float, RateDecision]] = {}
+        # (public: empty means nothing is remembered, a check the hot path makes without a call)
+        self.entries: dict[Hashable, tuple[float, float, RateDecision]] = {}
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.entries)
 
     def remember(
         self, key: Hashable, decision: RateDecision, sent_at: float, *, among: Sequence[int] | None = None
@@ -61,7 +62,7 @@ class LocalDenials:
         waits = [b.wait_ms for b in buckets if b.wait_ms > 0]
         if not waits:
             return  # no bucket says how long: nothing to answer locally
-        entries = self._entries
+        entries = self.entries
         entries.pop(key, None)  # re-inserted as the newest
         if len(entries) >= self._max:
             self._evict(sent_at)
@@ -72,12 +73,12 @@ class LocalDenials:
 
     def answer(self, key: Hashable, now: float) -> RateDecision | None:
         """The store's denial of ``key`` aged to ``now``, while it still holds; else None."""
-        entry = self._entries.get(key)
+        entry = self.entries.get(key)
         if entry is None:
             return None
         until, sent_at, decision = entry
         if now >= until:
-            del self._entries[key]
+            del self.entries[key]
             return None
         elapsed_ms = int((now - sent_at) * 1000)
         return RateDecision(
@@ -92,7 +93,7 @@ class LocalDenials:
         )
 
     def _evict(self, now: float) -> None:
-        entries = self._entries
+        entries = self.entries
         for key in [k for k, (until, _, _) in entries.items() if until <= now]:
             del entries[key]
         excess = len(entries) - self._max + 1

@@ -328,7 +328,8 @@ class RateLimitMiddleware:
                 await self.app(scope, receive, send)
             return
         plan = self._match(scope["method"], scope["path"])
-        if plan is None or (self._pass_preflights and is_cors_preflight(scope)):
+        if plan is None or (
+                self._pass_preflights and scope["method"] == "OPTIONS" and is_cors_preflight(scope)):
             await self.app(scope, receive, send)
             return
         ctx = context_of(scope)
@@ -343,7 +344,7 @@ class RateLimitMiddleware:
             plan = await self._plan_applied(plan, scope, ctx)
         values = [tags[k] for k in plan.keys]
         sent_at = monotonic()
-        if self._denials:  # a client the store denied is answered here until it could pass
+        if self._denials.entries:  # a client the store denied is answered here until it could pass
             known = self._denials.answer((plan, *values), sent_at)
             if known is not None:
                 if plan.shadows:
@@ -355,7 +356,18 @@ class RateLimitMiddleware:
                 ctx.deferred_take = _DeferredTake(self, plan, values, sent_at, ctx)
                 await self.app(scope, receive, send)
                 return
-            fields = await self._take(plan, values, sent_at, send)
+            # the take made here, not in ``_take``: one coroutine less on every request
+            try:
+                decision = await self._store.ratelimit_take(plan.take, values)
+            except StoreError as exc:
+                fields = await self._failed(plan, exc, send)
+            else:
+                if decision.allowed and not plan.shadows:  # the usual case, counted here
+                    for counter in plan.allowed:
+                        counter.inc()
+                    fields = plan.fields(decision)
+                else:
+                    fields = await self._decided(plan, values, decision, sent_at, send)
             if fields is None:
                 return
             ctx.response_headers += fields
@@ -365,6 +377,13 @@ class RateLimitMiddleware:
                 ctx.app_start = perf_counter()
                 await self._direct_app(scope, receive, send)
             return
+        await self._without_context(scope, receive, send, plan=plan, values=values, sent_at=sent_at)
+
+    async def _without_context(
+        self, scope: Scope, receive: Receive, send: Send, *, plan: _Plan, values: list[str], sent_at: float,
+    ) -> None:
+        """Used alone (no stack's context): the take, then the app with the fields added by a
+        ``send`` wrapper of this layer's own."""
         fields = await self._take(plan, values, sent_at, send)
         if fields is None:
             return

@@ -93,7 +93,7 @@ async def test_every_local_denial_is_one_the_store_would_make(store: RedisStore)
     app = CountingApp()
     counting = CountingTakes(store)
     gw = gateway(app, counting, {"name": "p", "limit": 20, "period": "1s", "burst": 2})
-    entries = rate_limiter(gw)._denials._entries
+    entries = rate_limiter(gw)._denials.entries
     plan = TakePlan.of([BucketSpec("p", unit=50, refill=1, burst=2, cost=1)])  # 20/s = 1 per 50 ms
     client_tag = tag(b"ip:203.0.113.7")
     local = checked = 0

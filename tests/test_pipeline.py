@@ -16,8 +16,9 @@ from gateway.config import IdempotencyConfig
 from gateway.errors import StoreScriptError, StoreTimeout, StoreUnanswered, StoreUnavailable
 from gateway.store import BucketSpec, LeaseTerms, TakePlan
 from gateway.store.guard import new_breaker
-from gateway.store.pipeline import ReplyLost
+from gateway.store.pipeline import Joint, Pipeline, ReplyLost
 from gateway.store.redis import RedisStore
+from gateway.store.resp import command
 from tests.conftest import unique_prefix
 from tests.redis_process import RedisProcess
 
@@ -241,3 +242,79 @@ async def test_remembered_admission_parts_frame_each_request_whole_and_stay_boun
                                                  terms=terms)
         assert again[1] is not None
         assert again[1].outcome == "in_flight"  # the record named by this call, claimed above
+
+
+def _pipeline_to(server: RedisProcess, timeout_s: float = 2.0) -> Pipeline:
+    return Pipeline(lambda: redis.asyncio.Connection(host="127.0.0.1", port=server.port), timeout_s=timeout_s)
+
+
+async def _live(pipeline: Pipeline) -> Any:
+    assert await pipeline.call(command("PING")) == b"PONG"  # opened
+    conn = pipeline.live()
+    assert conn is not None
+    return conn
+
+
+async def test_a_joint_gathers_replies_from_two_connections_each_in_its_place(
+        redis_server: RedisProcess, dedicated_redis: RedisProcess) -> None:
+    """A joint over two servers' pipelines (as a cluster take spans two primaries): its future
+    is settled only once the last reply is in, with each reply, an error reply as its
+    exception, in the order the parts were made; the connections stay usable."""
+    one, two = _pipeline_to(redis_server), _pipeline_to(dedicated_redis)
+    try:
+        a, b = await _live(one), await _live(two)
+        joint = Joint(3)
+        b.send_part(command("ECHO", "second"), joint.part(1))
+        a.send_part(command("NOSUCHCOMMAND"), joint.part(2))
+        with dedicated_redis.paused():  # server two cannot answer yet: the joint must wait
+            a.send_part(command("ECHO", "first"), joint.part(0))
+            await asyncio.sleep(0.2)
+            assert not joint.future.done()
+        replies = await asyncio.wait_for(joint.future, 2.0)
+        assert replies[:2] == [b"first", b"second"]
+        assert isinstance(replies[2], redis.exceptions.ResponseError)
+        assert await one.call(command("PING")) == b"PONG"
+        assert await two.call(command("PING")) == b"PONG"
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_a_joint_part_on_a_silent_server_times_out_while_the_others_answer(
+        redis_server: RedisProcess, dedicated_redis: RedisProcess) -> None:
+    """One part's server is paused past the timeout: the joint still settles, within the bound,
+    with that part's TimeoutError beside the other part's reply."""
+    one, two = _pipeline_to(redis_server, 0.2), _pipeline_to(dedicated_redis, 0.2)
+    try:
+        a, b = await _live(one), await _live(two)
+        with dedicated_redis.paused():
+            joint = Joint(2)
+            a.send_part(command("ECHO", "here"), joint.part(0))
+            b.send_part(command("ECHO", "lost"), joint.part(1))
+            replies = await asyncio.wait_for(joint.future, 1.0)
+        assert replies[0] == b"here"
+        assert isinstance(replies[1], TimeoutError)
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_a_joint_whose_caller_gave_up_takes_no_reply_and_breaks_nothing(
+        redis_server: RedisProcess) -> None:
+    """The caller awaiting a joint is cancelled before the replies come: they are read and
+    dropped (no error for a future nobody waits on), and the next call on that connection
+    gets its own reply, not a stale one."""
+    pipeline = _pipeline_to(redis_server)
+    try:
+        conn = await _live(pipeline)
+        joint = Joint(2)
+        conn.send_part(command("ECHO", "a"), joint.part(0))
+        conn.send_part(command("ECHO", "b"), joint.part(1))
+        waiter = asyncio.ensure_future(joint.future)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert await pipeline.call(command("ECHO", "next")) == b"next"
+        assert pipeline.live() is conn
+    finally:
+        await pipeline.close()

@@ -221,7 +221,7 @@ async def test_only_enforced_denials_are_remembered_locally(store: RedisStore) -
     secondly = {"name": "secondly", "limit": 1, "period": "1s", "burst": 1, "mode": "shadow"}
     gw = gateway(store, [enforced, secondly])
     await drive(gw, ["loud"], 2)
-    ((until, sent_at, _),) = rate_limiter(gw)._denials._entries.values()
+    ((until, sent_at, _),) = rate_limiter(gw)._denials.entries.values()
     assert until - sent_at > 3000  # the hour's wait, not the second's
 
 

@@ -184,11 +184,13 @@ class ClusterStore(ScriptStoreBase):
             await self._guard.run("ratelimit_take", self._take_groups, take.sends, replies, bounded=True)
         except StoreError as exc:
             failure = exc
+        if failure is None:
+            placed = _placed(take.groups, replies, len(plan.specs))
+            if placed is not None:  # every group charged all its buckets: nothing to undo
+                return placed
         decisions = [decision_from_reply(r) if r is not None else None for r in replies]
         allowed = failure is None and all(d is not None and d.allowed for d in decisions)
         would = allowed and all(d is not None and d.would_allow for d in decisions)
-        if would:  # every group charged all its buckets: nothing to give back, nothing to undo
-            return _placed(take.groups, decisions, len(plan.specs))
         refunds = _refunds(plan, take.groups, decisions, allowed=allowed, would=would)
         if any(refunds):
             await self._refund_taken(plan, take.keys, refunds)
@@ -211,21 +213,26 @@ class ClusterStore(ScriptStoreBase):
 
     async def _take_groups(self, sends: Sequence[tuple[int, bytes]], replies: list[Any]) -> None:
         """One ``ratelimit_take`` per slot group, all sent at once; each reply lands in
-        ``replies`` as it comes (a group without one: not decided). The first failure is
-        raised once every group is settled."""
+        ``replies`` (a group without one: not decided). The first failure is raised once every
+        group is settled."""
         router, load = self._router, self._take.load
         began = asyncio.get_running_loop().time()
-        firsts = [router.submit(slot, packed) for slot, packed in sends]
+        joint = router.submit_all(sends)
+        if joint is None:  # a pipeline with no live connection, or a slot with no primary known
+            firsts: list[Any] = [None] * len(sends)
+        else:
+            firsts = await joint  # the usual case: one wake-up for every group's reply
         failure: BaseException | None = None
-        for i, ((slot, packed), first) in enumerate(zip(sends, firsts, strict=True)):
+        for i, first in enumerate(firsts):
+            if joint is not None and not isinstance(first, BaseException):
+                replies[i] = first
+                continue
+            slot, packed = sends[i]
             try:
-                if first is None:  # no primary known for the slot when sent: the router finds one
+                if first is None:
                     replies[i] = await router.send(slot, packed, load)
-                    continue
-                try:
-                    replies[i] = await first  # the usual case: the reply, no coroutine of its own
-                except Exception as exc:
-                    replies[i] = await router.follow(slot, packed, load, False, exc, began=began)
+                else:  # a redirect, NOSCRIPT, a failover: followed within what is left
+                    replies[i] = await router.follow(slot, packed, load, False, first, began=began)
             except Exception as exc:  # this group is undecided; the others still count
                 failure = failure or exc
         if failure is not None:
@@ -417,18 +424,22 @@ class _FramedTake(NamedTuple):
     sends: list[tuple[int, bytes]]
 
 
-def _placed(
-    groups: Sequence[Sequence[int]], decisions: Sequence[RateDecision | None], count: int
-) -> RateDecision:
+def _placed(groups: Sequence[Sequence[int]], replies: Sequence[Any], count: int) -> RateDecision | None:
     """The decision of a request every group allowed with all its buckets charged (shadow ones
-    too): the groups' bucket states in plan order, none changed by a refund."""
-    placed: dict[int, BucketState] = {}
+    too: each reply's decision is 1), straight from the groups' replies, in plan order; None
+    when any group did otherwise (the general path merges and refunds)."""
+    states: list[Any] = [None] * count
     now_ms = 0
-    for group, decision in zip(groups, decisions, strict=True):
-        assert decision is not None
-        now_ms = max(now_ms, decision.now_ms)
-        placed.update(zip(group, decision.buckets, strict=True))
-    return RateDecision(True, now_ms, tuple(placed[i] for i in range(count)))
+    for k, group in enumerate(groups):
+        raw = replies[k]
+        if raw is None or raw[0] != 1:
+            return None
+        now_ms = max(now_ms, raw[1])
+        at = 2
+        for i in group:
+            states[i] = BucketState(raw[at], raw[at + 1], raw[at + 2])
+            at += 3
+    return RateDecision(True, now_ms, tuple(states))
 
 
 def _by_slot(keys: Sequence[bytes]) -> list[list[int]]:

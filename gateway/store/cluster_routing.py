@@ -31,7 +31,7 @@ primary that leaves the map has its pipeline closed once its last replies are du
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio.cluster import ClusterNode, NodesManager, RedisCluster
@@ -51,7 +51,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gateway.store.pipeline import Pipeline, ReplyLost
+from gateway.store.pipeline import Joint, Pipeline, ReplyLost
 from gateway.store.resp import command
 
 __all__ = ["CLUSTER_RETRIES", "MAX_REDIRECTS", "RETRY_BACKOFF_S", "ClusterRouter"]
@@ -90,6 +90,9 @@ class ClusterRouter:
         self._nodes: NodesManager = client.nodes_manager
         self._timeout_s = timeout_s
         self._pipelines: dict[str, Pipeline] = {}  # primary's name (host:port) -> its pipeline
+        # slot -> its primary's pipeline, for the slot map ``_by_slot_map`` (bounded: 16384 slots)
+        self._by_slot: dict[int, Pipeline] = {}
+        self._by_slot_map: object = None
         self._retired: dict[Pipeline, asyncio.TimerHandle] = {}  # left the map, closed soon
         self._closing: set[asyncio.Task[None]] = set()
         self._refreshing: asyncio.Task[None] | None = None
@@ -116,16 +119,33 @@ class ClusterRouter:
                 lambda: _connection_to(node), timeout_s=self._timeout_s)
         return pipeline
 
-    def submit(self, slot: int, packed: bytes) -> Awaitable[Any] | None:
-        """Send ``packed`` to the slot's primary now (with this turn's other commands); its
-        reply, awaited by the caller, who hands a failure to ``follow``. None when the map has
-        no primary for it (``send`` then finds one)."""
+    def slot_pipeline(self, slot: int) -> Pipeline:
+        """The pipeline to the primary serving ``slot`` (``SlotNotCoveredError`` when none is
+        known), remembered until the slot map changes: a new map read, a MOVED followed."""
+        map_now = self._nodes.slots_cache
+        if map_now is not self._by_slot_map:
+            self._by_slot.clear()
+            self._by_slot_map = map_now
+        pipeline = self._by_slot.get(slot)
+        if pipeline is None:
+            pipeline = self._by_slot[slot] = self.pipeline(self._primary(slot))
+        return pipeline
+
+    def submit_all(self, sends: Sequence[tuple[int, bytes]]) -> asyncio.Future[list[Any]] | None:
+        """Each ``(slot, packed)`` sent to its slot's primary now (with this turn's other
+        commands); one future for all their replies, each the reply or the exception its
+        command met, which the caller hands to ``follow``. None, with nothing sent, when a
+        slot has no primary known or a pipeline no live connection (``send`` then does each)."""
         try:
-            node = self._primary(slot)
+            conns = [self.slot_pipeline(slot).live() for slot, _ in sends]
         except SlotNotCoveredError:
             return None
-        reply = self.pipeline(node).call(packed)
-        return reply if isinstance(reply, asyncio.Future) else asyncio.ensure_future(reply)
+        if None in conns:
+            return None
+        joint = Joint(len(sends))
+        for i, conn in enumerate(conns):
+            conn.send_part(sends[i][1], joint.part(i))  # type: ignore[union-attr]  # none is None
+        return joint.future
 
     async def send(
         self, slot: int, packed: bytes, load: bytes | None = None, resend_safe: bool = False
@@ -141,7 +161,7 @@ class ClusterRouter:
         their own, what is left of ``store.timeout`` since this call began."""
         began = asyncio.get_running_loop().time()
         try:
-            return await self.pipeline(self._primary(slot)).call(packed)
+            return await self.slot_pipeline(slot).call(packed)
         except Exception as exc:  # followed when it can be; raised again there otherwise
             return await self.follow(slot, packed, load, resend_safe, exc, began=began)
 
@@ -180,6 +200,7 @@ class ClusterRouter:
             except MovedError as exc:
                 redirects = _counted(redirects, MAX_REDIRECTS, exc)
                 await self._nodes.move_slot(exc)
+                self._by_slot.clear()  # the map changed in place
                 self._prune()
                 asked = None
             except AskError as exc:
@@ -258,6 +279,7 @@ class ClusterRouter:
         stays."""
         primaries = {n.name for n in self.primaries()}
         loop = asyncio.get_running_loop()
+        self._by_slot.clear()
         for name in [n for n in self._pipelines if n not in primaries]:
             pipeline = self._pipelines.pop(name)
             self._retired[pipeline] = loop.call_later(self._timeout_s, self._close_retired, pipeline)

@@ -34,7 +34,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ReadOnlyError
 
-__all__ = ["Pipeline", "ReplyLost"]
+__all__ = ["Joint", "Pipeline", "ReplyLost"]
 
 _READ_SIZE = 1 << 16
 # a write's timer this late means the loop itself was stalled; the reader gets this long first
@@ -97,6 +97,10 @@ class _Connection:
         future = self._loop.create_future()
         self._queue(packed, future, (load, packed) if load is not None else None)
         return future
+
+    def send_part(self, packed: bytes, part: _Part) -> None:
+        """Queue one framed command whose reply (or error) goes to ``part`` of a ``Joint``."""
+        self._queue(packed, part, None)  # type: ignore[arg-type]  # a part settles like a future
 
     def _queue(self, packed: bytes, future: asyncio.Future[Any] | None,
                load: tuple[bytes, bytes] | None) -> None:
@@ -207,6 +211,49 @@ class _Connection:
         self.fail(RedisConnectionError("the store was closed"))
 
 
+class Joint:
+    """The replies of several commands, on one pipeline or several, as one future: its caller
+    wakes once, when the last is in, rather than once per reply that came in a turn of its own.
+
+    ``future`` gets the list of replies in the order the parts were made, each the reply or
+    the exception its command met (an error reply, a timeout, a lost connection)."""
+
+    __slots__ = ("_left", "future", "replies")
+
+    def __init__(self, count: int) -> None:
+        self.future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self.replies: list[Any] = [None] * count
+        self._left = count
+
+    def part(self, index: int) -> _Part:
+        return _Part(self, index)
+
+
+class _Part:
+    """One command's place in a ``Joint``: settled as the pipeline settles a future (``done``,
+    ``set_result``, ``set_exception``), and done once the joint's caller gave up."""
+
+    __slots__ = ("_index", "_joint", "_settled")
+
+    def __init__(self, joint: Joint, index: int) -> None:
+        self._joint = joint
+        self._index = index
+        self._settled = False
+
+    def done(self) -> bool:
+        return self._settled or self._joint.future.done()
+
+    def set_result(self, reply: Any) -> None:
+        self._settled = True
+        joint = self._joint
+        joint.replies[self._index] = reply
+        joint._left -= 1
+        if not joint._left and not joint.future.done():
+            joint.future.set_result(joint.replies)
+
+    set_exception = set_result  # the exception is the reply the joint's caller looks at
+
+
 def _poller(transport: asyncio.BaseTransport) -> Any:
     """A ``select.poll`` on the transport's socket (None where there is none: Windows)."""
     sock = transport.get_extra_info("socket")
@@ -250,6 +297,14 @@ class Pipeline:
         if conn is None or conn.broken is not None or conn.closed_while_idle():
             return self._call_opening(packed, load)
         return conn.send(packed, load)
+
+    def live(self) -> _Connection | None:
+        """The connection commands can be queued on now, without opening one; None when there
+        is none (not opened yet, broken, or closed by the server while idle)."""
+        conn = self._current
+        if conn is None or conn.broken is not None or conn.closed_while_idle():
+            return None
+        return conn
 
     async def call_adjacent(self, *packed: bytes) -> list[Any]:
         """Send commands side by side on one connection in one write, nothing of another caller
