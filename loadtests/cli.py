@@ -90,6 +90,13 @@ def _redis_url(text: str) -> str:
     return text
 
 
+def _niceness(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 19:
+        msg = f"expected a nice level from 0 to 19, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return int(text)
+
+
 def _build_parser() -> _Parser:
     parser = _Parser(prog="python -m loadtests", description="Load tests of the gateway.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -105,6 +112,10 @@ def _build_parser() -> _Parser:
                      help="use this Redis instead of starting one (keys under a prefix of the run's own)")
     run.add_argument("--out", type=Path, help="report folder (loadtests/reports/SCENARIO-UTCSTAMP/)")
     run.add_argument("--seed", type=_seed, default=1, help="seeds the users' choices (1)")
+    run.add_argument("--locust-nice", type=_niceness, default=0, metavar="N",
+                     help="run Locust (not the probe, gateway, upstream or Redis) at this nice "
+                          "level, 0-19 (0): on a machine it shares with what it loads, the "
+                          "generator then does not take their CPU, as other machines would not")
     return parser
 
 
@@ -142,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     options = Options(scenario=args.scenario, users=args.users, duration_s=args.duration,
                       spawn_rate=args.spawn_rate or float(args.users), redis_url=args.redis_url,
-                      out=args.out or default_out(args.scenario), seed=args.seed)
+                      out=args.out or default_out(args.scenario), seed=args.seed,
+                      locust_nice=args.locust_nice)
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         return run(options)

@@ -260,8 +260,10 @@ def format_table(summary: Mapping[str, Any]) -> str:
                      *(_cell(fine.get(f"p{p}", r.get(f"p{p}_ms"))) for p in PERCENTILES),
                      _cell(r.get("max_ms"))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [f"{summary.get('scenario')}: {summary.get('settings', {}).get('users')} users, "
-             f"{summary.get('settings', {}).get('duration_s')} s (latency in ms)"]
+    settings = summary.get("settings", {})
+    niced = f", Locust at nice {settings['locust_nice']}" if settings.get("locust_nice") else ""
+    lines = [f"{summary.get('scenario')}: {settings.get('users')} users, "
+             f"{settings.get('duration_s')} s{niced} (latency in ms)"]
     for row in rows:
         lines.append("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                                       for i, (c, w) in enumerate(zip(row, widths, strict=True))))

@@ -14,6 +14,7 @@ used, under a key prefix of the run's own, with records that expire in minutes.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -70,6 +71,7 @@ class Options:
     redis_url: str | None
     out: Path
     seed: int
+    locust_nice: int = 0  # Locust's nice level (its share of a machine it shares with the gateway)
 
 
 def _say(message: str) -> None:
@@ -181,6 +183,8 @@ class _Run:
                    "--html", str(self.out / "locust.html"), "--only-summary",
                    "--stop-timeout", str(LOCUST_STOP_TIMEOUT_S), "--exit-code-on-error", "0",
                    *self.scenario.user_classes]
+        if o.locust_nice:
+            command = ["nice", "-n", str(o.locust_nice), *command]  # exec'd: the PID is Locust's
         _say(f"locust: {o.users} users ({', '.join(self.scenario.user_classes)}) for {o.duration_s} s")
         servers = {c.name: c.cpu_seconds() for c in self.children}
         reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -229,7 +233,12 @@ class _Run:
         """Wait for Locust as ``Child.wait`` does, reading the gateway's RSS every ``RSS_SAMPLE_S``
         meanwhile (the overload scenario checks it stays bounded; the others report it)."""
         end = time.monotonic() + timeout_s
+        samples = 0
         while True:
+            samples += 1
+            if samples == 2 and child.running():  # by now Locust runs (nice has exec'd it)
+                with contextlib.suppress(OSError):  # it just exited
+                    self.settings["locust_nice_seen"] = os.getpriority(os.PRIO_PROCESS, child.pid)
             if self.gateway is not None:
                 rss = self.gateway.rss_bytes()
                 if rss is not None:
@@ -323,7 +332,8 @@ def _summary(state: _Run, plan: Plan, journal: dict[str, Any], record: dict[str,
         "scenario": scenario.name, "description": scenario.description, "ok": False,
         "out": str(o.out),
         "settings": {"users": o.users, "spawn_rate": o.spawn_rate, "duration_s": o.duration_s,
-                     "seed": o.seed, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+                     "seed": o.seed, "locust_nice": o.locust_nice, "cpu_count": os.cpu_count(),
+                     "machine": platform.machine(),
                      "versions": _versions(), **state.settings},
         "routes": routes,
         "totals": {k: round(sum(r[k] for r in routes.values()), 1) for k in ("count", "failures", "rps")},

@@ -93,6 +93,7 @@ def test_bad_durations_are_refused(text: str) -> None:
     (["run", "--scenario", "payments", "--spawn-rate", "-1"], "--spawn-rate"),
     (["run", "--scenario", "payments", "--redis-url", "http://x"], "--redis-url"),
     (["run", "--scenario", "payments", "--seed", "one"], "--seed"),
+    (["run", "--scenario", "overload", "--locust-nice", "20"], "--locust-nice"),
     (["run", "--scenario", "mixed", "--users", "2"], "--users"),
     (["run", "--scenario", "overload", "--users", str(CRITICAL_USERS)], "--users"),
 ])
@@ -525,14 +526,14 @@ def _require_tools() -> None:
 
 
 def _run(tmp_path: Path, scenario: str, duration: str, users: int = 10,
-         may_fail: tuple[str, ...] = ()) -> dict[str, Any]:
+         may_fail: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run a scenario for real; every invariant must hold but those named in ``may_fail``."""
     _require_tools()
     out = tmp_path / scenario
     seconds = parse_duration(duration)
     result = subprocess.run(
         [sys.executable, "-m", "loadtests", "run", "--scenario", scenario, "--users", str(users),
-         "--duration", duration, "--out", str(out)],
+         "--duration", duration, "--out", str(out), *extra],
         capture_output=True, text=True, cwd=REPO_ROOT, env=child_env(), check=False,
         timeout=seconds + RUN_MARGIN_S)
     assert (out / "summary.json").exists(), result.stderr[-3000:]
@@ -645,7 +646,11 @@ def test_the_probe_sends_only_to_the_loopback(tmp_path: Path) -> None:
 def test_overload_run_serves_every_critical_charge_and_sheds_the_flood(tmp_path: Path) -> None:
     """overload: both phases run, every critical charge is a 201 the upstream ran once, the flood
     gets 503 load-shed and no timeouts, RSS is sampled; the p99 ratio needs the full run."""
-    summary = _run(tmp_path, "overload", "8s", users=40, may_fail=("critical: p99",))
+    summary = _run(tmp_path, "overload", "8s", users=40, may_fail=("critical: p99",),
+                   extra=("--locust-nice", "10"))
+    assert summary["settings"]["locust_nice"] == 10
+    assert summary["settings"]["locust_nice_seen"] == 10  # Locust itself, read while it ran
+    assert "Locust at nice 10" in format_table(summary)
     overload = summary["overload"]
     assert overload["baseline_s"] == 2
     critical, probe = overload["critical"], overload["probe"]
