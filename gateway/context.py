@@ -67,6 +67,12 @@ class DeferredTake(Protocol):
         """Make the take by itself (a store call of its own)."""
         ...
 
+    def passed(self, decision: RateDecision) -> bool:
+        """True when ``decision`` lets the request go on with nothing to answer or log (allowed,
+        no shadow policy): counted and its fields added, without a coroutine. False: ``decided``
+        must act on it."""
+        ...
+
     async def decided(self, decision: RateDecision, send: Send) -> bool:
         """Act on a decision the store made with the claim."""
         ...

@@ -523,6 +523,15 @@ class _DeferredTake:
     async def alone(self, send: Send) -> bool:
         return self._added(await self._limiter._take(self._rules, self.tags, self._sent_at, send))
 
+    def passed(self, decision: RateDecision) -> bool:
+        rules = self._rules
+        if not decision.allowed or rules.shadows:
+            return False
+        for counter in rules.allowed:
+            counter.inc()
+        self._ctx.response_headers += rules.fields(decision)
+        return True
+
     async def decided(self, decision: RateDecision, send: Send) -> bool:
         fields = await self._limiter._decided(self._rules, self.tags, decision, self._sent_at, send)
         return self._added(fields)

@@ -360,7 +360,8 @@ class IdempotencyMiddleware:
             self._count("store_error")
             await self._store_failed(exc, scope, replaying(body, receive), send)
             return None
-        if deferred is not None and decision is not None and not await deferred.decided(decision, send):
+        if (deferred is not None and decision is not None and not deferred.passed(decision)
+                and not await deferred.decided(decision, send)):
             return None  # denied: nothing was claimed
         if claim is None:
             msg = "ratelimit_take_claim allowed the request but returned no claim"
