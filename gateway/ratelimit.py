@@ -136,6 +136,16 @@ class _Plan:
             self.shadow_denied = tuple(metrics.decision(self.names[i], "shadow_deny") for i in self.shadows)
             self.errored = tuple(metrics.decision(n, "error") for n in self.names)
 
+    def passing_fields(self, decision: RateDecision) -> Headers | None:
+        """For a decision that lets the request go on with nothing to answer or log (allowed,
+        no shadow policy): counted as allowed, and its fields; None for any other, which
+        ``RateLimitMiddleware._decided`` acts on."""
+        if not decision.allowed or self.shadows:
+            return None
+        for counter in self.allowed:
+            counter.inc()
+        return self.fields(decision)
+
     def fields(self, decision: RateDecision) -> Headers:
         """The response's RateLimit fields for the enforced policies; none when all are shadow
         (or ``rate_limit_headers = "none"``)."""
@@ -362,11 +372,8 @@ class RateLimitMiddleware:
             except StoreError as exc:
                 fields = await self._failed(plan, exc, send)
             else:
-                if decision.allowed and not plan.shadows:  # the usual case, counted here
-                    for counter in plan.allowed:
-                        counter.inc()
-                    fields = plan.fields(decision)
-                else:
+                fields = plan.passing_fields(decision)  # the usual case, without a coroutine
+                if fields is None:
                     fields = await self._decided(plan, values, decision, sent_at, send)
             if fields is None:
                 return
@@ -524,12 +531,10 @@ class _DeferredTake:
         return self._added(await self._limiter._take(self._rules, self.tags, self._sent_at, send))
 
     def passed(self, decision: RateDecision) -> bool:
-        rules = self._rules
-        if not decision.allowed or rules.shadows:
+        fields = self._rules.passing_fields(decision)
+        if fields is None:
             return False
-        for counter in rules.allowed:
-            counter.inc()
-        self._ctx.response_headers += rules.fields(decision)
+        self._ctx.response_headers += fields
         return True
 
     async def decided(self, decision: RateDecision, send: Send) -> bool:

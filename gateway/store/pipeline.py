@@ -293,7 +293,7 @@ class Pipeline:
         """Send one framed command (with this turn's others); awaiting it gives its reply, or
         raises: redis-py's exception for an error reply, ``TimeoutError``, a connection error.
         ``load``: the script's ``SCRIPT LOAD``, sent with the command again after NOSCRIPT."""
-        conn = self._current
+        conn = self._current  # ``live()``, inline: every store call passes here
         if conn is None or conn.broken is not None or conn.closed_while_idle():
             return self._call_opening(packed, load)
         return conn.send(packed, load)
@@ -310,8 +310,8 @@ class Pipeline:
         """Send commands side by side on one connection in one write, nothing of another caller
         between them (``ASKING`` holds for the next command only); their replies in order, an
         error reply or a connection error as the exception itself, not raised."""
-        conn = self._current
-        if conn is None or conn.broken is not None or conn.closed_while_idle():
+        conn = self.live()
+        if conn is None:
             async with asyncio.timeout(self._timeout_s):
                 conn = await self._connection()
         return await asyncio.gather(*(conn.send(p) for p in packed), return_exceptions=True)
