@@ -35,7 +35,7 @@ _IN_FLIGHT = [{"name": "in-flight", "limit": 1_000}]  # never refuses at 32 at a
 _HEADERS = [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"wrk"), (b"accept", b"*/*")]
 
 
-async def _endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
         while True:  # bounded by the driver: one startup, one shutdown
             message = await receive()
@@ -47,13 +47,18 @@ async def _endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": b"hello"})
 
 
-class _Driver:
-    """Runs the app's lifespan and sends it requests, ``concurrency`` at a time."""
+class Driver:
+    """Runs the app's lifespan and sends it requests, ``concurrency`` at a time.
 
-    def __init__(self, app: GatewayMiddleware, post: bool) -> None:
+    ``clients``: how many ``x-api-key`` values the requests cycle over (none sent when 1), so a
+    config whose identity reads that header spreads its buckets (over a cluster's slots too)."""
+
+    def __init__(self, app: GatewayMiddleware, post: bool, *, clients: int = 1) -> None:
         self._app = app
         self._post = post
         self._keys = itertools.count()
+        self._clients = clients
+        self._sent = itertools.count()
         self._lifespan: asyncio.Queue[Message] = asyncio.Queue()
 
     async def start(self) -> asyncio.Task[None]:
@@ -75,6 +80,8 @@ class _Driver:
 
     async def one(self) -> None:
         headers = list(_HEADERS)
+        if self._clients > 1:
+            headers.append((b"x-api-key", b"client-%d" % (next(self._sent) % self._clients)))
         method, path = "GET", "/hello"
         if self._post:
             method, path = "POST", "/pay"
@@ -110,8 +117,8 @@ async def _measure(
     config: dict[str, object] = {"store": store, "rate_limit": _POLICY}
     if in_flight:
         config["concurrency_limit"] = _IN_FLIGHT
-    app = GatewayMiddleware(_endpoint, config)
-    driver = _Driver(app, post)
+    app = GatewayMiddleware(endpoint, config)
+    driver = Driver(app, post)
     task = await driver.start()
     try:
         await driver.burst(min(requests, 16_000), concurrency)

@@ -6,9 +6,10 @@ does not (callgrind counts them, whatever else runs). Each figure is the differe
 run of ``--small`` and one of ``--large`` requests (same warm-up, same start-up), divided by the
 difference: what one more request costs, start-up and imports taken out.
 
-The app is the cluster benchmark's (``cluster_scaleout.gateway_config``: a per-client and a
+The config is the cluster benchmark's (``cluster_scaleout.gateway_config``: a per-client and a
 ``global`` policy that never deny, idempotency on its defaults; ``--one-policy`` keeps the
-per-client one only), driven by 32 concurrent callers without HTTP. ``--store redis`` starts a
+per-client one only), around ``loadtests.inprocess``'s trivial app, driven by its driver without
+HTTP: 32 at a time, ``x-api-key`` cycling over 1,000 clients. ``--store redis`` starts a
 redis-server of its own; ``--store cluster`` a 3-master Redis Cluster (``tests/redis_cluster.py``),
 where every request's two buckets sit in two slots. Workloads: ``get`` (the rate limit) and
 ``post`` (a new Idempotency-Key each: take and claim in one call, then the completion).
@@ -28,14 +29,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-CALLERS = 32
-WARMUP_PER_CALLER = 64
+CONCURRENCY = 32
+WARMUP = 2048
+CLIENTS = 1000  # x-api-key values: the per-client buckets spread over a cluster's slots
 
 
 @dataclass(frozen=True)
@@ -50,75 +51,23 @@ class Case:
 
 # ---------------------------------------------------------------- the driven process
 
-async def _app_with_lifespan(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
-    from loadtests.cluster_scaleout import endpoint
-
-    if scope["type"] == "lifespan":
-        while True:  # bounded by the driver: one startup, one shutdown
-            message = await receive()
-            done = "startup" if message["type"] == "lifespan.startup" else "shutdown"
-            await send({"type": f"lifespan.{done}.complete"})
-            if done == "shutdown":
-                return
-    await endpoint(scope, receive, send)
-
-
-def _scope(method: str, path: str, key: bytes, n: int) -> dict[str, Any]:
-    headers = [(b"host", b"127.0.0.1:8000"), (b"x-api-key", key)]
-    if method == "POST":
-        headers += [(b"idempotency-key", b"ik-%d" % n), (b"content-type", b"application/json"),
-                    (b"content-length", b"2")]
-    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
-            "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-            "root_path": "", "headers": headers, "client": ("127.0.0.1", 50_000 + n % 1000),
-            "server": ("127.0.0.1", 8000)}
-
-
 async def _drive(case: Case, requests: int, run: str) -> None:
+    """``requests`` requests after a warm-up, through ``loadtests.inprocess``'s driver."""
     from gateway import GatewayMiddleware
     from loadtests.cluster_scaleout import gateway_config
+    from loadtests.inprocess import Driver, endpoint
 
     config = gateway_config(case.url, "30s", cluster=case.cluster)  # valgrind is slow: no timeouts
+    config["store"]["key_prefix"] = f"instr-{run}"  # each run's own buckets and records
     if case.one_policy:
         config["rate_limit"] = config["rate_limit"][:1]
-    app = GatewayMiddleware(_app_with_lifespan, config)
-    lifespan_in: asyncio.Queue[MutableMapping[str, Any]] = asyncio.Queue()
-    lifespan_out: asyncio.Queue[MutableMapping[str, Any]] = asyncio.Queue()
-    await lifespan_in.put({"type": "lifespan.startup"})
-    lifespan = asyncio.ensure_future(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}},
-                                         lifespan_in.get, lifespan_out.put))
-    started = await lifespan_out.get()
-    if started["type"] != "lifespan.startup.complete":
-        msg = f"the gateway did not start: {started}"
-        raise RuntimeError(msg)
-    method, path = ("POST", "/charge") if case.workload == "post" else ("GET", "/hello")
-    body = {"type": "http.request", "body": b"{}", "more_body": False}
-
-    async def receive() -> dict[str, Any]:
-        return body
-
-    async def caller(first: int, count: int) -> None:
-        for n in range(first, first + count):
-            statuses: list[int] = []
-            await app(_scope(method, path, b"key-%d" % (n % 1000), n), receive, _recorder(statuses))
-            if statuses[:1] not in ([200], [201]):
-                msg = f"request {n} was answered {statuses}"
-                raise RuntimeError(msg)
-
-    base = 10_000_000 * (1 + len(run))  # record names of their own in every run
-    await asyncio.gather(*(caller(base + c * 100_000, WARMUP_PER_CALLER) for c in range(CALLERS)))
-    per = requests // CALLERS
-    await asyncio.gather(*(caller(base + c * 100_000 + WARMUP_PER_CALLER, per) for c in range(CALLERS)))
-    await lifespan_in.put({"type": "lifespan.shutdown"})
-    await lifespan
-
-
-def _recorder(statuses: list[int]) -> Any:
-    async def send(message: MutableMapping[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            statuses.append(message["status"])
-
-    return send
+    driver = Driver(GatewayMiddleware(endpoint, config), case.workload == "post", clients=CLIENTS)
+    lifespan = await driver.start()
+    try:
+        await driver.burst(WARMUP, CONCURRENCY)
+        await driver.burst(requests, CONCURRENCY)
+    finally:
+        await driver.stop(lifespan)
 
 
 # ---------------------------------------------------------------- the runner
@@ -181,11 +130,18 @@ def main() -> int:
         print("loadtests.instructions: valgrind is needed (apt-get install valgrind)", file=sys.stderr)
         return 2
     sys.path.insert(0, str(ROOT))
+    from loadtests.cluster_scaleout import interrupts_as_exceptions
+
+    with interrupts_as_exceptions():  # SIGTERM too runs the finally that stops our servers
+        _print_counts(args.store or ["redis"], args.workload or ["get"], args)
+    return 0
+
+
+def _print_counts(stores: list[str], workloads: list[str], args: argparse.Namespace) -> None:
+    """Start the stores asked for, print each workload's count on each, stop them (by PID)."""
     from tests.redis_cluster import RedisCluster
     from tests.redis_process import RedisProcess
 
-    stores = args.store or ["redis"]
-    workloads = args.workload or ["get"]
     started: list[Any] = []
     try:
         urls: dict[str, str] = {}
@@ -209,7 +165,6 @@ def main() -> int:
     finally:
         for thing in reversed(started):
             thing.cleanup()
-    return 0
 
 
 if __name__ == "__main__":
