@@ -71,7 +71,13 @@ def redis_ping(port: int, timeout_s: float = 0.5) -> bool:
 
 
 class Child:
-    """One process the run started: its command, its log files, its PID."""
+    """One process the run started: its command, its log files, its PID.
+
+    Each leads a process group of its own (``stop`` signals the group), in the runner's session:
+    where the kernel groups tasks by session for the CPU (``kernel.sched_autogroup_enabled``),
+    a session each would share the CPU fairly between the children whatever their nice levels or
+    policies (sched(7)), so Locust could not yield it to what it measures.
+    """
 
     def __init__(self, name: str, command: Sequence[str], logs: Path, *,
                  env: Mapping[str, str] | None = None, cwd: Path | None = None) -> None:
@@ -83,7 +89,7 @@ class Child:
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=err, cwd=cwd, env=dict(env or os.environ),
-                                         start_new_session=True)
+                                         process_group=0)
 
     @property
     def pid(self) -> int:
@@ -131,6 +137,23 @@ class Child:
             return None
         # after the ")" that ends comm: field 3 is index 0, so utime (14) and stime (15) are 11, 12
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def runqueue_wait_seconds(self) -> float | None:
+        """How long its main thread has waited, runnable, for a CPU (``/proc/PID/schedstat``'s
+        second field); None once it is gone or without schedstats. On a machine the load
+        generator shares, it is how much of a latency was the scheduler's, not the process's."""
+        try:
+            return int(Path(f"/proc/{self.proc.pid}/schedstat").read_text().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def autogroup(self) -> str | None:
+        """The scheduling autogroup it is in (``/proc/PID/autogroup``, ``/autogroup-N``); None
+        on a kernel without autogroups or once it is gone."""
+        try:
+            return Path(f"/proc/{self.proc.pid}/autogroup").read_text().split()[0]
+        except (OSError, IndexError):
+            return None
 
     def rss_bytes(self) -> int | None:
         """Resident memory now (Linux ``/proc``, ``VmRSS``); None once it is gone or elsewhere."""

@@ -262,6 +262,8 @@ def format_table(summary: Mapping[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     settings = summary.get("settings", {})
     niced = f", Locust at nice {settings['locust_nice']}" if settings.get("locust_nice") else ""
+    if settings.get("locust_policy") == "idle":
+        niced += ", Locust under SCHED_IDLE"
     lines = [f"{summary.get('scenario')}: {settings.get('users')} users, "
              f"{settings.get('duration_s')} s{niced} (latency in ms)"]
     for row in rows:
@@ -294,6 +296,10 @@ def format_table(summary: Mapping[str, Any]) -> str:
     if shares:
         cores = summary["settings"].get("cpu_count")
         lines.append(f"  CPU used during the run (1.00 = one core of {cores}): " + ", ".join(shares))
+    waits = [f"{name} {use['runqueue_wait_s']:.1f}" for name, use in cpu.items()
+             if isinstance(use, dict) and use.get("runqueue_wait_s") is not None]
+    if waits:
+        lines.append("  seconds each waited, runnable, for a CPU another held: " + ", ".join(waits))
     lines.extend(f"  note: {note}" for note in summary.get("notes", []))
     for inv in summary.get("invariants", []):
         lines.append(f"  [{'ok' if inv['ok'] else 'FAIL'}] {inv['name']}: {inv['detail']}")

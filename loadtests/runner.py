@@ -72,6 +72,7 @@ class Options:
     out: Path
     seed: int
     locust_nice: int = 0  # Locust's nice level (its share of a machine it shares with the gateway)
+    locust_idle: bool = False  # Locust under SCHED_IDLE: only the CPU time nobody else wants
 
 
 def _say(message: str) -> None:
@@ -124,6 +125,7 @@ class _Run:
         self.gateway: Child | None = None
         self.rss: list[tuple[float, int]] = []  # (time.time(), bytes) of the gateway process
         self.probe: Child | None = None
+        self.locust_waited_s: float | None = None  # Locust's runqueue wait, last read while it ran
         self.probe_path = options.out / "probe.json"
 
     def start_redis(self) -> str:
@@ -187,15 +189,19 @@ class _Run:
             command = ["nice", "-n", str(o.locust_nice), *command]  # exec'd: the PID is Locust's
         _say(f"locust: {o.users} users ({', '.join(self.scenario.user_classes)}) for {o.duration_s} s")
         servers = {c.name: c.cpu_seconds() for c in self.children}
+        waited = {c.name: c.runqueue_wait_seconds() for c in self.children}
         reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.monotonic()
         if self.scenario.overload:
             self._start_probe(plan)
-            servers["probe"] = 0.0
+            servers["probe"] = waited["probe"] = 0.0
         child = Child("locust", command, self.logs, env=_env(**{ENV_PLAN: plan.to_env()}), cwd=ROOT)
         self.children.append(child)
+        if o.locust_idle:
+            # only the CPU nobody else wants: the flood's own machines would take none of this one's
+            os.sched_setscheduler(child.pid, os.SCHED_IDLE, os.sched_param(0))
         status = self._wait_sampling(child, o.duration_s + LOCUST_STOP_TIMEOUT_S + LOCUST_MARGIN_S)
-        self._cpu_use(servers, reaped, time.monotonic() - started, o.duration_s)
+        self._cpu_use(servers, waited, reaped, time.monotonic() - started, o.duration_s)
         if status is None:
             child.stop(STOP_GRACE_S)
             msg = f"locust overstayed {o.duration_s} s + {LOCUST_MARGIN_S:.0f} s and was stopped"
@@ -237,8 +243,10 @@ class _Run:
         while True:
             samples += 1
             if samples == 2 and child.running():  # by now Locust runs (nice has exec'd it)
-                with contextlib.suppress(OSError):  # it just exited
-                    self.settings["locust_nice_seen"] = os.getpriority(os.PRIO_PROCESS, child.pid)
+                self._read_locust_priority(child)
+            waited = child.runqueue_wait_seconds()  # gone once Locust is reaped: the last one read
+            if waited is not None:
+                self.locust_waited_s = waited
             if self.gateway is not None:
                 rss = self.gateway.rss_bytes()
                 if rss is not None:
@@ -247,21 +255,43 @@ class _Run:
             if status is not None or time.monotonic() >= end:
                 return status
 
-    def _cpu_use(self, before: dict[str, float | None], reaped: resource.struct_rusage,
-                 wall_s: float, run_s: int) -> None:
+    def _read_locust_priority(self, child: Child) -> None:
+        """What the kernel says of the running Locust: its nice level, its policy, and whether it
+        shares the gateway's scheduling autogroup (None on a kernel without them)."""
+        with contextlib.suppress(OSError):  # it just exited
+            self.settings["locust_nice_seen"] = os.getpriority(os.PRIO_PROCESS, child.pid)
+            idle = os.sched_getscheduler(child.pid) == os.SCHED_IDLE
+            self.settings["locust_policy_seen"] = "idle" if idle else "normal"
+        group = child.autogroup()
+        self.settings["locust_shares_autogroup"] = (
+            None if group is None or self.gateway is None else group == self.gateway.autogroup())
+
+    def _cpu_use(self, before: dict[str, float | None], waited_before: dict[str, float | None],
+                 reaped: resource.struct_rusage, wall_s: float, run_s: int) -> None:
         """CPU seconds each process spent while Locust ran, and that over the run's duration (the
         servers idle while Locust starts and stops): on a small machine whoever sits at 100 % of
-        a CPU is what the latencies measure. Locust's figure includes its own start and stop."""
+        a CPU is what the latencies measure. Locust's figure includes its own start and stop.
+        Beside it, how long each process's main thread waited, runnable, for a CPU that others
+        held (``runqueue_wait_s``): latency the scheduler added, not the process."""
         used: dict[str, float | None] = {}
+        waits: dict[str, float | None] = {}
         for child in self.children:
             now, then = child.cpu_seconds(), before.get(child.name)
             used[child.name] = None if now is None or then is None else now - then
+            w_now, w_then = child.runqueue_wait_seconds(), waited_before.get(child.name)
+            waits[child.name] = None if w_now is None or w_then is None else w_now - w_then
         after = resource.getrusage(resource.RUSAGE_CHILDREN)  # Locust, reaped by now
         used["locust"] = (after.ru_utime + after.ru_stime) - (reaped.ru_utime + reaped.ru_stime)
+        waits["locust"] = self.locust_waited_s
         table: dict[str, Any] = {"wall_s": round(wall_s, 1)}
         for name, cpu in used.items():
-            table[name] = None if cpu is None else {"cpu_s": round(cpu, 2),
-                                                    "share_of_one_cpu": round(cpu / run_s, 2)}
+            if cpu is None:
+                table[name] = None
+                continue
+            table[name] = {"cpu_s": round(cpu, 2), "share_of_one_cpu": round(cpu / run_s, 2)}
+            wait = waits.get(name)
+            if wait is not None:
+                table[name]["runqueue_wait_s"] = round(wait, 2)
         self.settings["cpu_while_locust_ran"] = table
 
     def stop_all(self) -> None:
@@ -332,7 +362,8 @@ def _summary(state: _Run, plan: Plan, journal: dict[str, Any], record: dict[str,
         "scenario": scenario.name, "description": scenario.description, "ok": False,
         "out": str(o.out),
         "settings": {"users": o.users, "spawn_rate": o.spawn_rate, "duration_s": o.duration_s,
-                     "seed": o.seed, "locust_nice": o.locust_nice, "cpu_count": os.cpu_count(),
+                     "seed": o.seed, "locust_nice": o.locust_nice,
+                     "locust_policy": "idle" if o.locust_idle else "normal", "cpu_count": os.cpu_count(),
                      "machine": platform.machine(),
                      "versions": _versions(), **state.settings},
         "routes": routes,
