@@ -116,9 +116,9 @@ def _build_parser() -> _Parser:
                      help="run Locust (not the probe, gateway, upstream or Redis) at this nice "
                           "level, 0-19 (0): on a machine it shares with what it loads, the "
                           "generator then does not take their CPU, as other machines would not")
-    run.add_argument("--locust-idle", action=argparse.BooleanOptionalAction, default=None,
-                     help="run Locust under SCHED_IDLE, on the CPU time nobody else wants "
-                          "(overload: on; the others: off)")
+    run.add_argument("--locust-idle", action="store_true",
+                     help="run Locust under SCHED_IDLE, on the CPU time no other process wants: "
+                          "the generator then yields the CPU at once, as other machines would")
     return parser
 
 
@@ -158,8 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       spawn_rate=args.spawn_rate or float(args.users), redis_url=args.redis_url,
                       out=args.out or default_out(args.scenario), seed=args.seed,
                       locust_nice=args.locust_nice,
-                      locust_idle=(SCENARIOS[args.scenario].locust_idle if args.locust_idle is None
-                                   else args.locust_idle))
+                      locust_idle=args.locust_idle)
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         return run(options)

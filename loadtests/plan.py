@@ -96,9 +96,6 @@ class Scenario:
     ratelimit: bool = False  # the allowed-rate checks apply
     overload: bool = False  # the load-shedding checks apply
     min_users: int = 1  # fewer could not exercise every route
-    # Locust under SCHED_IDLE unless --no-locust-idle: overload's flood would come from other
-    # machines, so on this one its generator takes only the CPU the processes it measures leave
-    locust_idle: bool = False
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -121,7 +118,7 @@ SCENARIOS: dict[str, Scenario] = {
                  routes=(GATEWAY_HELLO, *_PAYMENT_ROUTES, CHARGE_UNKEYED),
                  description="rate-limited GETs, idempotent payments and unkeyed POSTs together"),
         Scenario(name="overload", user_classes=("CriticalUser", "FloodUser"), overload=True,
-                 min_users=CRITICAL_USERS + 1, locust_idle=True,
+                 min_users=CRITICAL_USERS + 1,
                  routes=(CRITICAL_UNLOADED, CRITICAL_FLOOD, FLOOD_WORK),
                  description=f"a flood of sheddable GET /work ({WORK_MS} ms upstream) far beyond one "
                              f"gateway process, beside a trickle of critical POST /charges "

@@ -31,7 +31,7 @@ from loadtests.checks import (
     check_requests,
     rate_bounds,
 )
-from loadtests.cli import _build_parser, main, parse_duration
+from loadtests.cli import main, parse_duration
 from loadtests.journal import Journal, percentile
 from loadtests.plan import (
     CRITICAL_FLOOD,
@@ -104,16 +104,6 @@ def test_a_bad_option_is_exit_2_with_one_line_naming_it(
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert option in err
-
-
-def test_only_overload_runs_locust_under_sched_idle_unless_told() -> None:
-    """Overload's flood would come from other machines: its generator takes only spare CPU; the
-    other scenarios measure Locust's view too, so it competes as any process; either is a flag."""
-    assert {name for name, scenario in SCENARIOS.items() if scenario.locust_idle} == {"overload"}
-    parser = _build_parser()
-    assert parser.parse_args(["run", "--scenario", "overload"]).locust_idle is None  # the scenario's
-    assert parser.parse_args(["run", "--scenario", "overload", "--no-locust-idle"]).locust_idle is False
-    assert parser.parse_args(["run", "--scenario", "overhead", "--locust-idle"]).locust_idle is True
 
 
 def test_an_out_folder_that_is_not_empty_is_refused(tmp_path: Path,
@@ -567,7 +557,7 @@ def test_overhead_run_reports_both_routes_and_the_added_latency(tmp_path: Path) 
     """overhead: the same route direct and via the gateway, equal counts, added latency known."""
     summary = _run(tmp_path, "overhead", "4s")
     settings = summary["settings"]
-    assert settings["locust_policy"] == settings["locust_policy_seen"] == "normal"  # overload's alone
+    assert settings["locust_policy"] == settings["locust_policy_seen"] == "normal"  # by default
     direct, via = summary["routes"]["direct GET /hello"], summary["routes"]["gateway GET /hello"]
     assert direct["count"] == via["count"] > 0
     assert direct["failures"] == via["failures"] == 0
@@ -659,11 +649,11 @@ def test_overload_run_serves_every_critical_charge_and_sheds_the_flood(tmp_path:
     """overload: both phases run, every critical charge is a 201 the upstream ran once, the flood
     gets 503 load-shed and no timeouts, RSS is sampled; the p99 ratio needs the full run."""
     summary = _run(tmp_path, "overload", "8s", users=40, may_fail=("critical: p99",),
-                   extra=("--locust-nice", "10"))
+                   extra=("--locust-nice", "10", "--locust-idle"))
     settings = summary["settings"]
     assert settings["locust_nice"] == 10
     assert settings["locust_nice_seen"] == 10  # Locust itself, read while it ran
-    assert settings["locust_policy"] == settings["locust_policy_seen"] == "idle"  # overload's default
+    assert settings["locust_policy"] == settings["locust_policy_seen"] == "idle"
     assert "Locust at nice 10, Locust under SCHED_IDLE" in format_table(summary)
     if Path("/proc/self/autogroup").exists():  # a kernel that shares the CPU between sessions
         assert settings["locust_shares_autogroup"] is True  # so nice and policy rank Locust lower
