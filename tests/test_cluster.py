@@ -539,19 +539,31 @@ async def test_master_killed_mid_run_keeps_the_promised_guarantees(failover_clus
         seen.append(Seen(kind, key, r.status_code, started, time.monotonic() - started, r))
 
     async def load(c: httpx.AsyncClient) -> None:
-        n = 0
-        while not stop.is_set():
-            api_key = f"fo-client-{n % 5}"
-            replay = done_before[n % len(done_before)]
-            await asyncio.gather(
-                timed("allow", api_key, c.get("/allow", headers={"x-api-key": api_key})),
-                timed("deny", api_key, c.get("/deny", headers={"x-api-key": api_key})),
-                timed("fresh", f"during-{n}", c.post("/charge", content=b"x",
-                                                     headers=keyed(api_key, f"during-{n}"))),
-                timed("replay", replay[1], c.post("/charge", content=b"x", headers=keyed(*replay))),
-            )
-            n += 1
-            await asyncio.sleep(0.02)
+        """Four request streams, each on its own: one request held up (a completion retried
+        until its lease ends) must not keep the others from meeting the outage."""
+
+        def allow(n: int, api_key: str) -> Any:
+            return timed("allow", api_key, c.get("/allow", headers={"x-api-key": api_key}))
+
+        def deny(n: int, api_key: str) -> Any:
+            return timed("deny", api_key, c.get("/deny", headers={"x-api-key": api_key}))
+
+        def fresh(n: int, api_key: str) -> Any:
+            return timed("fresh", f"during-{n}", c.post("/charge", content=b"x",
+                                                        headers=keyed(api_key, f"during-{n}")))
+
+        def replay(n: int, api_key: str) -> Any:
+            pair = done_before[n % len(done_before)]
+            return timed("replay", pair[1], c.post("/charge", content=b"x", headers=keyed(*pair)))
+
+        async def stream(request: Any) -> None:
+            n = 0
+            while not stop.is_set():  # bounded: the test sets stop, each request within its bound
+                await request(n, f"fo-client-{n % 5}")
+                n += 1
+                await asyncio.sleep(0.02)
+
+        await asyncio.gather(*(stream(r) for r in (allow, deny, fresh, replay)))
 
     async with lifespan_running(gw), client_for(gw) as c:
         first = {p: await c.post("/charge", content=b"x", headers=keyed(*p)) for p in done_before}
