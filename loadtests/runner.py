@@ -199,7 +199,12 @@ class _Run:
         self.children.append(child)
         if o.locust_idle:
             # only the CPU nobody else wants: the flood's own machines would take none of this one's
-            os.sched_setscheduler(child.pid, os.SCHED_IDLE, os.sched_param(0))
+            try:
+                os.sched_setscheduler(child.pid, os.SCHED_IDLE, os.sched_param(0))
+            except OSError as exc:  # gone already, or a kernel without the policy
+                child.stop(STOP_GRACE_S)
+                msg = f"Locust could not be put under SCHED_IDLE: {exc}"
+                raise StartError(msg) from None
         status = self._wait_sampling(child, o.duration_s + LOCUST_STOP_TIMEOUT_S + LOCUST_MARGIN_S)
         self._cpu_use(servers, waited, reaped, time.monotonic() - started, o.duration_s)
         if status is None:
