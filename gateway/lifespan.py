@@ -2,12 +2,15 @@
 
 Startup checks the store answers and loads the scripts, but never fails startup: a Redis that
 is down at boot is a store failure like any other (policies follow ``on_store_error``) and the
-connection is retried on the next request. Shutdown closes the store after the app's own
-shutdown has completed.
+connection is retried on the next request. Once the app has started, the heap built so far is
+frozen out of the collector's scans (``freeze_startup_heap``), whichever middleware runs the
+lifespan: the whole stack or one middleware alone. Shutdown closes the store after the app's
+own shutdown has completed.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -15,9 +18,28 @@ from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
 from gateway.errors import StoreError
 from gateway.store import Store
 
-__all__ = ["run_lifespan"]
+__all__ = ["GEN0_THRESHOLD", "freeze_startup_heap", "run_lifespan"]
 
 _log = logging.getLogger("gateway.lifespan")
+#: Allocations (net of frees) between two collections of the youngest generation, once started.
+GEN0_THRESHOLD = 10_000
+_CPYTHON_GEN0_THRESHOLD = 700
+
+
+def freeze_startup_heap() -> None:
+    """Once startup is done, what is alive (modules, config, the app) lives as long as the
+    process: ``gc.freeze()`` takes it out of the collector's sight, so the collections that
+    per-request garbage triggers stop rescanning it (loadtests/RESULTS.md: ~17 µs of CPU per
+    keyed request, ~3 µs per GET, in-process). Objects made later are collected as before.
+
+    The youngest generation's threshold goes from CPython's default 700 to
+    ``GEN0_THRESHOLD``: 32 requests in flight keep more than 700 objects alive, so at 700 a
+    collection ran every few requests and found nothing to free (~5 µs per GET). An app that set
+    its own thresholds keeps them."""
+    gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    if gen0 == _CPYTHON_GEN0_THRESHOLD:
+        gc.set_threshold(GEN0_THRESHOLD, gen1, gen2)
 
 
 async def run_lifespan(
@@ -31,8 +53,8 @@ async def run_lifespan(
     after_startup: Callable[[], object] | None = None,
 ) -> None:
     """Run ``app``'s lifespan, opening ``store`` at startup and closing it at shutdown
-    (after ``before_close``, which lets work that still needs the store finish);
-    ``after_startup`` runs once the app's own startup has completed."""
+    (after ``before_close``, which lets work that still needs the store finish); once the
+    app's own startup has completed, the startup heap is frozen and ``after_startup`` runs."""
 
     async def receive_opening() -> Message:
         message = await receive()
@@ -47,8 +69,10 @@ async def run_lifespan(
         return message
 
     async def send_closing(message: Message) -> None:
-        if message["type"] == "lifespan.startup.complete" and after_startup is not None:
-            after_startup()
+        if message["type"] == "lifespan.startup.complete":
+            freeze_startup_heap()
+            if after_startup is not None:
+                after_startup()
         if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
             if before_close is not None:
                 await before_close()

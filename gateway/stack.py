@@ -16,7 +16,6 @@ their requests finish before the store closes. Other non-HTTP scopes pass throug
 
 from __future__ import annotations
 
-import gc
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -29,7 +28,7 @@ from gateway.connection_shed import ConnectionShedder
 from gateway.entry import StackEntry
 from gateway.idempotency import IdempotencyMiddleware
 from gateway.identity import IdentityResolver
-from gateway.lifespan import run_lifespan
+from gateway.lifespan import GEN0_THRESHOLD, freeze_startup_heap, run_lifespan
 from gateway.metrics import Metrics
 from gateway.ops import OpsRoutes, UpstreamTimer
 from gateway.plans import plan_claims
@@ -45,9 +44,6 @@ __all__ = ["GEN0_THRESHOLD", "METRICS_FOLD_S", "SHUTDOWN_DRAIN_S", "GatewayMiddl
 SHUTDOWN_DRAIN_S = 10.0
 #: How often the hot path's pending counts are folded into the metrics while the app runs.
 METRICS_FOLD_S = 1.0
-#: Allocations (net of frees) between two collections of the youngest generation, once started.
-GEN0_THRESHOLD = 10_000
-_CPYTHON_GEN0_THRESHOLD = 700
 
 
 class GatewayMiddleware(StackEntry):
@@ -169,7 +165,6 @@ class GatewayMiddleware(StackEntry):
         await self._inner(scope, receive, send)
 
     def _started(self) -> None:
-        freeze_startup_heap()
         # pending counts reach the registry at least once a second (a scrape in another worker)
         self.metrics.tallies.fold_every(METRICS_FOLD_S)
 
@@ -180,19 +175,3 @@ class GatewayMiddleware(StackEntry):
         if self._shedding is not None:
             await self._shedding.drain(SHUTDOWN_DRAIN_S)
         self.metrics.tallies.stop_folding()
-
-
-def freeze_startup_heap() -> None:
-    """Once startup is done, what is alive (modules, config, the app) lives as long as the
-    process: ``gc.freeze()`` takes it out of the collector's sight, so the collections that
-    per-request garbage triggers stop rescanning it (loadtests/RESULTS.md: ~17 µs of CPU per
-    keyed request, ~3 µs per GET, in-process). Objects made later are collected as before.
-
-    The youngest generation's threshold goes from CPython's default 700 to
-    ``GEN0_THRESHOLD``: 32 requests in flight keep more than 700 objects alive, so at 700 a
-    collection ran every few requests and found nothing to free (~5 µs per GET). An app that set
-    its own thresholds keeps them."""
-    gc.freeze()
-    gen0, gen1, gen2 = gc.get_threshold()
-    if gen0 == _CPYTHON_GEN0_THRESHOLD:
-        gc.set_threshold(GEN0_THRESHOLD, gen1, gen2)
