@@ -15,6 +15,7 @@ to 2 retries (its default), sleeping its own backoff (0.5 s, then up to 1 s).
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -324,8 +325,18 @@ class TestRefusals:
         code load_shed with the request's priority class."""
         client = client_of(stack.dead_store)
         hold_id = f"shed-{uuid.uuid4().hex}"
-        holder = threading.Thread(target=lambda: httpx.get(f"{stack.dead_store.url}/v1/hold?id={hold_id}",
-                                                           timeout=30, trust_env=False))
+
+        def hold() -> None:
+            """The one request in flight: sent again while it is shed itself, as it is when the
+            previous test's last request has answered but not yet left the stack."""
+            end = time.monotonic() + 10.0
+            while time.monotonic() < end:
+                held = httpx.get(f"{stack.dead_store.url}/v1/hold?id={hold_id}", timeout=30, trust_env=False)
+                if held.status_code != 503:
+                    return
+                time.sleep(0.05)
+
+        holder = threading.Thread(target=hold)
         holder.start()
         try:
             wait_for(lambda: stack.upstream_attempts(hold_id) == 1, "the held request upstream")
