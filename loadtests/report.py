@@ -261,11 +261,11 @@ def format_table(summary: Mapping[str, Any]) -> str:
                      _cell(r.get("max_ms"))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     settings = summary.get("settings", {})
-    niced = f", Locust at nice {settings['locust_nice']}" if settings.get("locust_nice") else ""
+    locust_priority = f", Locust at nice {settings['locust_nice']}" if settings.get("locust_nice") else ""
     if settings.get("locust_policy") == "idle":
-        niced += ", Locust under SCHED_IDLE"
+        locust_priority += ", Locust under SCHED_IDLE"
     lines = [f"{summary.get('scenario')}: {settings.get('users')} users, "
-             f"{settings.get('duration_s')} s{niced} (latency in ms)"]
+             f"{settings.get('duration_s')} s{locust_priority} (latency in ms)"]
     for row in rows:
         lines.append("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                                       for i, (c, w) in enumerate(zip(row, widths, strict=True))))

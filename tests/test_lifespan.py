@@ -50,38 +50,11 @@ async def test_owned_store_opens_at_startup_and_closes_after_shutdown(
     assert app.lifespan_events == ["lifespan.startup", "lifespan.shutdown"]
 
 
-async def test_startup_freezes_the_heap_built_so_far(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Once the app has started, what exists is frozen out of the collector's scans (gc.freeze)."""
-    spy = SpyStore()
-    monkeypatch.setattr(gateway.stack, "store_from_config", lambda config, **_: spy)
-    gw = GatewayMiddleware(CountingApp(), {"rate_limit": [POLICY]})
-    gc.unfreeze()
-    assert gc.get_freeze_count() == 0
-    frozen_while_serving: list[int] = []
-    await run_lifespan(gw, between=lambda: frozen_while_serving.append(gc.get_freeze_count()))
-    assert frozen_while_serving[0] > 1000  # modules, config, the app: thousands of objects
-
-
-@pytest.mark.parametrize(("before", "after"),
-                         [((700, 10, 10), (10_000, 10, 10)), ((1234, 5, 6), (1234, 5, 6))])
-async def test_startup_raises_the_youngest_threshold_unless_the_app_set_its_own(
-    monkeypatch: pytest.MonkeyPatch, before: tuple[int, int, int], after: tuple[int, int, int]
-) -> None:
-    """CPython's default 700 becomes GEN0_THRESHOLD once started; thresholds an app chose stay."""
-    spy = SpyStore()
-    monkeypatch.setattr(gateway.stack, "store_from_config", lambda config, **_: spy)
-    saved = gc.get_threshold()
-    gc.set_threshold(*before)
-    try:
-        seen: list[tuple[int, int, int]] = []
-        await run_lifespan(GatewayMiddleware(CountingApp(), {"rate_limit": [POLICY]}),
-                           between=lambda: seen.append(gc.get_threshold()))
-        assert seen == [after]
-    finally:
-        gc.set_threshold(*saved)
-
-
-LONE_MIDDLEWARES = {
+#: Every middleware that runs the lifespan when it owns its store: the stack, and each one used
+#: alone. Without the freeze, each collection rescans every module and the app (a lone
+#: IdempotencyMiddleware's p99 was 22-27 ms in peer-bench against 7-8 ms for the stack).
+LIFESPAN_OWNERS = {
+    "stack": lambda app: GatewayMiddleware(app, {"store": {"url": "memory://"}, "rate_limit": [POLICY]}),
     "rate_limit": lambda app: RateLimitMiddleware(app, rate_limit=[POLICY], store="memory://"),
     "idempotency": lambda app: IdempotencyMiddleware(app, store="memory://"),
     "concurrency": lambda app: ConcurrencyLimitMiddleware(
@@ -89,21 +62,31 @@ LONE_MIDDLEWARES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(LONE_MIDDLEWARES))
-async def test_a_lone_middleware_that_runs_the_lifespan_freezes_the_heap_too(name: str) -> None:
-    """Used alone (its own store, so its own lifespan), a middleware freezes the startup heap and
-    raises the youngest threshold as the stack does: without it, each collection rescans every
-    module and the app, a p99 of 22-27 ms in peer-bench against 7-8 ms for the stack."""
-    saved = gc.get_threshold()
-    gc.set_threshold(700, 10, 10)
+@pytest.mark.parametrize("owner", sorted(LIFESPAN_OWNERS))
+async def test_startup_freezes_the_heap_built_so_far(owner: str) -> None:
+    """Once the app has started, what exists is frozen out of the collector's scans (gc.freeze)."""
+    app = LIFESPAN_OWNERS[owner](CountingApp())
     gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    frozen_while_serving: list[int] = []
+    await run_lifespan(app, between=lambda: frozen_while_serving.append(gc.get_freeze_count()))
+    assert frozen_while_serving[0] > 1000  # modules, config, the app: thousands of objects
+
+
+@pytest.mark.parametrize("owner", sorted(LIFESPAN_OWNERS))
+@pytest.mark.parametrize(("before", "after"),
+                         [((700, 10, 10), (GEN0_THRESHOLD, 10, 10)), ((1234, 5, 6), (1234, 5, 6))])
+async def test_startup_raises_the_youngest_threshold_unless_the_app_set_its_own(
+    owner: str, before: tuple[int, int, int], after: tuple[int, int, int]
+) -> None:
+    """CPython's default 700 becomes GEN0_THRESHOLD once started; thresholds an app chose stay."""
+    app = LIFESPAN_OWNERS[owner](CountingApp())
+    saved = gc.get_threshold()
+    gc.set_threshold(*before)
     try:
-        seen: list[tuple[int, tuple[int, int, int]]] = []
-        await run_lifespan(LONE_MIDDLEWARES[name](CountingApp()),
-                           between=lambda: seen.append((gc.get_freeze_count(), gc.get_threshold())))
-        [(frozen, threshold)] = seen
-        assert frozen > 1000
-        assert threshold == (GEN0_THRESHOLD, 10, 10)
+        seen: list[tuple[int, int, int]] = []
+        await run_lifespan(app, between=lambda: seen.append(gc.get_threshold()))
+        assert seen == [after]
     finally:
         gc.set_threshold(*saved)
 
