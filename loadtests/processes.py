@@ -70,6 +70,17 @@ def redis_ping(port: int, timeout_s: float = 0.5) -> bool:
         return False
 
 
+ROOT_AUTOGROUP = "/autogroup-0"
+
+
+def autogroup_name(text: str) -> str:
+    """The group's name from ``/proc/PID/autogroup`` (``/autogroup-N nice K``). The kernel prints
+    nothing for a task in the root group (init's session, where a CI service may start the run
+    from), which is a group too: all its tasks share it, so it gets a name of its own."""
+    fields = text.split()
+    return fields[0] if fields else ROOT_AUTOGROUP
+
+
 class Child:
     """One process the run started: its command, its log files, its PID.
 
@@ -148,11 +159,11 @@ class Child:
             return None
 
     def autogroup(self) -> str | None:
-        """The scheduling autogroup it is in (``/proc/PID/autogroup``, ``/autogroup-N``); None
-        on a kernel without autogroups or once it is gone."""
+        """The scheduling autogroup it is in (``/proc/PID/autogroup``); None on a kernel without
+        autogroups or once it is gone."""
         try:
-            return Path(f"/proc/{self.proc.pid}/autogroup").read_text().split()[0]
-        except (OSError, IndexError):
+            return autogroup_name(Path(f"/proc/{self.proc.pid}/autogroup").read_text())
+        except OSError:
             return None
 
     def rss_bytes(self) -> int | None:

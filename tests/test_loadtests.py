@@ -45,6 +45,7 @@ from loadtests.plan import (
     gateway_config,
     toml,
 )
+from loadtests.processes import ROOT_AUTOGROUP, autogroup_name
 from loadtests.report import (
     MIB,
     added_latency,
@@ -642,6 +643,14 @@ def test_the_probe_sends_only_to_the_loopback(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "127.0.0.1" in result.stderr
     assert not (tmp_path / "probe.json").exists()
+
+
+def test_autogroup_name_reads_a_named_group_and_names_the_root_one() -> None:
+    """/proc/PID/autogroup is empty for a task in the root group (a run started from init's
+    session, as CI may): that is a group its tasks share, not a kernel without autogroups."""
+    assert autogroup_name("/autogroup-85 nice 0\n") == "/autogroup-85"
+    assert autogroup_name("") == ROOT_AUTOGROUP
+    assert autogroup_name("\n") == ROOT_AUTOGROUP != autogroup_name("/autogroup-1 nice 0")
 
 
 @pytest.mark.slow
