@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import re
 import signal
 import sys
@@ -119,6 +120,10 @@ def _build_parser() -> _Parser:
     run.add_argument("--locust-idle", action="store_true",
                      help="run Locust under SCHED_IDLE, on the CPU time no other process wants: "
                           "the generator then yields the CPU at once, as other machines would")
+    run.add_argument("--cpu-layout", choices=("shared", "split"),
+                     help="shared: every process on every CPU; split: the gateway alone on one CPU, "
+                          "Redis, the upstream, the probe and Locust on the others, as on their "
+                          "own machines (the overload scenario's default; the others': shared)")
     return parser
 
 
@@ -152,13 +157,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None and args.out.exists() and any(args.out.iterdir()):
         print(f"loadtests: argument --out: {str(args.out)!r} exists and is not empty", file=sys.stderr)
         return EXIT_USAGE
-    from loadtests.runner import Options, run
+    from loadtests.runner import Options, run, split_cpus
 
+    layout = args.cpu_layout or SCENARIOS[args.scenario].cpu_layout
+    if layout == "split" and split_cpus(os.sched_getaffinity(0)) is None:
+        if args.cpu_layout == "split":
+            print("loadtests: argument --cpu-layout: split needs 2 CPUs this process may use and "
+                  "taskset (util-linux)", file=sys.stderr)
+            return EXIT_USAGE
+        layout = "shared"  # the scenario's default, where it cannot be had; the report says which
     options = Options(scenario=args.scenario, users=args.users, duration_s=args.duration,
                       spawn_rate=args.spawn_rate or float(args.users), redis_url=args.redis_url,
                       out=args.out or default_out(args.scenario), seed=args.seed,
                       locust_nice=args.locust_nice,
-                      locust_idle=args.locust_idle)
+                      locust_idle=args.locust_idle, cpu_layout=layout)
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         return run(options)

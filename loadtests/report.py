@@ -264,8 +264,11 @@ def format_table(summary: Mapping[str, Any]) -> str:
     locust_priority = f", Locust at nice {settings['locust_nice']}" if settings.get("locust_nice") else ""
     if settings.get("locust_policy") == "idle":
         locust_priority += ", Locust under SCHED_IDLE"
+    cpus = settings.get("cpus") if settings.get("cpu_layout") == "split" else None
+    layout = "" if cpus is None else (f", the gateway alone on {_cpus(cpus['gateway'])}, the rest "
+                                      f"on {_cpus(cpus['others'])}")
     lines = [f"{summary.get('scenario')}: {settings.get('users')} users, "
-             f"{settings.get('duration_s')} s{locust_priority} (latency in ms)"]
+             f"{settings.get('duration_s')} s{locust_priority}{layout} (latency in ms)"]
     for row in rows:
         lines.append("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                                       for i, (c, w) in enumerate(zip(row, widths, strict=True))))
@@ -305,3 +308,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
         lines.append(f"  [{'ok' if inv['ok'] else 'FAIL'}] {inv['name']}: {inv['detail']}")
     lines.append(f"  => {'ok' if summary.get('ok') else 'FAILED'}; report in {summary.get('out')}")
     return "\n".join(lines)
+
+
+def _cpus(cpus: Sequence[int]) -> str:
+    return ("CPU " if len(cpus) == 1 else "CPUs ") + ",".join(str(c) for c in cpus)

@@ -73,6 +73,7 @@ class Options:
     seed: int
     locust_nice: int = 0  # Locust's nice level (its share of a machine it shares with the gateway)
     locust_idle: bool = False  # Locust under SCHED_IDLE: only the CPU time nobody else wants
+    cpu_layout: str = "shared"  # "split": the gateway on a CPU of its own (split_cpus)
 
 
 def _say(message: str) -> None:
@@ -112,6 +113,25 @@ def _redis_version(binary: str) -> str:
     return next((w[2:] for w in out.split() if w.startswith("v=")), out.strip() or "unknown")
 
 
+def split_cpus(available: set[int]) -> tuple[list[int], list[int]] | None:
+    """The CPUs of a split layout: the gateway's (the lowest it may use) and everyone else's
+    (the rest); None with fewer than 2 CPUs or without ``taskset`` (util-linux), which pins a
+    command before it starts, so every thread it makes inherits the set.
+
+    Why split: on a small machine a process that wakes a peer on its own CPU (a write to the
+    upstream or Redis that was waiting for it) is preempted by that peer until the peer sleeps
+    again; in production the upstream, the store and the clients are on other machines. The
+    overload scenario measures the gateway's shedding, not that hand-off (RESULTS.md, run 9)."""
+    if len(available) < 2 or shutil.which("taskset") is None:
+        return None
+    cpus = sorted(available)
+    return cpus[:1], cpus[1:]
+
+
+def _cpu_list(cpus: list[int]) -> str:
+    return ",".join(str(c) for c in cpus)
+
+
 class _Run:
     """The state of one run: its children (stopped in reverse order) and its files."""
 
@@ -127,6 +147,20 @@ class _Run:
         self.probe: Child | None = None
         self.locust_waited_s: float | None = None  # Locust's runqueue wait, last read while it ran
         self.probe_path = options.out / "probe.json"
+        self.cpus: tuple[list[int], list[int]] | None = None  # (gateway's, everyone else's)
+        if options.cpu_layout == "split":
+            self.cpus = split_cpus(os.sched_getaffinity(0))
+            if self.cpus is None:
+                msg = "--cpu-layout split needs 2 CPUs this process may use and taskset (util-linux)"
+                raise StartError(msg)
+            self.settings["cpus"] = {"gateway": self.cpus[0], "others": self.cpus[1]}
+
+    def pinned(self, name: str, command: list[str]) -> list[str]:
+        """``command`` run on its CPUs of a split layout (exec'd by taskset: the PID is its own)."""
+        if self.cpus is None:
+            return command
+        cpus = self.cpus[0] if name == "gateway" else self.cpus[1]
+        return ["taskset", "-c", _cpu_list(cpus), *command]
 
     def start_redis(self) -> str:
         if self.options.redis_url:
@@ -139,9 +173,9 @@ class _Run:
         port = free_port()
         data = self.logs / "redis"
         data.mkdir(parents=True, exist_ok=True)
-        child = Child("redis", [binary, "--port", str(port), "--bind", HOST, "--save", "",
-                                "--appendonly", "no", "--dir", str(data), "--daemonize", "no"],
-                      self.logs)
+        child = Child("redis", self.pinned("redis", [
+            binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
+            "--dir", str(data), "--daemonize", "no"]), self.logs)
         self.children.append(child)
         child.wait_redis(port, REDIS_START_S)
         self.settings["redis"] = f"started: redis-server {_redis_version(binary)}, no persistence"
@@ -150,11 +184,11 @@ class _Run:
 
     def start_upstream(self) -> str:
         port = free_port()
-        child = Child("upstream", [sys.executable, "-m", "uvicorn", "loadtests.upstream:create_app",
-                                   "--factory", "--host", HOST, "--port", str(port), "--loop", "uvloop",
-                                   "--http", "httptools", "--no-access-log", "--log-level", "warning",
-                                   "--no-server-header", "--no-date-header", "--backlog", "2048"],
-                      self.logs, env=_env(), cwd=ROOT)
+        child = Child("upstream", self.pinned("upstream", [
+            sys.executable, "-m", "uvicorn", "loadtests.upstream:create_app", "--factory", "--host",
+            HOST, "--port", str(port), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+            "--log-level", "warning", "--no-server-header", "--no-date-header", "--backlog", "2048"]),
+            self.logs, env=_env(), cwd=ROOT)
         self.children.append(child)
         url = f"http://{HOST}:{port}"
         child.wait_http(f"{url}/hello", SERVER_START_S)
@@ -168,8 +202,9 @@ class _Run:
         self.settings["gateway_config"] = config
         path = self.out / "gateway.toml"
         path.write_text(toml(config))
-        child = Child("gateway", [sys.executable, "-m", "gateway", "serve", "--config", str(path),
-                                  "--host", HOST, "--port", str(port)], self.logs, env=_env(), cwd=ROOT)
+        child = Child("gateway", self.pinned("gateway", [
+            sys.executable, "-m", "gateway", "serve", "--config", str(path), "--host", HOST,
+            "--port", str(port)]), self.logs, env=_env(), cwd=ROOT)
         self.children.append(child)
         self.gateway = child
         url = f"http://{HOST}:{port}"
@@ -187,6 +222,7 @@ class _Run:
                    *self.scenario.user_classes]
         if o.locust_nice:
             command = ["nice", "-n", str(o.locust_nice), *command]  # exec'd: the PID is Locust's
+        command = self.pinned("locust", command)
         _say(f"locust: {o.users} users ({', '.join(self.scenario.user_classes)}) for {o.duration_s} s")
         servers = {c.name: c.cpu_seconds() for c in self.children}
         waited = {c.name: c.runqueue_wait_seconds() for c in self.children}
@@ -224,7 +260,7 @@ class _Run:
                    "--seconds", str(o.duration_s), "--clients", str(CRITICAL_USERS),
                    "--pacing", f"{CRITICAL_PACING_S:g}", "--seed", str(o.seed),
                    "--out", str(self.probe_path)]
-        self.probe = Child("probe", command, self.logs, env=_env(), cwd=ROOT)
+        self.probe = Child("probe", self.pinned("probe", command), self.logs, env=_env(), cwd=ROOT)
         self.children.append(self.probe)
         _say(f"probe: {CRITICAL_USERS} clients, one charge each every {CRITICAL_PACING_S:g} s "
              f"(pid {self.probe.pid})")
@@ -249,6 +285,7 @@ class _Run:
             samples += 1
             if samples == 2 and child.running():  # by now Locust runs (nice has exec'd it)
                 self._read_locust_priority(child)
+                self._read_cpus()
             waited = child.runqueue_wait_seconds()  # gone once Locust is reaped: the last one read
             if waited is not None:
                 self.locust_waited_s = waited
@@ -270,6 +307,14 @@ class _Run:
         group = child.autogroup()
         self.settings["locust_shares_autogroup"] = (
             None if group is None or self.gateway is None else group == self.gateway.autogroup())
+
+    def _read_cpus(self) -> None:
+        """The CPUs each running process may use, as the kernel says (``cpus_seen``)."""
+        seen: dict[str, list[int]] = {}
+        for child in self.children:
+            with contextlib.suppress(OSError):  # it just exited
+                seen[child.name] = sorted(os.sched_getaffinity(child.pid))
+        self.settings["cpus_seen"] = seen
 
     def _cpu_use(self, before: dict[str, float | None], waited_before: dict[str, float | None],
                  reaped: resource.struct_rusage, wall_s: float, run_s: int) -> None:
@@ -310,7 +355,11 @@ def run(options: Options) -> int:
     started = dt.datetime.now(dt.UTC)
     t0 = time.monotonic()
     options.out.mkdir(parents=True, exist_ok=True)
-    state = _Run(options)
+    try:
+        state = _Run(options)
+    except StartError as exc:
+        _say(f"run failed: {exc}")
+        return EXIT_FAILED
     scenario = state.scenario
     journal_path = options.out / "journal.json"
     try:
@@ -368,7 +417,8 @@ def _summary(state: _Run, plan: Plan, journal: dict[str, Any], record: dict[str,
         "out": str(o.out),
         "settings": {"users": o.users, "spawn_rate": o.spawn_rate, "duration_s": o.duration_s,
                      "seed": o.seed, "locust_nice": o.locust_nice,
-                     "locust_policy": "idle" if o.locust_idle else "normal", "cpu_count": os.cpu_count(),
+                     "locust_policy": "idle" if o.locust_idle else "normal", "cpu_layout": o.cpu_layout,
+                     "cpu_count": os.cpu_count(),
                      "machine": platform.machine(),
                      "versions": _versions(), **state.settings},
         "routes": routes,

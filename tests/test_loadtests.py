@@ -15,6 +15,7 @@ import io
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,7 @@ from loadtests.report import (
     probe_routes,
     route_stats,
 )
+from loadtests.runner import split_cpus
 from tests.redis_process import redis_server_binary
 from tests.serve_process import REPO_ROOT, ServerProcess, child_env
 
@@ -97,6 +99,7 @@ def test_bad_durations_are_refused(text: str) -> None:
     (["run", "--scenario", "overload", "--locust-nice", "20"], "--locust-nice"),
     (["run", "--scenario", "mixed", "--users", "2"], "--users"),
     (["run", "--scenario", "overload", "--users", str(CRITICAL_USERS)], "--users"),
+    (["run", "--scenario", "overload", "--cpu-layout", "apart"], "--cpu-layout"),
 ])
 def test_a_bad_option_is_exit_2_with_one_line_naming_it(
         argv: list[str], option: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -105,6 +108,29 @@ def test_a_bad_option_is_exit_2_with_one_line_naming_it(
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert option in err
+
+
+def test_split_cpus_gives_the_gateway_the_lowest_cpu_and_everyone_else_the_rest() -> None:
+    """The split layout's sets never overlap; one CPU has no split."""
+    assert split_cpus({0}) is None
+    if shutil.which("taskset") is not None:
+        assert split_cpus({3, 1, 2}) == ([1], [2, 3])
+        assert split_cpus({0, 1}) == ([0], [1])
+
+
+def test_a_split_layout_on_one_cpu_is_exit_2_naming_the_option(tmp_path: Path) -> None:
+    """Asked for where it cannot be had (one CPU), the split layout is refused before anything
+    starts, in one line; the overload scenario's own default falls back to shared instead."""
+    if shutil.which("taskset") is None:
+        pytest.skip("taskset (util-linux) is not installed")  # nothing CI runs: Debian has it
+    result = subprocess.run(
+        ["taskset", "-c", str(min(os.sched_getaffinity(0))), sys.executable, "-m", "loadtests", "run",
+         "--scenario", "overload", "--cpu-layout", "split", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=REPO_ROOT, env=child_env(), check=False, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "--cpu-layout" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_out_folder_that_is_not_empty_is_refused(tmp_path: Path,
@@ -559,6 +585,8 @@ def test_overhead_run_reports_both_routes_and_the_added_latency(tmp_path: Path) 
     summary = _run(tmp_path, "overhead", "4s")
     settings = summary["settings"]
     assert settings["locust_policy"] == settings["locust_policy_seen"] == "normal"  # by default
+    assert settings["cpu_layout"] == "shared"  # the overhead scenario's default
+    assert settings["cpus_seen"]["gateway"] == sorted(os.sched_getaffinity(0))
     direct, via = summary["routes"]["direct GET /hello"], summary["routes"]["gateway GET /hello"]
     assert direct["count"] == via["count"] > 0
     assert direct["failures"] == via["failures"] == 0
@@ -666,6 +694,17 @@ def test_overload_run_serves_every_critical_charge_and_sheds_the_flood(tmp_path:
     assert "Locust at nice 10, Locust under SCHED_IDLE" in format_table(summary)
     if Path("/proc/self/autogroup").exists():  # a kernel that shares the CPU between sessions
         assert settings["locust_shares_autogroup"] is True  # so nice and policy rank Locust lower
+    if len(os.sched_getaffinity(0)) >= 2 and shutil.which("taskset") is not None:
+        # the scenario's default: the gateway alone on one CPU, everything else on the others,
+        # as the kernel applied it to each running process
+        assert settings["cpu_layout"] == "split"
+        gateway_cpus, others = settings["cpus"]["gateway"], settings["cpus"]["others"]
+        assert not set(gateway_cpus) & set(others)
+        seen = settings["cpus_seen"]
+        assert seen["gateway"] == gateway_cpus
+        assert {name: seen[name] for name in ("redis", "upstream", "probe", "locust")} == dict.fromkeys(
+            ("redis", "upstream", "probe", "locust"), others)
+        assert f"the gateway alone on CPU {gateway_cpus[0]}" in format_table(summary)
     cpu = settings["cpu_while_locust_ran"]
     for name in ("gateway", "upstream", "probe", "locust"):
         assert 0.0 <= cpu[name]["runqueue_wait_s"] < 30.0, (name, cpu[name])
