@@ -117,9 +117,10 @@ def _build_parser() -> _Parser:
                      help="run Locust (not the probe, gateway, upstream or Redis) at this nice "
                           "level, 0-19 (0): on a machine it shares with what it loads, the "
                           "generator then does not take their CPU, as other machines would not")
-    run.add_argument("--locust-idle", action="store_true",
+    run.add_argument("--locust-idle", action=argparse.BooleanOptionalAction,
                      help="run Locust under SCHED_IDLE, on the CPU time no other process wants: "
-                          "the generator then yields the CPU at once, as other machines would")
+                          "the generator then yields the CPU at once, as other machines would "
+                          "(the overload scenario's default; --no-locust-idle turns it off)")
     run.add_argument("--cpu-layout", choices=("shared", "split"),
                      help="shared: every process on every CPU; split: the gateway alone on one CPU, "
                           "Redis, the upstream, the probe and Locust on the others, as on their "
@@ -170,7 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       spawn_rate=args.spawn_rate or float(args.users), redis_url=args.redis_url,
                       out=args.out or default_out(args.scenario), seed=args.seed,
                       locust_nice=args.locust_nice,
-                      locust_idle=args.locust_idle, cpu_layout=layout)
+                      locust_idle=(SCENARIOS[args.scenario].locust_idle if args.locust_idle is None
+                                   else args.locust_idle),
+                      cpu_layout=layout)
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         return run(options)

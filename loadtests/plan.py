@@ -96,8 +96,10 @@ class Scenario:
     ratelimit: bool = False  # the allowed-rate checks apply
     overload: bool = False  # the load-shedding checks apply
     min_users: int = 1  # fewer could not exercise every route
-    # its default CPU layout: "split" gives the gateway a CPU of its own (runner.py, --cpu-layout)
+    # its defaults for the machine it shares: "split" gives the gateway a CPU of its own
+    # (runner.py, --cpu-layout); locust_idle runs Locust under SCHED_IDLE (--locust-idle)
     cpu_layout: str = "shared"
+    locust_idle: bool = False
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -120,7 +122,7 @@ SCENARIOS: dict[str, Scenario] = {
                  routes=(GATEWAY_HELLO, *_PAYMENT_ROUTES, CHARGE_UNKEYED),
                  description="rate-limited GETs, idempotent payments and unkeyed POSTs together"),
         Scenario(name="overload", user_classes=("CriticalUser", "FloodUser"), overload=True,
-                 min_users=CRITICAL_USERS + 1, cpu_layout="split",
+                 min_users=CRITICAL_USERS + 1, cpu_layout="split", locust_idle=True,
                  routes=(CRITICAL_UNLOADED, CRITICAL_FLOOD, FLOOD_WORK),
                  description=f"a flood of sheddable GET /work ({WORK_MS} ms upstream) far beyond one "
                              f"gateway process, beside a trickle of critical POST /charges "

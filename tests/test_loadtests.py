@@ -57,7 +57,7 @@ from loadtests.report import (
     probe_routes,
     route_stats,
 )
-from loadtests.runner import split_cpus
+from loadtests.runner import Options, split_cpus
 from tests.redis_process import redis_server_binary
 from tests.serve_process import REPO_ROOT, ServerProcess, child_env
 
@@ -116,6 +116,24 @@ def test_split_cpus_gives_the_gateway_the_lowest_cpu_and_everyone_else_the_rest(
     if shutil.which("taskset") is not None:
         assert split_cpus({3, 1, 2}) == ([1], [2, 3])
         assert split_cpus({0, 1}) == ([0], [1])
+
+
+@pytest.mark.parametrize(("argv", "idle", "layout"), [
+    (["--scenario", "overload"], True, "split"),
+    (["--scenario", "overload", "--no-locust-idle", "--cpu-layout", "shared"], False, "shared"),
+    (["--scenario", "overhead"], False, "shared"),
+    (["--scenario", "payments", "--locust-idle", "--cpu-layout", "split"], True, "split"),
+])
+def test_each_scenario_has_its_own_defaults_for_the_machine_it_shares(
+        argv: list[str], idle: bool, layout: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """overload: Locust under SCHED_IDLE and the gateway on a CPU of its own unless told
+    otherwise; the other scenarios: neither unless asked."""
+    if layout == "split" and split_cpus(os.sched_getaffinity(0)) is None:
+        pytest.skip("one CPU (or no taskset): no split layout here")
+    seen: list[Options] = []
+    monkeypatch.setattr("loadtests.runner.run", lambda options: seen.append(options) or 0)
+    assert main(["run", *argv, "--out", str(tmp_path / "out")]) == 0
+    assert (seen[0].locust_idle, seen[0].cpu_layout) == (idle, layout)
 
 
 def test_a_split_layout_on_one_cpu_is_exit_2_naming_the_option(tmp_path: Path) -> None:
@@ -686,7 +704,7 @@ def test_overload_run_serves_every_critical_charge_and_sheds_the_flood(tmp_path:
     """overload: both phases run, every critical charge is a 201 the upstream ran once, the flood
     gets 503 load-shed and no timeouts, RSS is sampled; the p99 ratio needs the full run."""
     summary = _run(tmp_path, "overload", "8s", users=40, may_fail=("critical: p99",),
-                   extra=("--locust-nice", "10", "--locust-idle"))
+                   extra=("--locust-nice", "10"))  # and under SCHED_IDLE: the scenario's default
     settings = summary["settings"]
     assert settings["locust_nice"] == 10
     assert settings["locust_nice_seen"] == 10  # Locust itself, read while it ran
