@@ -136,9 +136,19 @@ def test_each_scenario_has_its_own_defaults_for_the_machine_it_shares(
     assert (seen[0].locust_idle, seen[0].cpu_layout) == (idle, layout)
 
 
+def test_on_one_cpu_the_overload_scenario_falls_back_to_the_shared_layout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scenario's own default where a split cannot be had: shared (and the report says so)."""
+    seen: list[Options] = []
+    monkeypatch.setattr("loadtests.runner.run", lambda options: seen.append(options) or 0)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert main(["run", "--scenario", "overload", "--out", str(tmp_path / "out")]) == 0
+    assert seen[0].cpu_layout == "shared"
+
+
 def test_a_split_layout_on_one_cpu_is_exit_2_naming_the_option(tmp_path: Path) -> None:
-    """Asked for where it cannot be had (one CPU), the split layout is refused before anything
-    starts, in one line; the overload scenario's own default falls back to shared instead."""
+    """Asked for where it cannot be had (a process allowed one CPU), the split layout is refused
+    before anything starts, in one line."""
     if shutil.which("taskset") is None:
         pytest.skip("taskset (util-linux) is not installed")  # nothing CI runs: Debian has it
     result = subprocess.run(
