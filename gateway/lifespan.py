@@ -5,7 +5,8 @@ is down at boot is a store failure like any other (policies follow ``on_store_er
 connection is retried on the next request. Once the app has started, the heap built so far is
 frozen out of the collector's scans (``freeze_startup_heap``), whichever middleware runs the
 lifespan: the whole stack or one middleware alone. Shutdown closes the store after the app's
-own shutdown has completed.
+own shutdown has completed. An app without lifespan support does not take any of this with it
+(``run_lifespan``).
 """
 
 from __future__ import annotations
@@ -54,11 +55,21 @@ async def run_lifespan(
 ) -> None:
     """Run ``app``'s lifespan, opening ``store`` at startup and closing it at shutdown
     (after ``before_close``, which lets work that still needs the store finish); once the
-    app's own startup has completed, the startup heap is frozen and ``after_startup`` runs."""
+    app's own startup has completed, the startup heap is frozen and ``after_startup`` runs.
+
+    An app that does not speak the lifespan protocol (it returns, or raises as Django does,
+    before answering anything) does not take the gateway's own startup and shutdown with it:
+    as a server's ``lifespan = "auto"`` would, the gateway goes on without the app's, and
+    answers the server itself. Otherwise the store would never be closed, settles still
+    running at shutdown would not be waited for, and the heap would never be frozen."""
+    answered = False  # the app sent a lifespan message of its own
+    startup_received = False
 
     async def receive_opening() -> Message:
+        nonlocal startup_received
         message = await receive()
         if message["type"] == "lifespan.startup":
+            startup_received = True
             try:
                 await store.open()
             except StoreError as exc:
@@ -69,6 +80,8 @@ async def run_lifespan(
         return message
 
     async def send_closing(message: Message) -> None:
+        nonlocal answered
+        answered = True
         if message["type"] == "lifespan.startup.complete":
             freeze_startup_heap()
             if after_startup is not None:
@@ -83,4 +96,20 @@ async def run_lifespan(
                                                                     "error": str(exc)})
         await send(message)
 
-    await app(scope, receive_opening, send_closing)
+    error: str | None = None  # what the app raised, when it raised instead of answering
+    try:
+        await app(scope, receive_opening, send_closing)
+    except Exception as exc:
+        if answered:
+            raise
+        error = f"{type(exc).__name__}: {exc}"
+    else:
+        if answered:
+            return
+    _log.info("the app does not support the ASGI lifespan protocol; the gateway starts and stops "
+              "its store without it", extra={"event": "lifespan.app_unsupported", "error": error})
+    if not startup_received:
+        await receive_opening()  # the server's lifespan.startup: the store opens
+    await send_closing({"type": "lifespan.startup.complete"})
+    await receive()  # lifespan.shutdown: the server sends it when it stops
+    await send_closing({"type": "lifespan.shutdown.complete"})

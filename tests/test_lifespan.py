@@ -156,3 +156,74 @@ async def test_failing_close_does_not_hang_shutdown(monkeypatch: pytest.MonkeyPa
     sent = await run_lifespan(GatewayMiddleware(CountingApp(), {"rate_limit": [POLICY]}))
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     assert spy.events == ["open", "close"]
+
+
+async def _returns_on_lifespan(scope: Any, receive: Any, send: Any) -> None:
+    """An app for HTTP only, as many are written: any other scope, it returns at once."""
+    if scope["type"] != "http":
+        return
+
+
+async def _raises_on_lifespan(scope: Any, receive: Any, send: Any) -> None:
+    """An app that refuses the lifespan scope, as Django's ASGI handler does."""
+    msg = f"can only handle ASGI/HTTP connections, not {scope['type']}"
+    raise ValueError(msg)
+
+
+async def _raises_after_startup(scope: Any, receive: Any, send: Any) -> None:
+    """An app that reads the startup message, then raises without answering it."""
+    await receive()
+    msg = "no lifespan here"
+    raise RuntimeError(msg)
+
+
+@pytest.mark.parametrize("owner", sorted(LIFESPAN_OWNERS))
+@pytest.mark.parametrize("inner", [_returns_on_lifespan, _raises_on_lifespan, _raises_after_startup])
+async def test_an_app_without_lifespan_support_keeps_the_gateways_own(
+    owner: str, inner: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The app does not speak the lifespan protocol: the gateway answers the server itself, so
+    its store still opens at startup and closes at shutdown, and the heap is still frozen."""
+    spy = SpyStore()
+    monkeypatch.setattr(gateway.stack, "store_from_config", lambda config, **_: spy)
+    monkeypatch.setattr("gateway._settings.store_from_config", lambda config: spy)
+    app = LIFESPAN_OWNERS[owner](inner)
+    gc.unfreeze()
+    frozen_while_serving: list[int] = []
+
+    def serving() -> None:
+        frozen_while_serving.append(gc.get_freeze_count())
+        spy.events.append("serving")
+
+    with caplog.at_level(logging.INFO, logger="gateway.lifespan"):
+        sent = await run_lifespan(app, between=serving)
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert spy.events == ["open", "serving", "close"]
+    assert frozen_while_serving[0] > 1000
+    unsupported = [r for r in caplog.records if getattr(r, "event", "") == "lifespan.app_unsupported"]
+    assert len(unsupported) == 1
+    raised = inner is not _returns_on_lifespan
+    assert (getattr(unsupported[0], "error", None) is not None) is raised
+
+
+async def test_an_apps_failed_startup_is_passed_on_not_answered_for() -> None:
+    """An app that speaks the protocol and fails its startup: the server hears the failure."""
+    async def failing(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.failed", "message": "database down"})
+
+    sent = await run_lifespan(GatewayMiddleware(failing, {"store": {"url": "memory://"}}))
+    assert sent == ["lifespan.startup.failed"]
+
+
+async def test_an_app_that_raises_after_answering_still_raises() -> None:
+    """Once the app has answered, its exception is its own: the gateway does not swallow it."""
+    async def raising(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        msg = "shutdown went wrong"
+        raise RuntimeError(msg)
+
+    with pytest.raises(RuntimeError, match="shutdown went wrong"):
+        await run_lifespan(GatewayMiddleware(raising, {"store": {"url": "memory://"}}))
