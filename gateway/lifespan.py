@@ -19,9 +19,12 @@ from gateway._asgi import ASGIApp, Message, Receive, Scope, Send
 from gateway.errors import StoreError
 from gateway.store import Store
 
-__all__ = ["GEN0_THRESHOLD", "freeze_startup_heap", "run_lifespan"]
+__all__ = ["GEN0_THRESHOLD", "SHUTDOWN_DRAIN_S", "freeze_startup_heap", "run_lifespan"]
 
 _log = logging.getLogger("gateway.lifespan")
+#: At shutdown, how long work that outlived its request (an idempotency settle, a slot's
+#: release) may still take before the store closes.
+SHUTDOWN_DRAIN_S = 10.0
 #: Allocations (net of frees) between two collections of the youngest generation, once started.
 GEN0_THRESHOLD = 10_000
 _CPYTHON_GEN0_THRESHOLD = 700

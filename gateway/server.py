@@ -16,10 +16,11 @@ from typing import Any
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError
 from gateway.http_protocol import GatewayHttpProtocol
+from gateway.lifespan import SHUTDOWN_DRAIN_S
 from gateway.metrics import Metrics
 from gateway.problem import renderer_for
 from gateway.proxy import ProxyApp
-from gateway.stack import SHUTDOWN_DRAIN_S, GatewayMiddleware
+from gateway.stack import GatewayMiddleware
 
 __all__ = ["ENV_CONFIG", "ENV_LOG_LEVEL", "build_app", "create_app", "uvicorn_options"]
 

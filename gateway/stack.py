@@ -28,7 +28,7 @@ from gateway.connection_shed import ConnectionShedder
 from gateway.entry import StackEntry
 from gateway.idempotency import IdempotencyMiddleware
 from gateway.identity import IdentityResolver
-from gateway.lifespan import run_lifespan
+from gateway.lifespan import SHUTDOWN_DRAIN_S, run_lifespan
 from gateway.metrics import Metrics
 from gateway.ops import OpsRoutes, UpstreamTimer
 from gateway.plans import plan_claims
@@ -38,10 +38,8 @@ from gateway.request_check import RequestCheck
 from gateway.shedding import LoadSheddingMiddleware
 from gateway.store import Store, store_from_config
 
-__all__ = ["METRICS_FOLD_S", "SHUTDOWN_DRAIN_S", "GatewayMiddleware"]
+__all__ = ["METRICS_FOLD_S", "GatewayMiddleware"]
 
-#: At shutdown, how long settles that outlived their requests may still take before the store closes.
-SHUTDOWN_DRAIN_S = 10.0
 #: How often the hot path's pending counts are folded into the metrics while the app runs.
 METRICS_FOLD_S = 1.0
 

@@ -16,8 +16,8 @@ import yaml
 from gateway import GatewayMiddleware, load_config
 from gateway.cli import main
 from gateway.config import IdempotencyConfig
+from gateway.lifespan import SHUTDOWN_DRAIN_S
 from gateway.server import build_app, uvicorn_options
-from gateway.stack import SHUTDOWN_DRAIN_S
 from tests.asgi_helpers import CountingApp, client_for, run_lifespan
 from tests.redis_process import free_port
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 from typing import Any
@@ -13,7 +15,7 @@ from gateway import ConcurrencyLimitMiddleware, GatewayMiddleware, IdempotencyMi
 from gateway.lifespan import GEN0_THRESHOLD
 from gateway.store.memory import memory_store
 from gateway.store.redis import RedisStore
-from tests.asgi_helpers import CountingApp, run_lifespan
+from tests.asgi_helpers import CountingApp, client_for, run_lifespan
 from tests.redis_process import free_port
 
 POLICY = {"name": "p", "limit": 5, "period": "1m"}
@@ -227,3 +229,43 @@ async def test_an_app_that_raises_after_answering_still_raises() -> None:
 
     with pytest.raises(RuntimeError, match="shutdown went wrong"):
         await run_lifespan(GatewayMiddleware(raising, {"store": {"url": "memory://"}}))
+
+
+async def test_a_lone_idempotency_middleware_lets_its_settles_finish_before_closing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """IdempotencyMiddleware alone with a store of its own, as the stack does: a settle that
+    outlived its request (its client left mid-completion) is stored before the store closes."""
+
+    class GatedSpy(SpyStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.entered = asyncio.Event()
+            self.gate = asyncio.Event()
+
+        async def idempotency_complete(self, *args: Any, **kwargs: Any) -> bool:
+            self.entered.set()
+            await self.gate.wait()
+            done = await super().idempotency_complete(*args, **kwargs)
+            self.events.append("completed")
+            return done
+
+    spy = GatedSpy()
+    monkeypatch.setattr("gateway._settings.store_from_config", lambda config: spy)
+    app = CountingApp()
+    mw = IdempotencyMiddleware(app, store="memory://")
+
+    async def serve() -> None:
+        async with client_for(mw) as c:
+            request = asyncio.ensure_future(c.post("/", content=b"x", headers={"Idempotency-Key": "k-drain"}))
+            async with asyncio.timeout(5):
+                await spy.entered.wait()  # the response is being stored
+            request.cancel()  # the client leaves: the settle goes on without it
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
+        asyncio.get_running_loop().call_later(0.2, spy.gate.set)  # the store answers, later
+
+    sent = await run_lifespan(mw, between=serve)
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert app.calls == 1
+    assert spy.events == ["open", "completed", "close"]

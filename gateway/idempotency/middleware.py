@@ -57,7 +57,7 @@ from gateway.idempotency.request import (
     replaying,
 )
 from gateway.identity import ANONYMOUS_TAG, IdentityResolver
-from gateway.lifespan import run_lifespan
+from gateway.lifespan import SHUTDOWN_DRAIN_S, run_lifespan
 from gateway.problem import Renderer, renderer_for
 from gateway.requestid import (
     bind_request_id,
@@ -216,7 +216,9 @@ class IdempotencyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in self._methods:
             if scope["type"] == "lifespan" and self._owns_store:
-                await run_lifespan(self.app, scope, receive, send, self._store)
+                # settles that outlived their requests finish before the store it owns closes
+                await run_lifespan(self.app, scope, receive, send, self._store,
+                                   before_close=lambda: self.drain(SHUTDOWN_DRAIN_S))
             else:
                 await self.app(scope, receive, send)
             return
