@@ -4,6 +4,8 @@ still gets its own reply or its own error (real redis-server: fakeredis has no s
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -316,5 +318,28 @@ async def test_a_joint_whose_caller_gave_up_takes_no_reply_and_breaks_nothing(
             await waiter
         assert await pipeline.call(command("ECHO", "next")) == b"next"
         assert pipeline.live() is conn
+    finally:
+        await pipeline.close()
+
+
+async def test_an_answered_call_is_not_kept_alive_until_its_write_times_out(
+        redis_server: RedisProcess) -> None:
+    """A write's timer must not hold its callers once they are answered: at a long timeout and a
+    high rate, futures and joints kept for the whole timeout filled the young generations, and
+    each garbage collection stalled the loop for tens of milliseconds (RESULTS.md, run 9)."""
+    pipeline = _pipeline_to(redis_server, 30.0)  # the timer stays armed for the whole test
+    try:
+        connection = await _live(pipeline)
+        future = connection.send(command("ECHO", "kept?"))
+        joint = Joint(1)
+        part = joint.part(0)
+        connection.send_part(command("ECHO", "part"), part)
+        assert await asyncio.wait_for(future, 2.0) == b"kept?"
+        assert await asyncio.wait_for(joint.future, 2.0) == [b"part"]
+        gone = [weakref.ref(future), weakref.ref(joint.future)]  # a part holds its joint
+        del future, joint, part
+        assert await connection.send(command("PING")) == b"PONG"  # the reader's last reply: not theirs
+        gc.collect()
+        assert [ref() for ref in gone] == [None, None]
     finally:
         await pipeline.close()
