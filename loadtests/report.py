@@ -264,7 +264,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
     locust_priority = f", Locust at nice {settings['locust_nice']}" if settings.get("locust_nice") else ""
     if settings.get("locust_policy") == "idle":
         locust_priority += ", Locust under SCHED_IDLE"
-    cpus = settings.get("cpus") if settings.get("cpu_layout") == "split" else None
+    cpus = settings.get("cpus")  # set for a split layout only
     layout = "" if cpus is None else (f", the gateway alone on {_cpus(cpus['gateway'])}, the rest "
                                       f"on {_cpus(cpus['others'])}")
     lines = [f"{summary.get('scenario')}: {settings.get('users')} users, "

@@ -128,10 +128,6 @@ def split_cpus(available: set[int]) -> tuple[list[int], list[int]] | None:
     return cpus[:1], cpus[1:]
 
 
-def _cpu_list(cpus: list[int]) -> str:
-    return ",".join(str(c) for c in cpus)
-
-
 class _Run:
     """The state of one run: its children (stopped in reverse order) and its files."""
 
@@ -160,7 +156,7 @@ class _Run:
         if self.cpus is None:
             return command
         cpus = self.cpus[0] if name == "gateway" else self.cpus[1]
-        return ["taskset", "-c", _cpu_list(cpus), *command]
+        return ["taskset", "-c", ",".join(map(str, cpus)), *command]
 
     def start_redis(self) -> str:
         if self.options.redis_url:
