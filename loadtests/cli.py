@@ -158,13 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None and args.out.exists() and any(args.out.iterdir()):
         print(f"loadtests: argument --out: {str(args.out)!r} exists and is not empty", file=sys.stderr)
         return EXIT_USAGE
-    from loadtests.runner import Options, run, split_cpus
+    from loadtests.runner import SPLIT_UNAVAILABLE, Options, run, split_cpus
 
     layout = args.cpu_layout or SCENARIOS[args.scenario].cpu_layout
     if layout == "split" and split_cpus(os.sched_getaffinity(0)) is None:
         if args.cpu_layout == "split":
-            print("loadtests: argument --cpu-layout: split needs 2 CPUs this process may use and "
-                  "taskset (util-linux)", file=sys.stderr)
+            print(f"loadtests: argument --cpu-layout: {SPLIT_UNAVAILABLE}", file=sys.stderr)
             return EXIT_USAGE
         layout = "shared"  # the scenario's default, where it cannot be had; the report says which
     options = Options(scenario=args.scenario, users=args.users, duration_s=args.duration,

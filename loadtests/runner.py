@@ -113,6 +113,10 @@ def _redis_version(binary: str) -> str:
     return next((w[2:] for w in out.split() if w.startswith("v=")), out.strip() or "unknown")
 
 
+#: Why a split layout cannot be had (``split_cpus`` is None), for the CLI's refusal and the run's.
+SPLIT_UNAVAILABLE = "split needs 2 CPUs this process may use and taskset (util-linux)"
+
+
 def split_cpus(available: set[int]) -> tuple[list[int], list[int]] | None:
     """The CPUs of a split layout: the gateway's (the lowest it may use) and everyone else's
     (the rest); None with fewer than 2 CPUs or without ``taskset`` (util-linux), which pins a
@@ -147,7 +151,7 @@ class _Run:
         if options.cpu_layout == "split":
             self.cpus = split_cpus(os.sched_getaffinity(0))
             if self.cpus is None:
-                msg = "--cpu-layout split needs 2 CPUs this process may use and taskset (util-linux)"
+                msg = f"--cpu-layout {SPLIT_UNAVAILABLE}"
                 raise StartError(msg)
             self.settings["cpus"] = {"gateway": self.cpus[0], "others": self.cpus[1]}
 
