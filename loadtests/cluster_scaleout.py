@@ -15,7 +15,10 @@ mode ``two`` one aims at A and one at B, so the client side is identical and onl
 gateway processes changes. Rounds interleave the modes (and alternate which goes first).
 Mode ``redis`` is the comparison row: both wrk aim at gateway R (pinned to CPU 0, like A), the
 same config on one plain ``redis-server`` (no cluster), so a request's gateway CPU on the cluster
-can be set against the same request on one Redis, measured in the same run.
+can be set against the same request on one Redis, measured in the same run. With ``--apart``,
+modes ``one-apart`` and ``redis-apart`` repeat ``one`` and ``redis`` with the Redis nodes and both
+wrk pinned to CPU 1 for the run, so the measured gateway has CPU 0 to itself: whether 3 Redis
+nodes (against 1) waking on the gateway's core is what makes the cluster cost it more.
 
 The machine may have 2 cores (this one does): the Redis nodes and wrk are not pinned and compete
 with the gateways. So every run records CPU time from /proc (utime + stime deltas) per gateway,
@@ -68,6 +71,10 @@ CONFIG_ENV = "CLUSTER_SCALEOUT_CONFIG"  # the gateway's config, JSON, for the uv
 # millisecond, and every take would create a fresh key.
 LIMIT, PERIOD, BURST = 1000, "1h", 100_000_000
 MODES = ("one", "two", "redis")
+# --apart: these modes too, ``one`` and ``redis`` again with the Redis nodes and wrk pinned to
+# APART_CPU, the CPU the measured gateway is not on
+APART = {"one-apart": "one", "redis-apart": "redis"}
+APART_CPU = 1
 HELLO = b'{"message":"hello"}'
 CHARGE = b'{"charge":"ch_1","status":"succeeded"}'
 
@@ -279,13 +286,15 @@ def parse_wrk(out: str) -> dict[str, Any]:
 
 
 def run_wrks(ports: list[int], script: Path, *, seconds: float, connections: int, keys: int,
-             tag: str) -> list[dict[str, Any]]:
-    """One wrk per port, all at once, each with ``connections`` connections; killed if we stop early."""
+             tag: str, cpu: int | None = None) -> list[dict[str, Any]]:
+    """One wrk per port, all at once, each with ``connections`` connections (pinned to ``cpu``
+    when given); killed if we stop early."""
     procs: list[subprocess.Popen[str]] = []
     try:
         for index, port in enumerate(ports):
             start_at = index * keys // len(ports)  # the two wrks walk the key cycle half a turn apart
-            argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script),
+            pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+            argv = [*pin, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script),
                     f"http://{HOST}:{port}", "--", f"{tag}-w{index}-{uuid.uuid4().hex[:8]}", str(keys),
                     str(start_at)]
             procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -303,6 +312,24 @@ def run_wrks(ports: list[int], script: Path, *, seconds: float, connections: int
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def pinned(pids: Iterable[int], cpu: int | None) -> Iterator[None]:
+    """With ``cpu``, the processes ``pids`` run on that CPU alone until the block ends, then on
+    every CPU again; without it, nothing changes."""
+    if cpu is None:
+        yield
+        return
+    pids, every = list(pids), os.sched_getaffinity(0)
+    try:
+        for pid in pids:
+            os.sched_setaffinity(pid, {cpu})
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(pid, every)
 
 
 def settle(pids: Iterable[int], timeout: float = 30.0) -> None:
@@ -356,18 +383,19 @@ def busy_pct_over(seconds: float) -> float:
 
 
 def timed_run(ports: list[int], script: Path, *, gateways: list[Gateway], watched: dict[str, int],
-              args: argparse.Namespace, tag: str) -> dict[str, Any]:
+              args: argparse.Namespace, tag: str, apart: int | None = None) -> dict[str, Any]:
     """One measured run: wrk on ``ports`` at once, with the CPU and the gateways' error counters
-    it cost (deltas over the run)."""
-    settle(watched.values())
-    errors_before = [g.store_errors() for g in gateways]
-    cpu_before = {k: cpu_seconds(p) for k, p in watched.items()}
-    wrk_before, busy_before, start = children_cpu(), machine_busy(), time.monotonic()
-    wrks = run_wrks(ports, script, seconds=args.seconds, connections=args.connections // 2,
-                    keys=args.keys, tag=tag)
-    wall = time.monotonic() - start
-    busy_after, wrk_cpu = machine_busy(), children_cpu() - wrk_before
-    cpu = {k: cpu_seconds(p) - cpu_before[k] for k, p in watched.items()}
+    it cost (deltas over the run). With ``apart``, the Redis nodes and wrk run on that CPU alone."""
+    with pinned((p for k, p in watched.items() if k.startswith("redis")), apart):
+        settle(watched.values())
+        errors_before = [g.store_errors() for g in gateways]
+        cpu_before = {k: cpu_seconds(p) for k, p in watched.items()}
+        wrk_before, busy_before, start = children_cpu(), machine_busy(), time.monotonic()
+        wrks = run_wrks(ports, script, seconds=args.seconds, connections=args.connections // 2,
+                        keys=args.keys, tag=tag, cpu=apart)
+        wall = time.monotonic() - start
+        busy_after, wrk_cpu = machine_busy(), children_cpu() - wrk_before
+        cpu = {k: cpu_seconds(p) - cpu_before[k] for k, p in watched.items()}
     errors = {}
     for gw, before in zip(gateways, errors_before, strict=True):
         for label, value in gw.store_errors().items():
@@ -432,19 +460,22 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
             verify_requests(gateways[2])
             targets = {"one": [gateways[0].port] * 2, "two": [g.port for g in gateways[:2]],
                        "redis": [gateways[2].port] * 2}
+            targets.update({apart: targets[mode] for apart, mode in APART.items()})
             assert single.pid is not None
             watched = {**{f"gateway {g.name}": g.proc.pid for g in gateways},
                        **{f"redis {n.port}": n.pid for n in cluster.nodes},
                        f"redis {single.port}": single.pid}
             print(f"verified; global bucket on master {info['global_bucket_master']}; warming up "
                   f"({args.warmup} s per workload and mode)", flush=True)
-            for script, mode in itertools.product(WORKLOADS.values(), MODES):
+            modes = (*MODES, *APART) if args.apart else MODES
+            for script, mode in itertools.product(WORKLOADS.values(), modes):
                 run_wrks(targets[mode], scripts[script], seconds=args.warmup,
                          connections=args.connections // 2, keys=args.keys, tag="warm")
             for rnd, (workload, script) in itertools.product(range(1, args.rounds + 1), WORKLOADS.items()):
-                for mode in (MODES if rnd % 2 else MODES[::-1]):
+                for mode in (modes if rnd % 2 else modes[::-1]):
                     measured = timed_run(targets[mode], scripts[script], gateways=gateways, watched=watched,
-                                         args=args, tag=f"r{rnd}-{mode}")
+                                         args=args, tag=f"r{rnd}-{mode}",
+                                         apart=APART_CPU if mode in APART else None)
                     run = {"round": rnd, "workload": workload, "mode": mode, **measured}
                     runs.append(run)
                     print(f"round {rnd} {workload:40} {mode}: {run['rps']:7,.0f} rps"
@@ -469,7 +500,8 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     one = {(r["round"], r["workload"]): r["rps"] for r in runs if r["mode"] == "one"}
     rows = []
-    for workload, mode in itertools.product(dict.fromkeys(r["workload"] for r in runs), MODES):
+    modes = dict.fromkeys(r["mode"] for r in runs)
+    for workload, mode in itertools.product(dict.fromkeys(r["workload"] for r in runs), modes):
         mine = [r for r in runs if (r["workload"], r["mode"]) == (workload, mode)]
         row: dict[str, Any] = {
             "workload": workload, "mode": mode, "rps": [r["rps"] for r in mine],
@@ -537,7 +569,9 @@ def render(rows: list[dict[str, Any]], info: dict[str, Any], command: str, args:
         f"Load: two wrk processes at once, each `-t1 -c{half} -d{args.seconds}s` ({args.connections} "
         f"connections in all), `x-api-key` cycling over {args.keys:,} values; mode `one`: both wrk on "
         "gateway A; mode `two`: one on A, one on B; mode `redis` (the comparison): both wrk on "
-        "gateway R (CPU 0), the same config on one plain redis-server (no cluster, same run). "
+        "gateway R (CPU 0), the same config on one plain redis-server (no cluster, same run)"
+        + ("; modes `one-apart` and `redis-apart` (`--apart`): `one` and `redis` again with the Redis "
+           "nodes and both wrk pinned to CPU 1 (the gateway's core its own). " if args.apart else ". ") +
         "POST: a unique `Idempotency-Key` per request "
         f"(claim, then complete). {args.warmup} s warm-up per workload and mode, then {args.rounds} "
         "rounds, the modes interleaved (alternating which goes first). Medians over rounds; the ratio "
@@ -560,7 +594,7 @@ def render(rows: list[dict[str, Any]], info: dict[str, Any], command: str, args:
         ratio = "—" if r["mode"] != "two" else \
             f"{med['ratio_to_one']:.2f} ({min(r['ratio_to_one']):.2f}-{max(r['ratio_to_one']):.2f})"
         used = {"one": med["gateway_cpu_pct"][:1], "two": med["gateway_cpu_pct"][:2],
-                "redis": med["gateway_cpu_pct"][2:3]}[r["mode"]]
+                "redis": med["gateway_cpu_pct"][2:3]}[APART.get(r["mode"], r["mode"])]
         statuses = ", ".join(f"{c}: {n}" for c, n in sorted(r["statuses"].items()))
         counters = ", ".join(f"{label} {n:.0f}" for label, n in sorted(r["gateway_errors"].items())) or "0"
         lines.append(
@@ -575,8 +609,8 @@ def render(rows: list[dict[str, Any]], info: dict[str, Any], command: str, args:
     keys = ", ".join(f"{port}: {count:,}" for port, count in info["keys_per_master"].items())
     lines += ["", f"Keys per master at the end (buckets + idempotency records): {keys}.", ""]
     for workload in dict.fromkeys(r["workload"] for r in rows):
-        one, two, single = (next(r for r in rows if (r["workload"], r["mode"]) == (workload, m))
-                            for m in MODES)
+        mine = {r["mode"]: r for r in rows if r["workload"] == workload}
+        one, two, single = mine["one"], mine["two"], mine["redis"]
         alone = one["gateway_cpu_pct_median"][0]
         med2 = {k[:-7]: v for k, v in two.items() if k.endswith("_median")}
         other_us = med2["machine_cpu_us_per_req"] - med2["gateway_cpu_us_per_req"] \
@@ -605,6 +639,15 @@ def render(rows: list[dict[str, Any]], info: dict[str, Any], command: str, args:
             f"cluster (one process) against {single_us:.0f} µs on one Redis: "
             f"**{cluster_us / single_us:.2f}x**; "
             f"rps {one['rps_median']:,.0f} against {single['rps_median']:,.0f}.")
+        if "one-apart" not in mine:
+            continue
+        cluster_us = mine["one-apart"]["gateway_cpu_us_per_req_median"]
+        single_us = mine["redis-apart"]["gateway_cpu_us_per_req_median"]
+        lines.append(
+            f"- {workload}, cluster vs one Redis, the Redis nodes and wrk on CPU {APART_CPU} (modes "
+            f"`one-apart`, `redis-apart`: the gateway's core its own): {cluster_us:.0f} µs against "
+            f"{single_us:.0f} µs: **{cluster_us / single_us:.2f}x**; "
+            f"rps {mine['one-apart']['rps_median']:,.0f} against {mine['redis-apart']['rps_median']:,.0f}.")
     return "\n".join(lines) + "\n"
 
 
@@ -615,6 +658,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per workload and mode")
     parser.add_argument("--connections", type=int, default=64, help="in all (split over two wrk)")
     parser.add_argument("--keys", type=int, default=10_000, help="distinct x-api-key values")
+    parser.add_argument("--apart", action="store_true",
+                        help="also modes one-apart and redis-apart (Redis nodes and wrk on CPU 1)")
     parser.add_argument("--store-timeout", default="100ms", help="store.timeout (the default is 100ms)")
     parser.add_argument("--out", default="loadtests/results/cluster-scaleout",
                         help="results path without suffix (.md and .json are written)")
