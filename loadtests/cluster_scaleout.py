@@ -571,7 +571,8 @@ def render(rows: list[dict[str, Any]], info: dict[str, Any], command: str, args:
         "gateway A; mode `two`: one on A, one on B; mode `redis` (the comparison): both wrk on "
         "gateway R (CPU 0), the same config on one plain redis-server (no cluster, same run)"
         + ("; modes `one-apart` and `redis-apart` (`--apart`): `one` and `redis` again with the Redis "
-           "nodes and both wrk pinned to CPU 1 (the gateway's core its own). " if args.apart else ". ") +
+           f"nodes and both wrk pinned to CPU {APART_CPU} (the gateway's core its own). "
+           if args.apart else ". ") +
         "POST: a unique `Idempotency-Key` per request "
         f"(claim, then complete). {args.warmup} s warm-up per workload and mode, then {args.rounds} "
         "rounds, the modes interleaved (alternating which goes first). Medians over rounds; the ratio "
@@ -659,7 +660,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64, help="in all (split over two wrk)")
     parser.add_argument("--keys", type=int, default=10_000, help="distinct x-api-key values")
     parser.add_argument("--apart", action="store_true",
-                        help="also modes one-apart and redis-apart (Redis nodes and wrk on CPU 1)")
+                        help=f"also modes one-apart and redis-apart (Redis nodes and wrk on CPU {APART_CPU})")
     parser.add_argument("--store-timeout", default="100ms", help="store.timeout (the default is 100ms)")
     parser.add_argument("--out", default="loadtests/results/cluster-scaleout",
                         help="results path without suffix (.md and .json are written)")
