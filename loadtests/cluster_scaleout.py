@@ -634,21 +634,19 @@ def render(rows: list[dict[str, Any]], info: dict[str, Any], command: str, args:
             f"by {cores} x gateway µs (alone) / machine µs (two) = {bound:.2f}. Redis per master (two): "
             + ", ".join(f"{port}{' (global bucket)' if port == global_port else ''} {pct:.0f} %"
                         for port, pct in sorted(nodes.items())) + ".")
-        cluster_us, single_us = one["gateway_cpu_us_per_req_median"], single["gateway_cpu_us_per_req_median"]
-        lines.append(
-            f"- {workload}, cluster vs one Redis: gateway CPU per request {cluster_us:.0f} µs on the "
-            f"cluster (one process) against {single_us:.0f} µs on one Redis: "
-            f"**{cluster_us / single_us:.2f}x**; "
-            f"rps {one['rps_median']:,.0f} against {single['rps_median']:,.0f}.")
-        if "one-apart" not in mine:
-            continue
-        cluster_us = mine["one-apart"]["gateway_cpu_us_per_req_median"]
-        single_us = mine["redis-apart"]["gateway_cpu_us_per_req_median"]
-        lines.append(
-            f"- {workload}, cluster vs one Redis, the Redis nodes and wrk on CPU {APART_CPU} (modes "
-            f"`one-apart`, `redis-apart`: the gateway's core its own): {cluster_us:.0f} µs against "
-            f"{single_us:.0f} µs: **{cluster_us / single_us:.2f}x**; "
-            f"rps {mine['one-apart']['rps_median']:,.0f} against {mine['redis-apart']['rps_median']:,.0f}.")
+        apart = (f", the Redis nodes and wrk on CPU {APART_CPU} (modes `one-apart`, `redis-apart`: the "
+                 "gateway's core its own)")
+        for on_cluster, on_one, where in ((one, single, ""),
+                                          (mine.get("one-apart"), mine.get("redis-apart"), apart)):
+            if on_cluster is None or on_one is None:
+                continue  # no --apart
+            cluster_us = on_cluster["gateway_cpu_us_per_req_median"]
+            single_us = on_one["gateway_cpu_us_per_req_median"]
+            lines.append(
+                f"- {workload}, cluster vs one Redis{where}: gateway CPU per request {cluster_us:.0f} µs "
+                f"on the cluster (one process) against {single_us:.0f} µs on one Redis: "
+                f"**{cluster_us / single_us:.2f}x**; "
+                f"rps {on_cluster['rps_median']:,.0f} against {on_one['rps_median']:,.0f}.")
     return "\n".join(lines) + "\n"
 
 
